@@ -1,0 +1,250 @@
+"""The `ichscan` command line: one entry point, one verb per job.
+
+Exit codes: 0 success; 1 done, but some inputs were bad (listed); 2 nothing usable / bad usage.
+Bad input is one line on stderr naming the file and the problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ichscan import __version__
+from ichscan.errors import IchscanError
+
+EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}{unit}"
+    return f"{value}{unit}"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ichscan.io.describe import describe
+
+    report = describe(args.path)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_info(report)
+    return EXIT_PARTIAL if report["bad_files"] else EXIT_OK
+
+
+def _print_info(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title=f"{report['source']} ({report['format']})", title_justify="left")
+    for column in (
+        "",
+        "series",
+        "description",
+        "slices",
+        "matrix",
+        "pixel mm",
+        "thick mm",
+        "spacing mm",
+        "tilt°",
+        "kernel",
+        "syntax",
+    ):
+        table.add_column(column)
+    for s in report["series"]:
+        px = s["pixel_spacing_mm"]
+        table.add_row(
+            "*" if s["selected"] else "",
+            "…" + s["series_uid"][-12:] if len(s["series_uid"]) > 13 else s["series_uid"],
+            s["description"] or "-",
+            str(s["n_slices"]),
+            f"{s['rows']}x{s['cols']}",
+            f"{px[0]:.3g}x{px[1]:.3g}" if px else "-",
+            _fmt(s["slice_thickness_mm"]),
+            _fmt(s["slice_spacing_mm"]),
+            _fmt(s["gantry_tilt_deg"]),
+            s["convolution_kernel"] or "-",
+            s["transfer_syntax"],
+        )
+    console.print(table)
+    for s in report["series"]:
+        if s["selected"]:
+            console.print(f"selected {s['series_uid']}: {s['selection_reason']}")
+        for problem in s["problems"]:
+            console.print(f"  [yellow]problem[/] {s['series_uid']}: {problem}")
+    for note in report["notes"]:
+        console.print(f"  note: {note}")
+    if report["ignored_files"]:
+        console.print(
+            f"ignored {len(report['ignored_files'])} non-DICOM file(s), e.g. "
+            f"{report['ignored_files'][0]}"
+        )
+    err = _console(stderr=True)
+    for bad in report["bad_files"]:
+        err.print(f"[red]bad file[/] {bad['path']}: {bad['reason']}")
+
+
+def _load_for_cli(path: str, series: str | None = None):
+    from ichscan.io.load import load
+
+    scan = load(path, series_uid=series)
+    err = _console(stderr=True)
+    for warning in scan.warnings:
+        err.print(f"warning: {warning}")
+    return scan
+
+
+def _partial(scan) -> int:
+    return EXIT_PARTIAL if any(w.startswith("skipped ") for w in scan.warnings) else EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ichscan.io.nifti import write_nifti
+    from ichscan.preprocess.reslice import reslice_scan
+
+    scan = _load_for_cli(args.path, args.series)
+    if args.thickness:
+        scan = reslice_scan(scan, args.thickness)
+    out = write_nifti(scan, args.out)
+    print(
+        f"wrote {out} ({scan.n_slices} slices, {scan.shape[1]}x{scan.shape[2]}, "
+        f"spacing {scan.spacing[0]:.3g}x{scan.spacing[1]:.3g}x{scan.spacing[2]:.3g} mm)"
+    )
+    return _partial(scan)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from ichscan.io.montage import write_preview
+    from ichscan.preprocess.window import parse_windows
+
+    try:
+        windows = [w.name for w in parse_windows(args.windows)]
+    except ValueError as exc:
+        raise IchscanError(None, f"--windows: {exc}") from None
+    scan = _load_for_cli(args.path, args.series)
+    out = write_preview(scan, args.out, windows, args.slices)
+    print(f"wrote {out}")
+    return _partial(scan)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ichscan.data.synth import write_synthetic
+
+    written = write_synthetic(
+        args.out,
+        n_scans=args.scans,
+        seed=args.seed,
+        layout=args.layout,
+        thickness=args.thickness,
+        tilt_deg=args.tilt,
+        compression=args.compression,
+    )
+    print(
+        f"wrote {len(written)} synthetic scan(s) under {args.out} (layout {args.layout}); "
+        "synthetic data for tests and demos, not a stand-in for real scans"
+    )
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ichscan.demo import run_demo
+
+    return run_demo(Path(args.out))
+
+
+def _add_common_input(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="DICOM file, DICOM folder, zip of DICOM, NIfTI or PNG/JPEG")
+    p.add_argument(
+        "--series",
+        metavar="UID",
+        help="SeriesInstanceUID to use instead of the automatically selected series",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ichscan",
+        description="Find intracranial hemorrhage on head CT. Research software, not a "
+        "medical device.",
+    )
+    parser.add_argument("--version", action="version", version=f"ichscan {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "info", help="describe the series in a DICOM file/folder/zip, NIfTI or image"
+    )
+    p.add_argument("path", help="DICOM file, DICOM folder, zip of DICOM, NIfTI or PNG/JPEG")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="write the selected series as int16 HU NIfTI")
+    _add_common_input(p)
+    p.add_argument("out", help="output .nii or .nii.gz")
+    p.add_argument(
+        "--thickness",
+        type=float,
+        metavar="MM",
+        help="reslice to this slice thickness first (corrects gantry tilt)",
+    )
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("preview", help="PNG montage of slices in several windows")
+    _add_common_input(p)
+    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument(
+        "--windows",
+        default="brain,subdural,bone",
+        help="comma-separated presets (brain, subdural, bone, soft_tissue) or C/W "
+        "pairs like 50/150 (default: %(default)s)",
+    )
+    p.add_argument("--slices", type=int, default=8, help="number of slices (default: 8)")
+    p.set_defaults(func=cmd_preview)
+
+    p = sub.add_parser("synth", help="write synthetic head CT phantoms (tests and demos only)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--scans", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=["dicom", "nifti"], default="dicom")
+    p.add_argument("--thickness", type=float, default=5.0, metavar="MM")
+    p.add_argument("--tilt", type=float, default=0.0, metavar="DEG")
+    p.add_argument(
+        "--compression",
+        default="none",
+        choices=["none", "rle", "jpegls", "jpeg2000", "jpeg-lossless", "deflate"],
+    )
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("demo", help="the main job on synthetic data: synth, info, preview")
+    p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except IchscanError as exc:
+        print(f"ichscan {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("ichscan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Errors a user can act on: each names the file and what is wrong, in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class IchscanError(Exception):
+    """Base class: bad input or a problem the user can fix. The CLI prints it without a
+    traceback and exits 2."""
+
+    def __init__(self, path: str | Path | None, problem: str) -> None:
+        self.path = str(path) if path is not None else None
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class InputError(IchscanError):
+    """The file or folder cannot be read as head CT (corrupt, wrong type, wrong modality...)."""
+
+
+class MissingDecoderError(InputError):
+    """Pixel data uses a transfer syntax for which no decoder plugin is installed."""

@@ -1,0 +1,387 @@
+"""Reading one DICOM CT slice: its header, and its pixels as Hounsfield units.
+
+Stored pixel values become HU through one lookup table per distinct pixel encoding
+(bits, signedness, slope, intercept, padding, the RSNA wrap fix). A table lookup is both the
+fastest way to do it for 12/16-bit data and the place where every quirk lives, so the
+training fast path and the Scan reader cannot disagree.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from ichscan.errors import InputError, MissingDecoderError
+
+# Real archives are full of values that break the letter of the standard (RSNA's "ID_..."
+# UIDs, for one); validating them on every read costs time and floods the log with warnings
+# about things ichscan tolerates anyway.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+AIR_HU = -1024
+
+CT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT Image Storage",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT Image Storage",
+}
+
+# Which package brings a decoder for each compressed syntax (first one named is preferred).
+DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg or pillow",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.80": "pyjpegls or pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.81": "pyjpegls or pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg or python-gdcm",
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle (or nothing: pydicom decodes RLE natively)",
+}
+
+# Tags read for series discovery; stopping before PixelData keeps a header read cheap.
+_NATIVE_SYNTAXES = {
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.1.99",
+}
+
+
+@dataclass(frozen=True)
+class PixelEncoding:
+    """Everything needed to turn stored values into HU; hashable, so its table is cached."""
+
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    slope: float
+    intercept: float
+    padding_value: int | None
+    padding_limit: int | None
+    rsna_wrap_fix: bool
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    path: str
+    sop_uid: str
+    sop_class: str
+    study_uid: str
+    series_uid: str
+    patient_id: str
+    modality: str
+    rows: int
+    cols: int
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    instance_number: int | None
+    series_description: str
+    convolution_kernel: str
+    image_type: tuple[str, ...]
+    transfer_syntax: str
+    photometric: str
+    samples_per_pixel: int
+    has_pixels: bool
+    encoding: PixelEncoding
+    notes: tuple[str, ...] = ()
+    member: str | None = None  # entry name when the file came from a zip
+
+
+def _first(value: Any) -> Any:
+    """Multi-valued tags (RSNA's WindowCenter, some scanners' slope) → their first value."""
+    if isinstance(value, pydicom.multival.MultiValue | list | tuple):
+        return value[0] if len(value) else None
+    return value
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    value = _first(ds.get(keyword))
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(ds: Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    try:
+        out = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return out if len(out) == n else None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = _first(ds.get(keyword))
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _dcmread(source: str | Path | BinaryIO, header_only: bool, force: bool = False) -> Dataset:
+    # Deferring large values (instead of stopping before PixelData) keeps a header read cheap
+    # while still telling whether the object has pixels at all.
+    return pydicom.dcmread(source, defer_size="2 KB" if header_only else None, force=force)
+
+
+def read_dataset(
+    source: str | Path | BinaryIO, *, name: str | None = None, header_only: bool = False
+) -> Dataset:
+    """dcmread with errors a user can act on. Accepts files without the 128-byte preamble
+    (older archives have them) but rejects anything that does not parse as DICOM."""
+    label = name or str(source)
+    with warnings.catch_warnings():
+        # RSNA ids ("ID_abc") are not valid UIDs; pydicom warns on every access.
+        warnings.simplefilter("ignore")
+        try:
+            ds = _dcmread(source, header_only)
+        except InvalidDicomError:
+            if hasattr(source, "seek"):
+                source.seek(0)  # type: ignore[union-attr]
+            try:
+                ds = _dcmread(source, header_only, force=True)
+            except Exception as exc:
+                raise InputError(label, f"not a DICOM file ({exc})") from None
+            if "SOPClassUID" not in ds and "PixelData" not in ds and "Modality" not in ds:
+                raise InputError(label, "not a DICOM file (no DICOM header found)") from None
+        except FileNotFoundError:
+            raise InputError(label, "file not found") from None
+        except IsADirectoryError:
+            raise InputError(label, "is a folder, expected a DICOM file") from None
+        except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+            raise InputError(label, f"corrupt or truncated DICOM file ({exc})") from None
+    return ds
+
+
+def header_from_dataset(ds: Dataset, path: str, member: str | None = None) -> SliceHeader:
+    """Pull what series discovery and HU conversion need out of a parsed dataset."""
+    notes: list[str] = []
+    meta = getattr(ds, "file_meta", None)
+    syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
+    if not syntax:
+        syntax = "1.2.840.10008.1.2.1" if not ds.is_implicit_VR else "1.2.840.10008.1.2"
+    slope = _float(ds, "RescaleSlope")
+    intercept = _float(ds, "RescaleIntercept")
+    if slope is None or intercept is None:
+        notes.append(
+            "no RescaleSlope/RescaleIntercept: assuming slope 1, intercept 0 (stored values are HU)"
+        )
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    # MONOCHROME1 changes only the display, so a rescale still gives HU; without one the
+    # stored values are display-inverted and must be flipped back.
+    invert = photometric == "MONOCHROME1" and (slope is None or intercept is None)
+    bits_allocated = _int(ds, "BitsAllocated") or 16
+    bits_stored = _int(ds, "BitsStored") or bits_allocated
+    signed = (_int(ds, "PixelRepresentation") or 0) == 1
+    # RSNA 2019: some 12-bit unsigned images carry an intercept near 0 while their stored
+    # values wrap at 4096; the top solutions shifted by 1000, unwrapped, and used -1000.
+    rsna_fix = bits_stored == 12 and not signed and intercept is not None and intercept > -100
+    slope = 1.0 if slope is None or slope == 0 else slope
+    intercept = 0.0 if intercept is None else intercept
+    if rsna_fix:
+        notes.append(
+            f"12-bit unsigned with RescaleIntercept {intercept:g}: "
+            "applied the RSNA 2019 wrap fix (+1000, unwrap at 4096, intercept -1000)"
+        )
+    encoding = PixelEncoding(
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        signed=signed,
+        slope=slope,
+        intercept=-1000.0 if rsna_fix else intercept,
+        padding_value=_int(ds, "PixelPaddingValue"),
+        padding_limit=_int(ds, "PixelPaddingRangeLimit"),
+        rsna_wrap_fix=rsna_fix,
+        invert=invert,
+    )
+    position = _floats(ds, "ImagePositionPatient", 3)
+    orientation = _floats(ds, "ImageOrientationPatient", 6)
+    spacing = _floats(ds, "PixelSpacing", 2)
+    image_type = ds.get("ImageType") or ()
+    return SliceHeader(
+        path=path,
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        sop_class=str(ds.get("SOPClassUID", "")),
+        study_uid=str(ds.get("StudyInstanceUID", "")),
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        patient_id=str(ds.get("PatientID", "")),
+        modality=str(ds.get("Modality", "")).strip(),
+        rows=_int(ds, "Rows") or 0,
+        cols=_int(ds, "Columns") or 0,
+        position=position,
+        orientation=orientation,
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+        slice_thickness=_float(ds, "SliceThickness"),
+        instance_number=_int(ds, "InstanceNumber"),
+        series_description=str(ds.get("SeriesDescription", "")).strip(),
+        convolution_kernel=_joined(ds.get("ConvolutionKernel")),
+        image_type=tuple(_joined(image_type).upper().split("\\")),
+        transfer_syntax=syntax,
+        photometric=photometric,
+        samples_per_pixel=_int(ds, "SamplesPerPixel") or 1,
+        has_pixels="PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+        encoding=encoding,
+        notes=tuple(notes),
+        member=member,
+    )
+
+
+def _joined(value: Any) -> str:
+    """A CS tag that may be single- or multi-valued, as one backslash-joined string."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    return "\\".join(str(v).strip() for v in value)
+
+
+def read_header(path: str | Path) -> SliceHeader:
+    """Header only (no pixel data read): cheap enough to scan a whole folder or dataset."""
+    ds = read_dataset(path, header_only=True)
+    return header_from_dataset(ds, str(path))
+
+
+def syntax_name(uid: str) -> str:
+    try:
+        return UID(uid).name
+    except Exception:
+        return uid
+
+
+def check_ct_slice(header: SliceHeader, label: str) -> None:
+    """Reject what is not a single-frame greyscale CT image, with the reason."""
+    if not header.has_pixels:
+        kind = header.modality or "unknown modality"
+        raise InputError(label, f"no pixel data (a {kind} object, not an image)")
+    if header.modality and header.modality != "CT":
+        raise InputError(label, f"modality is {header.modality}, not CT")
+    if header.samples_per_pixel != 1 or not header.photometric.startswith("MONOCHROME"):
+        raise InputError(
+            label, f"not a greyscale CT image (PhotometricInterpretation {header.photometric})"
+        )
+    if header.rows <= 0 or header.cols <= 0:
+        raise InputError(label, "missing Rows/Columns")
+
+
+@lru_cache(maxsize=64)
+def hu_lookup_table(encoding: PixelEncoding) -> np.ndarray:
+    """int16 HU for every possible stored value, indexed by the stored value's unsigned bits.
+
+    Handles signedness (including sign bits below bit 15), the RSNA wrap fix, padding and
+    out-of-field values (anything below air becomes air), and rounding of fractional slopes.
+    """
+    size = 1 << min(encoding.bits_allocated, 16)
+    raw = np.arange(size, dtype=np.int64)
+    values = raw.copy()
+    if encoding.signed:
+        if encoding.bits_allocated >= 16:
+            values = np.where(raw >= 1 << 15, raw - (1 << 16), raw)
+        b = encoding.bits_stored
+        if b < encoding.bits_allocated:
+            # Either the decoder sign-extended (high bits set) or it did not (bit b-1 set).
+            low = raw < (1 << b)
+            values = np.where(low & (raw >= 1 << (b - 1)), raw - (1 << b), values)
+    is_padding = np.zeros(size, dtype=bool)
+    if encoding.padding_value is not None:
+        lo = encoding.padding_value
+        hi = encoding.padding_limit if encoding.padding_limit is not None else lo
+        lo, hi = min(lo, hi), max(lo, hi)
+        is_padding = (values >= lo) & (values <= hi)
+    if encoding.rsna_wrap_fix:
+        values = values + 1000
+        values = np.where(values >= 4096, values - 4096, values)
+    if encoding.invert:
+        values = ((1 << encoding.bits_stored) - 1) - values
+    hu = np.rint(values * encoding.slope + encoding.intercept)
+    hu[is_padding] = AIR_HU
+    hu = np.clip(hu, AIR_HU, np.iinfo(np.int16).max)
+    return hu.astype(np.int16)
+
+
+def stored_to_hu(stored: np.ndarray, encoding: PixelEncoding) -> np.ndarray:
+    table = hu_lookup_table(encoding)
+    if encoding.bits_allocated <= 8:
+        return np.take(table, stored.astype(np.uint8))
+    index = stored.view(np.uint16) if stored.dtype.itemsize == 2 else stored.astype(np.uint16)
+    return np.take(table, index)
+
+
+def decode_stored(ds: Dataset, header: SliceHeader, label: str) -> np.ndarray:
+    """The stored pixel values as a [rows, cols] array (no rescale applied)."""
+    syntax = header.transfer_syntax
+    if syntax in _NATIVE_SYNTAXES and header.encoding.bits_allocated == 16 and "PixelData" in ds:
+        data = ds.PixelData
+        expected = header.rows * header.cols * 2
+        if len(data) < expected:
+            raise InputError(label, f"truncated pixel data ({len(data)} of {expected} bytes)")
+        dtype = "<i2" if header.encoding.signed else "<u2"
+        return np.frombuffer(data, dtype=dtype, count=header.rows * header.cols).reshape(
+            header.rows, header.cols
+        )
+    if syntax not in _NATIVE_SYNTAXES:
+        _require_decoder(syntax, label)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except Exception as exc:
+        raise InputError(
+            label, f"cannot decode pixel data ({syntax_name(syntax)}): {exc}"
+        ) from None
+    if arr.ndim != 2:
+        raise InputError(label, f"expected one frame, got pixel array of shape {arr.shape}")
+    return arr
+
+
+def _require_decoder(syntax: str, label: str) -> None:
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError:
+        raise MissingDecoderError(
+            label, f"transfer syntax {syntax_name(syntax)} ({syntax}) is not supported"
+        ) from None
+    if not decoder.is_available:
+        package = DECODER_PACKAGES.get(syntax, "a pydicom decoder plugin")
+        raise MissingDecoderError(
+            label,
+            f"no decoder for {syntax_name(syntax)} ({syntax}); install {package}",
+        )
+
+
+def read_slice_hu(
+    source: str | Path | bytes, *, name: str | None = None
+) -> tuple[np.ndarray, SliceHeader]:
+    """Read one CT slice: HU as int16 [rows, cols] and its header."""
+    label = name or str(source)
+    stream: str | Path | BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else source
+    ds = read_dataset(stream, name=label)
+    header = header_from_dataset(ds, label)
+    check_ct_slice(header, label)
+    stored = decode_stored(ds, header, label)
+    if stored.shape != (header.rows, header.cols):
+        raise InputError(
+            label,
+            f"pixel array {stored.shape} does not match Rows/Columns {header.rows}x{header.cols}",
+        )
+    return stored_to_hu(stored, header.encoding), header

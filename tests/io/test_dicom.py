@@ -1,0 +1,241 @@
+"""Hounsfield units from one DICOM slice: every storage quirk, compression and bad file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from ichscan.errors import InputError, MissingDecoderError
+from ichscan.io.dicom import (
+    PixelEncoding,
+    hu_lookup_table,
+    read_header,
+    read_slice_hu,
+)
+from ichscan.io.dicom_write import write_ct_series, write_dataset_without_pixels
+
+
+def _one_slice(tmp_path: Path, hu: np.ndarray, **kw) -> Path:
+    return write_ct_series(hu[None] if hu.ndim == 2 else hu, tmp_path, **kw)[0]
+
+
+# --- real RSNA 2019 slices -------------------------------------------------------------------
+
+
+def test_real_rsna_slices_give_plausible_hu(rsna_dicom_dir: Path) -> None:
+    files = sorted((rsna_dicom_dir / "stage_2_train").glob("ID_*.dcm"))
+    assert len(files) == 5
+    storages = set()
+    for f in files:
+        hu, header = read_slice_hu(f)
+        storages.add((header.encoding.bits_stored, header.encoding.signed))
+        assert hu.dtype == np.int16 and hu.shape == (512, 512)
+        # Padding (-2048 / -3024 HU on these files) becomes air; nothing is below air.
+        assert hu.min() == -1024
+        # The head is there: soft tissue near 40 HU and bone above 700 HU.
+        assert ((hu > 20) & (hu < 60)).sum() > 5000
+        assert hu.max() > 700
+    # The set mixes signed 16-bit and unsigned 12-bit storage: both paths are exercised.
+    assert storages == {(16, True), (12, False)}
+
+
+def test_real_rsna_header_reads_multivalued_window_and_ids(rsna_dicom_dir: Path) -> None:
+    header = read_header(rsna_dicom_dir / "stage_2_train" / "ID_2008dd408.dcm")
+    assert header.sop_uid == "ID_2008dd408"
+    assert header.modality == "CT"
+    assert header.encoding.intercept == -1024
+
+
+def test_real_rsna_padding_matches_pydicom_rescale_elsewhere(rsna_dicom_dir: Path) -> None:
+    f = rsna_dicom_dir / "stage_2_train" / "ID_1b5ac170c.dcm"
+    ds = pydicom.dcmread(f)
+    expected = ds.pixel_array.astype(np.int32) * int(ds.RescaleSlope) + int(ds.RescaleIntercept)
+    hu, _ = read_slice_hu(f)
+    inside = expected >= -1024
+    assert (expected < -1024).any(), "this file has out-of-field padding"
+    np.testing.assert_array_equal(hu[inside], expected[inside])
+    assert (hu[~inside] == -1024).all()
+
+
+# --- constructed files -----------------------------------------------------------------------
+
+
+def test_rsna_bad_intercept_is_unwrapped(tmp_path: Path) -> None:
+    """12-bit unsigned with intercept 0: the challenge's wrap fix gives the true HU back."""
+    true_hu = np.array([[-1000, -1000, 0, 40], [80, 700, 1500, -500]], dtype=np.int16)
+    # What such a file stores: negative HU wrapped around 4096, with intercept 0.
+    stored = np.where(true_hu < 0, true_hu.astype(np.int32) + 4096, true_hu)
+    path = write_ct_series(
+        stored[None].astype(np.int16),
+        tmp_path,
+        storage="uint12",
+        rescale_intercept=0.0,
+    )[0]
+    hu, header = read_slice_hu(path)
+    assert header.encoding.rsna_wrap_fix
+    assert any("RSNA 2019 wrap fix" in n for n in header.notes)
+    np.testing.assert_array_equal(hu, np.maximum(true_hu, -1024))
+
+
+def test_rsna_fix_not_applied_to_normal_12bit(tmp_path: Path) -> None:
+    hu_in = np.array([[-1024, 0], [40, 1000]], dtype=np.int16)
+    path = _one_slice(tmp_path, hu_in, storage="uint12", rescale_intercept=-1024.0)
+    hu, header = read_slice_hu(path)
+    assert not header.encoding.rsna_wrap_fix
+    np.testing.assert_array_equal(hu, hu_in)
+
+
+@pytest.mark.parametrize("storage", ["int16", "uint16", "uint12"])
+def test_storage_round_trip(tmp_path: Path, phantom_volume: np.ndarray, storage: str) -> None:
+    path = _one_slice(tmp_path, phantom_volume[6], storage=storage)
+    hu, _ = read_slice_hu(path)
+    np.testing.assert_array_equal(hu, np.clip(phantom_volume[6], -1024, 3071))
+
+
+def test_fractional_slope_and_intercept(tmp_path: Path) -> None:
+    hu_in = np.array([[-1000, -2], [40, 1000]], dtype=np.int16)
+    path = _one_slice(tmp_path, hu_in, rescale_slope=0.5, rescale_intercept=-1000.0)
+    hu, _ = read_slice_hu(path)
+    np.testing.assert_array_equal(hu, hu_in)
+
+
+def test_missing_rescale_defaults_and_says_so(tmp_path: Path) -> None:
+    hu_in = np.array([[-1000, 0], [40, 1000]], dtype=np.int16)
+    path = _one_slice(tmp_path, hu_in, write_rescale=False)
+    hu, header = read_slice_hu(path)
+    np.testing.assert_array_equal(hu, hu_in)
+    assert any("slope 1, intercept 0" in n for n in header.notes)
+
+
+def test_padding_value_becomes_air(tmp_path: Path, phantom_volume: np.ndarray) -> None:
+    image = phantom_volume[6].copy()
+    image[:8, :8] = -1024  # outside the field of view: the writer stores the padding value
+    path = _one_slice(tmp_path, image, padding_value=-2000)
+    ds = pydicom.dcmread(path)
+    assert int(ds.PixelPaddingValue) == -2000
+    assert (ds.pixel_array[:8, :8] == -2000).all()
+    hu, _ = read_slice_hu(path)
+    assert (hu[:8, :8] == -1024).all()
+    np.testing.assert_array_equal(hu[8:], image[8:])
+
+
+def test_padding_value_inside_hu_range_is_still_air() -> None:
+    """A padding value that would rescale to a plausible HU must still be air."""
+    enc = PixelEncoding(16, 16, False, 1.0, -1024.0, 3000, None, False)
+    table = hu_lookup_table(enc)
+    assert table[3000] == -1024 and table[2999] == 2999 - 1024
+
+
+def test_signed_12_bit_with_and_without_sign_extension() -> None:
+    enc = PixelEncoding(16, 12, True, 1.0, 0.0, None, None, False)
+    table = hu_lookup_table(enc)
+    # -100 stored in 12 bits two's complement: 4096-100 = 3996 (not extended) or
+    # 65536-100 (extended by the decoder): both mean -100.
+    assert table[3996] == -100
+    assert table[65536 - 100] == -100
+    assert table[100] == 100
+
+
+def test_monochrome1_with_rescale_gives_true_hu(tmp_path: Path, phantom_volume: np.ndarray) -> None:
+    path = _one_slice(tmp_path, phantom_volume[6], photometric="MONOCHROME1")
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    hu, _ = read_slice_hu(path)
+    np.testing.assert_array_equal(hu, np.clip(phantom_volume[6], -1024, None))
+
+
+def test_monochrome1_without_rescale_is_inverted_back(tmp_path: Path) -> None:
+    hu_in = np.array([[0, 100], [1000, 3000]], dtype=np.int16)
+    path = _one_slice(
+        tmp_path, hu_in, photometric="MONOCHROME1", write_rescale=False, storage="uint12"
+    )
+    hu, _ = read_slice_hu(path)
+    np.testing.assert_array_equal(hu, hu_in)
+
+
+COMPRESSIONS = ["rle", "jpegls", "jpeg2000", "jpeg-lossless", "deflate"]
+
+
+@pytest.mark.parametrize("compression", COMPRESSIONS)
+@pytest.mark.parametrize("storage", ["int16", "uint12"])
+def test_compressed_syntaxes_decode_to_exact_hu(
+    tmp_path: Path, phantom_volume: np.ndarray, compression: str, storage: str
+) -> None:
+    path = _one_slice(tmp_path, phantom_volume[6], compression=compression, storage=storage)
+    hu, header = read_slice_hu(path)
+    assert header.transfer_syntax != "1.2.840.10008.1.2.1"
+    np.testing.assert_array_equal(hu, np.clip(phantom_volume[6], -1024, 3071))
+
+
+def test_jpeg_lossless_sv1_syntax_uid(tmp_path: Path, phantom_volume: np.ndarray) -> None:
+    path = _one_slice(tmp_path, phantom_volume[6], compression="jpeg-lossless")
+    assert read_header(path).transfer_syntax == "1.2.840.10008.1.2.4.70"
+
+
+def test_missing_decoder_names_syntax_and_package(
+    tmp_path: Path, phantom_volume: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydicom.pixels.decoders.base import Decoder
+
+    path = _one_slice(tmp_path, phantom_volume[6], compression="jpeg2000")
+    monkeypatch.setattr(Decoder, "is_available", property(lambda self: False))
+    with pytest.raises(MissingDecoderError) as err:
+        read_slice_hu(path)
+    message = str(err.value)
+    assert str(path) in message
+    assert "JPEG 2000" in message and "pylibjpeg-openjpeg" in message
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+
+def test_truncated_file(tmp_path: Path, phantom_volume: np.ndarray) -> None:
+    path = _one_slice(tmp_path, phantom_volume[6])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError) as err:
+        read_slice_hu(path)
+    assert str(path) in str(err.value)
+    assert "truncated" in str(err.value) or "corrupt" in str(err.value)
+
+
+def test_truncated_in_header(tmp_path: Path, phantom_volume: np.ndarray) -> None:
+    path = _one_slice(tmp_path, phantom_volume[6])
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(InputError, match=re.escape(path.name)):
+        read_slice_hu(path)
+
+
+def test_not_dicom(tmp_path: Path) -> None:
+    path = tmp_path / "notes.dcm"
+    path.write_text("this is not a DICOM file\n" * 20)
+    with pytest.raises(InputError, match="not a DICOM file"):
+        read_slice_hu(path)
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.dcm"
+    path.write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty\.dcm"):
+        read_slice_hu(path)
+
+
+def test_structured_report_has_no_pixels(tmp_path: Path) -> None:
+    path = write_dataset_without_pixels(tmp_path / "sr.dcm")
+    with pytest.raises(InputError, match="no pixel data"):
+        read_slice_hu(path)
+
+
+def test_non_ct_modality(tmp_path: Path, phantom_volume: np.ndarray) -> None:
+    path = _one_slice(tmp_path, phantom_volume[6], modality="MR")
+    with pytest.raises(InputError, match="modality is MR, not CT"):
+        read_slice_hu(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="file not found"):
+        read_slice_hu(tmp_path / "nope.dcm")

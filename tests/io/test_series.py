@@ -1,0 +1,183 @@
+"""Series discovery: grouping, spatial order, spacing, gaps, tilt, and choosing the series."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ichscan.errors import InputError
+from ichscan.io.dicom_write import write_ct_series
+from ichscan.io.series import discover
+
+
+def test_order_by_position_not_file_name_or_instance_number(
+    tmp_path: Path, ramp_volume: np.ndarray
+) -> None:
+    write_ct_series(ramp_volume, tmp_path, file_names="shuffled", shuffle_instance_numbers=True)
+    found = discover(tmp_path)
+    (series,) = found.series
+    assert series.n_slices == ramp_volume.shape[0]
+    z = [h.position[2] for h in series.headers]
+    assert z == sorted(z)
+    assert series.slice_spacing_mm == pytest.approx(5.0)
+    assert series.problems == []
+    assert series.selected
+
+
+def test_recursive_folder_without_suffixes(tmp_path: Path, ramp_volume: np.ndarray) -> None:
+    write_ct_series(ramp_volume, tmp_path / "a" / "b", file_names="index")
+    found = discover(tmp_path)
+    assert found.series[0].n_slices == ramp_volume.shape[0]
+
+
+def test_missing_slices_are_reported(tmp_path: Path, ramp_volume: np.ndarray) -> None:
+    write_ct_series(ramp_volume, tmp_path, slice_spacing=2.5, skip_slices=[2, 3])
+    (series,) = discover(tmp_path).series
+    assert series.slice_spacing_mm == pytest.approx(2.5)
+    assert any("missing slices" in p and "about 2" in p for p in series.problems)
+    # The geometry still follows the regular step, not the gap.
+    np.testing.assert_allclose(series.affine[:3, 0], [0, 0, 2.5], atol=1e-6)
+
+
+def test_uneven_spacing_is_reported(tmp_path: Path, ramp_volume: np.ndarray) -> None:
+    import pydicom
+
+    paths = write_ct_series(ramp_volume, tmp_path, slice_spacing=5.0)
+    ds = pydicom.dcmread(paths[3])
+    ds.ImagePositionPatient = [
+        ds.ImagePositionPatient[0],
+        ds.ImagePositionPatient[1],
+        float(ds.ImagePositionPatient[2]) + 1.0,
+    ]
+    ds.save_as(paths[3])
+    (series,) = discover(tmp_path).series
+    assert any("uneven slice spacing" in p for p in series.problems)
+
+
+@pytest.mark.parametrize("tilt", [0.0, 12.0, 25.0])
+def test_gantry_tilt_measured(tmp_path: Path, ramp_volume: np.ndarray, tilt: float) -> None:
+    write_ct_series(ramp_volume, tmp_path, tilt_deg=tilt, slice_spacing=2.0)
+    (series,) = discover(tmp_path).series
+    assert series.gantry_tilt_deg == pytest.approx(tilt, abs=0.05)
+    assert series.slice_spacing_mm == pytest.approx(2.0)
+    sheared = any("sheared" in p for p in series.problems)
+    assert sheared == (tilt > 0)
+
+
+def test_best_series_soft_kernel_thin_axial(tmp_path: Path, ramp_volume: np.ndarray) -> None:
+    study = "1.2.826.0.1.3680043.8.498.1"
+    thick = np.repeat(ramp_volume, 2, axis=0)  # 12 slices
+    thin = np.repeat(ramp_volume, 4, axis=0)  # 24 slices
+    write_ct_series(
+        thick,
+        tmp_path / "s1",
+        study_uid=study,
+        slice_spacing=5.0,
+        series_description="Head 5mm",
+        convolution_kernel="H30s",
+        series_number=1,
+    )
+    write_ct_series(
+        thin,
+        tmp_path / "s2",
+        study_uid=study,
+        slice_spacing=1.25,
+        series_description="Head 1.25 bone",
+        convolution_kernel="H70h",
+        series_number=2,
+    )
+    write_ct_series(
+        thin,
+        tmp_path / "s3",
+        study_uid=study,
+        slice_spacing=1.25,
+        series_description="Head 1.25",
+        convolution_kernel="H30s",
+        series_number=3,
+    )
+    write_ct_series(
+        ramp_volume[:2],
+        tmp_path / "s4",
+        study_uid=study,
+        slice_spacing=5.0,
+        series_description="Topogram",
+        convolution_kernel="T20f",
+        series_number=4,
+    )
+    found = discover(tmp_path)
+    chosen = found.selected
+    assert chosen is not None
+    assert chosen.description == "Head 1.25"
+    assert "soft-tissue/brain kernel" in chosen.selection_reason
+    assert "sharp (bone/lung) kernel" in chosen.selection_reason  # why not the bone series
+    assert sum(s.selected for s in found.series) == 1
+
+
+def test_mixed_matrix_sizes_in_one_folder_are_two_series(tmp_path: Path) -> None:
+    a = np.zeros((12, 32, 32), np.int16)
+    b = np.zeros((12, 48, 48), np.int16)
+    write_ct_series(a, tmp_path / "a")
+    write_ct_series(b, tmp_path / "b")
+    found = discover(tmp_path)
+    assert sorted(s.first.rows for s in found.series) == [32, 48]
+
+
+def test_mixed_sizes_inside_one_series_drop_minority(tmp_path: Path) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.2"
+    write_ct_series(np.zeros((12, 32, 32), np.int16), tmp_path / "a", series_uid=uid)
+    write_ct_series(
+        np.zeros((1, 48, 48), np.int16), tmp_path / "b", series_uid=uid, origin=(0.0, 0.0, 100.0)
+    )
+    found = discover(tmp_path)
+    (series,) = found.series
+    assert series.n_slices == 12
+    assert any("mixed sizes" in p for p in series.problems)
+    assert len(found.bad_files) == 1 and "48x48" in found.bad_files[0].reason
+
+
+def test_missing_position_on_some_slices(tmp_path: Path, ramp_volume: np.ndarray) -> None:
+    import pydicom
+
+    paths = write_ct_series(ramp_volume, tmp_path)
+    ds = pydicom.dcmread(paths[2])
+    del ds.ImagePositionPatient
+    ds.save_as(paths[2])
+    found = discover(tmp_path)
+    assert found.series[0].n_slices == ramp_volume.shape[0] - 1
+    assert any("ImagePositionPatient" in b.reason for b in found.bad_files)
+
+
+def test_missing_position_on_all_slices_falls_back_to_instance_number(
+    tmp_path: Path, ramp_volume: np.ndarray
+) -> None:
+    import pydicom
+
+    for p in write_ct_series(ramp_volume, tmp_path, file_names="shuffled"):
+        ds = pydicom.dcmread(p)
+        del ds.ImagePositionPatient
+        ds.save_as(p)
+    (series,) = discover(tmp_path).series
+    assert [h.instance_number for h in series.headers] == list(range(1, 7))
+    assert any("no ImagePositionPatient" in p for p in series.problems)
+
+
+def test_bad_files_listed_good_ones_kept(tmp_path: Path, ramp_volume: np.ndarray) -> None:
+    write_ct_series(ramp_volume, tmp_path)
+    (tmp_path / "garbage").write_bytes(b"\x00\x01not dicom" * 50)
+    (tmp_path / "notes.txt").write_text("ignored")
+    found = discover(tmp_path)
+    assert found.series[0].n_slices == ramp_volume.shape[0]
+    assert [Path(b.path).name for b in found.bad_files] == ["garbage"]
+    assert any(f.endswith("notes.txt") for f in found.ignored_files)
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no DICOM files found"):
+        discover(tmp_path)
+
+
+def test_missing_path(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no such file or folder"):
+        discover(tmp_path / "nope")
