@@ -41,59 +41,56 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print_info(report)
+    if not report["series"]:
+        return EXIT_ERROR
     return EXIT_PARTIAL if report["bad_files"] else EXIT_OK
 
 
 def _print_info(report: dict[str, Any]) -> None:
-    from rich.table import Table
-
     console = _console()
-    table = Table(title=f"{report['source']} ({report['format']})", title_justify="left")
-    for column in (
-        "",
-        "series",
-        "description",
-        "slices",
-        "matrix",
-        "pixel mm",
-        "thick mm",
-        "spacing mm",
-        "tilt°",
-        "kernel",
-        "syntax",
-    ):
-        table.add_column(column)
+    err = _console(stderr=True)
+    for bad in report["bad_files"]:
+        err.print(f"[red]bad file[/] {bad['path']}: {bad['reason']}")
+    if not report["series"]:
+        err.print(f"{report['source']}: no readable CT series")
+        return
+    console.print(
+        f"[bold]{report['source']}[/] ({report['format']}): {len(report['series'])} series, "
+        f"{len(report['bad_files'])} bad file(s)"
+    )
     for s in report["series"]:
         px = s["pixel_spacing_mm"]
-        table.add_row(
-            "*" if s["selected"] else "",
-            "…" + s["series_uid"][-12:] if len(s["series_uid"]) > 13 else s["series_uid"],
-            s["description"] or "-",
-            str(s["n_slices"]),
-            f"{s['rows']}x{s['cols']}",
-            f"{px[0]:.3g}x{px[1]:.3g}" if px else "-",
-            _fmt(s["slice_thickness_mm"]),
-            _fmt(s["slice_spacing_mm"]),
-            _fmt(s["gantry_tilt_deg"]),
-            s["convolution_kernel"] or "-",
-            s["transfer_syntax"],
-        )
-    console.print(table)
-    for s in report["series"]:
-        if s["selected"]:
-            console.print(f"selected {s['series_uid']}: {s['selection_reason']}")
-        for problem in s["problems"]:
-            console.print(f"  [yellow]problem[/] {s['series_uid']}: {problem}")
+        mark = "[green]* selected[/]" if s["selected"] else ""
+        rows = [
+            ("study", s["study_uid"]),
+            ("description", s["description"] or "-"),
+            ("modality", s["modality"]),
+            (
+                "slices",
+                f"{s['n_slices']} of {s['rows']}x{s['cols']}"
+                + (f", pixels {px[0]:.3g}x{px[1]:.3g} mm" if px else ""),
+            ),
+            (
+                "thickness",
+                f"{_fmt(s['slice_thickness_mm'], ' mm')}, spacing "
+                f"{_fmt(s['slice_spacing_mm'], ' mm')}, gantry tilt {s['gantry_tilt_deg']:.1f} deg",
+            ),
+            ("kernel", s["convolution_kernel"] or "-"),
+            ("syntax", s["transfer_syntax"]),
+            ("selection", s["selection_reason"] or "-"),
+        ]
+        rows += [("problem", p) for p in s["problems"]]
+        console.print(f"\nseries {s['series_uid']} {mark}")
+        for key, value in rows:
+            style = "yellow" if key == "problem" else "dim"
+            console.print(f"  [{style}]{key:<12}[/] {value}")
     for note in report["notes"]:
-        console.print(f"  note: {note}")
+        console.print(f"note: {note}")
     if report["ignored_files"]:
         console.print(
             f"ignored {len(report['ignored_files'])} non-DICOM file(s), e.g. "
             f"{report['ignored_files'][0]}"
         )
-    err = _console(stderr=True)
-    for bad in report["bad_files"]:
-        err.print(f"[red]bad file[/] {bad['path']}: {bad['reason']}")
 
 
 def _load_for_cli(path: str, series: str | None = None):

@@ -14,6 +14,9 @@ class IchscanError(Exception):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
 
+    def __reduce__(self):
+        return (self.__class__, (self.path, self.problem))
+
 
 class InputError(IchscanError):
     """The file or folder cannot be read as head CT (corrupt, wrong type, wrong modality...)."""

@@ -482,6 +482,8 @@ def select_series(series: list[Series]) -> Series | None:
 def discover(path: str | Path, zip_limits: ZipLimits | None = None) -> Discovery:
     """Find, group, order, measure and rank every CT series under path."""
     headers, bad, ignored = read_headers(path, zip_limits)
+    if not headers and len(bad) == 1 and Path(path).is_file():
+        raise InputError(bad[0].path, bad[0].reason)
     series, dropped = group_series(headers)
     bad.extend(dropped)
     select_series(series)

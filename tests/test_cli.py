@@ -1,0 +1,166 @@
+"""The command line as a user drives it: output, files written, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from ichscan.cli import main
+from ichscan.io.dicom_write import write_ct_series
+
+
+@pytest.fixture
+def series_dir(tmp_path: Path, phantom_volume: np.ndarray) -> Path:
+    out = tmp_path / "series"
+    write_ct_series(
+        phantom_volume,
+        out,
+        pixel_spacing=(3.6, 3.6),
+        slice_spacing=5.0,
+        tilt_deg=12.0,
+        compression="rle",
+    )
+    return out
+
+
+def test_info_json_keys(series_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(series_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (series,) = report["series"]
+    for key in (
+        "series_uid",
+        "n_slices",
+        "slice_thickness_mm",
+        "slice_spacing_mm",
+        "gantry_tilt_deg",
+        "transfer_syntax",
+        "selected",
+        "problems",
+    ):
+        assert key in series
+    assert series["n_slices"] == 12
+    assert series["slice_spacing_mm"] == pytest.approx(5.0)
+    assert series["gantry_tilt_deg"] == pytest.approx(12.0, abs=0.05)
+    assert series["transfer_syntax"] == "RLE Lossless"
+    assert series["selected"] is True
+    assert report["bad_files"] == []
+
+
+def test_info_table(series_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(series_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "RLE Lossless" in out and "selected" in out
+
+
+def test_info_real_rsna(rsna_dicom_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(rsna_dicom_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["series"]) == 5
+    assert {s["n_slices"] for s in report["series"]} == {1}
+    assert any(s["gantry_tilt_deg"] > 10 for s in report["series"])  # tilted RSNA slices
+
+
+def test_info_with_bad_files_lists_them_and_exits_1(
+    series_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (series_dir / "broken").write_bytes(b"\x00" * 10)
+    assert main(["info", str(series_dir)]) == 1
+    captured = capsys.readouterr()
+    assert "broken" in captured.err and "not a DICOM file" in captured.err
+    assert "12" in captured.out  # the good series is still described
+
+
+def test_convert_reslices_to_nifti(series_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scan.nii.gz"
+    assert main(["convert", str(series_dir), str(out), "--thickness", "10"]) == 0
+    img = nib.load(out)
+    assert img.get_data_dtype() == np.int16
+    assert img.header.get_zooms()[2] == pytest.approx(10.0, abs=1e-3)
+    assert img.shape[2] in (6, 7)
+
+
+def test_convert_without_reslice(series_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "scan.nii"
+    assert main(["convert", str(series_dir), str(out)]) == 0
+    assert nib.load(out).shape == (64, 64, 12)
+
+
+def test_preview_montage(series_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "preview.png"
+    assert (
+        main(
+            [
+                "preview",
+                str(series_dir),
+                "--out",
+                str(out),
+                "--windows",
+                "brain,bone",
+                "--slices",
+                "4",
+            ]
+        )
+        == 0
+    )
+    img = Image.open(out)
+    assert img.size == (4 * 192, 2 * 192)
+    assert np.asarray(img).std() > 10  # not blank
+
+
+def test_preview_png_slice(head_ct_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p.png"
+    assert main(["preview", str(head_ct_dir / "images" / "000.png"), "--out", str(out)]) == 0
+    assert Image.open(out).size == (192, 192)
+
+
+def test_preview_unknown_window(
+    series_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(["preview", str(series_dir), "--out", str(tmp_path / "x.png"), "--windows", "lung"])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lung" in err[0]
+
+
+@pytest.mark.parametrize("verb", ["info", "convert", "preview"])
+def test_errors_are_one_line_with_exit_2(tmp_path: Path, verb: str) -> None:
+    bad = tmp_path / "truncated.dcm"
+    bad.write_bytes(b"\x00" * 50)
+    args = {
+        "info": [str(bad)],
+        "convert": [str(bad), str(tmp_path / "o.nii")],
+        "preview": [str(bad), "--out", str(tmp_path / "o.png")],
+    }[verb]
+    proc = subprocess.run(
+        [sys.executable, "-m", "ichscan.cli", verb, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "truncated.dcm" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_empty_folder_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(tmp_path)]) == 2
+    assert "no DICOM files found" in capsys.readouterr().err
+
+
+def test_console_script_help() -> None:
+    exe = Path(sys.executable).parent / "ichscan"
+    proc = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for verb in ("info", "convert", "preview", "synth", "demo"):
+        assert verb in proc.stdout
+    assert "not a medical device" in " ".join(proc.stdout.split())
