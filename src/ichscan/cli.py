@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.add_argument("--scans", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=["dicom", "nifti"], default="dicom")
+    p.add_argument("--layout", choices=["dicom", "nifti", "rsna", "cq500", "png"], default="dicom")
     p.add_argument("--thickness", type=float, default=5.0, metavar="MM")
     p.add_argument("--tilt", type=float, default=0.0, metavar="DEG")
     p.add_argument(
