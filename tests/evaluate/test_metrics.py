@@ -1,0 +1,99 @@
+"""Metrics against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ichscan.evaluate.metrics import (
+    bootstrap_ci,
+    operating_point,
+    roc_auc,
+    threshold_for_sensitivity,
+    weighted_log_loss,
+    youden_threshold,
+)
+from ichscan.labels import RSNA
+
+
+def test_weighted_log_loss_by_hand() -> None:
+    # Two images, RSNA order (any, epidural, intraparenchymal, intraventricular,
+    # subarachnoid, subdural), weights 2,1,1,1,1,1 → denominator 2 * 7 = 14.
+    y = np.array([[1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    p = np.array([[0.9, 0.1, 0.8, 0.1, 0.1, 0.1], [0.2, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    per = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    w = np.array([2, 1, 1, 1, 1, 1])
+    expected = float((per * w).sum() / 14)
+    assert weighted_log_loss(y, p, RSNA.weights) == pytest.approx(expected, rel=1e-12)
+    # Hand arithmetic of the same figure, so the formula itself is pinned.
+    by_hand = (2 * -math.log(0.9) + -math.log(0.9) + -math.log(0.8) + 3 * -math.log(0.9)
+               + 2 * -math.log(0.8) + 5 * -math.log(0.9)) / 14
+    assert weighted_log_loss(y, p, RSNA.weights) == pytest.approx(by_hand, rel=1e-12)
+
+
+def test_weighted_log_loss_equals_weighted_mean_of_label_losses() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, (50, 6))
+    p = rng.uniform(0.01, 0.99, (50, 6))
+    per_label = [-(y[:, j] * np.log(p[:, j]) + (1 - y[:, j]) * np.log(1 - p[:, j])).mean()
+                 for j in range(6)]
+    expected = np.dot(RSNA.weights, per_label) / sum(RSNA.weights)
+    assert weighted_log_loss(y, p, RSNA.weights) == pytest.approx(expected)
+
+
+def test_clipping_keeps_loss_finite() -> None:
+    loss = weighted_log_loss(np.array([[1]]), np.array([[0.0]]), [1.0])
+    assert loss == pytest.approx(-math.log(1e-15))
+
+
+def test_unknown_labels_are_ignored() -> None:
+    y = np.array([[1, -1], [0, -1]])
+    p = np.array([[0.5, 0.9], [0.5, 0.9]])
+    assert weighted_log_loss(y, p, [1, 1]) == pytest.approx(math.log(2))
+
+
+def test_auc_and_single_class() -> None:
+    assert roc_auc(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8])) == 0.75
+    assert math.isnan(roc_auc(np.array([1, 1]), np.array([0.2, 0.3])))
+
+
+def test_operating_point_counts() -> None:
+    y = np.array([1, 1, 1, 0, 0, 0, 0])
+    p = np.array([0.9, 0.6, 0.2, 0.7, 0.1, 0.1, 0.3])
+    op = operating_point(y, p, 0.5)
+    assert (op["tp"], op["fn"], op["fp"], op["tn"]) == (2, 1, 1, 3)
+    assert op["sensitivity"] == pytest.approx(2 / 3)
+    assert op["specificity"] == pytest.approx(3 / 4)
+    assert op["ppv"] == pytest.approx(2 / 3)
+    assert op["npv"] == pytest.approx(3 / 4)
+    assert op["accuracy"] == pytest.approx(5 / 7)
+
+
+def test_youden_separates_perfectly_separable_scores() -> None:
+    y = np.array([0, 0, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.7, 0.8])
+    t = youden_threshold(y, p)
+    assert 0.3 < t <= 0.7
+    assert operating_point(y, p, t)["accuracy"] == 1.0
+
+
+@given(st.lists(st.floats(0, 1), min_size=4, max_size=40), st.floats(0.05, 1.0))
+@settings(max_examples=60, deadline=None)
+def test_sensitivity_threshold_reaches_target(scores: list[float], target: float) -> None:
+    p = np.array(scores)
+    y = (np.arange(len(p)) % 2).astype(int)
+    t = threshold_for_sensitivity(y, p, target)
+    sens = (p[y == 1] >= t).mean()
+    assert sens >= target - 1e-9
+
+
+def test_bootstrap_ci_brackets_the_estimate() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(y * 0.3 + rng.uniform(0, 0.7, 200), 0, 1)
+    lo, hi = bootstrap_ci(y, p, n=300)
+    assert lo < roc_auc(y, p) < hi
