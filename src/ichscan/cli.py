@@ -155,6 +155,126 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from ichscan.data.adapters import build_manifest
+    from ichscan.data.manifest import write_manifest
+    from ichscan.data.prepare import prepare
+    from ichscan.data.splits import assign_folds
+    from ichscan.preprocess.window import parse_windows
+
+    try:
+        windows = parse_windows(args.windows)
+    except ValueError as exc:
+        raise IchscanError(None, f"--windows: {exc}") from None
+    df, report, label_set = build_manifest(args.data, labels=args.labels, workers=args.workers)
+    print(report.summary())
+    err = _console(stderr=True)
+    for problem in report.problems[:20]:
+        err.print(f"problem: {problem}")
+    if len(df) == 0:
+        raise IchscanError(args.data, "no slices to prepare")
+    df = assign_folds(df, label_set, k=args.folds, seed=args.seed, holdout=args.holdout)
+    out = Path(args.out)
+    if report.layout == "images":
+        windows = windows[:1]  # display-windowed images hold one window; say which in the cache
+    result = prepare(
+        df,
+        out,
+        windows=windows,
+        size=args.size,
+        workers=args.workers,
+        ray=args.ray,
+        label_set=label_set,
+        overwrite=args.overwrite,
+    )
+    write_manifest(
+        df,
+        out / "manifest.parquet",
+        label_set,
+        layout=report.layout,
+        label_level=report.label_level,
+        source=str(args.data),
+        report=report.to_dict(),
+    )
+    print(
+        f"prepared {result.n_ok} slice(s) into {result.n_shards} shard(s) under {out} "
+        f"({result.n_skipped_shards} shard(s) already done) in {result.seconds:.1f} s"
+    )
+    if result.n_bad:
+        err.print(f"{result.n_bad} slice(s) could not be read: see {result.report}")
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ichscan.train.augment import AugmentSpec
+    from ichscan.train.loop import TrainConfig, train
+
+    config = TrainConfig(
+        data=args.data,
+        out=args.out,
+        architecture=args.arch,
+        pretrained=args.pretrained,
+        train_mode=args.train,
+        labels=args.labels,
+        input_kind=args.input,
+        windows=tuple(args.windows.split(",")),
+        size=args.size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        backbone_lr_mult=args.backbone_lr_mult,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        accumulate=args.accumulate,
+        fold=args.fold,
+        folds=args.folds,
+        seed=args.seed,
+        pos_weight=args.pos_weight,
+        patience=args.patience,
+        select=args.select,
+        threshold=args.threshold,
+        device=args.device,
+        workers=args.workers,
+        amp=not args.no_amp,
+        resume=args.resume,
+        augment=AugmentSpec() if not args.no_augment else AugmentSpec.off(),
+        max_minutes=args.max_minutes,
+    )
+    summary = train(config)
+    if summary.get("metrics"):
+        val = summary["metrics"]["validation"]
+        print(
+            f"model bundle: {args.out}  (validation fold {args.fold}: weighted log loss "
+            f"{val['weighted_log_loss']:.4f}, mean AUC {val['mean_auc']:.3f} on "
+            f"{summary['metrics']['validation_slices']} slices)"
+        )
+    return EXIT_OK
+
+
+def cmd_train_study(args: argparse.Namespace) -> int:
+    from ichscan.train.study import StudyConfig, train_study
+
+    result = train_study(
+        StudyConfig(
+            model=args.model,
+            data=args.data,
+            kind=args.kind,
+            hidden=args.hidden,
+            epochs=args.epochs,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+        )
+    )
+    val = result["validation"]
+    print(
+        f"study model added to {args.model}: validation scan AUC {val['scan_mean_auc']:.3f}, "
+        f"slice AUC {val['slice_mean_auc']:.3f} ({result['validation_scans']} scans)"
+    )
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ichscan.demo import run_demo
 
@@ -222,6 +342,91 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "rle", "jpegls", "jpeg2000", "jpeg-lossless", "deflate"],
     )
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "prepare",
+        help="adapt a dataset, split it, and preprocess every slice once into a streaming cache",
+    )
+    p.add_argument("data", help="dataset folder (RSNA, CQ500, images + labels.csv, NIfTI, DICOM)")
+    p.add_argument("--out", required=True, help="cache folder")
+    p.add_argument("--windows", default="brain,subdural,bone")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--labels", choices=["rsna", "cq500", "binary"])
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout", type=float, default=0.0, help="fraction of patients held out")
+    p.add_argument("--workers", type=int, help="processes (default: all cores)")
+    p.add_argument("--ray", metavar="ADDRESS", help="run on Ray: 'local' or a cluster address")
+    p.add_argument("--overwrite", action="store_true", help="redo finished shards")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "train", help="train a slice classifier (any dataset layout or a prepared cache)"
+    )
+    p.add_argument("data", help="dataset folder or prepared cache")
+    p.add_argument("--out", required=True, help="model folder (the bundle)")
+    p.add_argument(
+        "--arch",
+        default="efficientnet_lite0",
+        help="backbone (default: "
+        "%(default)s; vgg16, alexnet, resnet18/50/101/152, densenet121/161/169/201, "
+        "efficientnet_b0..b4, efficientnet_lite0..2)",
+    )
+    p.add_argument(
+        "--pretrained",
+        default="imagenet",
+        help="imagenet (cached/offline-capable), none, or a weights file",
+    )
+    p.add_argument(
+        "--train",
+        choices=["head", "all"],
+        default="all",
+        help="head: frozen backbone; all: fine-tune everything",
+    )
+    p.add_argument("--labels", choices=["rsna", "cq500", "binary"])
+    p.add_argument("--input", choices=["windows", "2.5d"], default="windows")
+    p.add_argument("--windows", default="brain,subdural,bone")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr-mult", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default="cosine")
+    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--fold", type=int, default=0, help="validation fold")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pos-weight", action="store_true", help="weight positives by neg/pos")
+    p.add_argument("--patience", type=int, default=6, help="early-stopping patience (epochs)")
+    p.add_argument("--select", choices=["loss", "auc"], default="loss")
+    p.add_argument(
+        "--threshold",
+        default="youden",
+        help="youden or sensitivity:0.95 (chosen on the validation fold)",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--workers", type=int, help="DataLoader workers")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "train-study",
+        help="train the study-level sequence model on a "
+        "trained slice model's embeddings; adds it to the bundle",
+    )
+    p.add_argument("model", help="model folder from ichscan train")
+    p.add_argument("--data", help="prepared cache (default: the model's own cache)")
+    p.add_argument("--kind", choices=["gru", "conv"], default="gru")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_train_study)
 
     p = sub.add_parser("demo", help="the main job on synthetic data: synth, info, preview")
     p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")

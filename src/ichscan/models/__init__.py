@@ -1,0 +1,1 @@
+"""Models: torchvision backbones with fresh heads, the study-level sequence model, bundles."""

@@ -1,0 +1,1 @@
+"""Training: losses, augmentation, the training loop, distributed launch, study model."""

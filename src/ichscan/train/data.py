@@ -1,0 +1,152 @@
+"""What a training run reads: any dataset layout (adapted, split and prepared once into
+MODEL_DIR/cache, resumable) or an existing prepared cache, and the fold to hold out."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ichscan.data.cache import PreparedCache
+from ichscan.errors import IchscanError
+from ichscan.labels import BINARY, LabelSet, get_label_set
+
+if TYPE_CHECKING:
+    from ichscan.train.loop import TrainConfig
+
+
+class DataError(IchscanError):
+    pass
+
+
+@dataclass
+class TrainingData:
+    cache_root: Path
+    label_set: LabelSet
+    fold: int
+    folds: int
+    seed: int
+    source_window: str | None
+    summary: dict[str, Any] = field(default_factory=dict)
+    train_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    val_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def open(self) -> tuple[PreparedCache, LabelSet, np.ndarray, np.ndarray]:
+        cache = PreparedCache(self.cache_root)
+        folds = cache.index["fold"].to_numpy()
+        if (folds < 0).all():
+            folds = _assign(cache.index, self.label_set, self.folds, self.seed)["fold"].to_numpy()
+        if folds.max() >= self.folds:
+            raise DataError(
+                self.cache_root, f"cache has folds 0..{folds.max()}, but --folds is {self.folds}"
+            )
+        usable = cache.ok & ~cache.index["holdout"].to_numpy(bool) & (folds >= 0)
+        self.train_rows = np.flatnonzero(usable & (folds != self.fold))
+        self.val_rows = np.flatnonzero(usable & (folds == self.fold))
+        self.summary.update(
+            {
+                "slices": len(cache),
+                "unreadable_slices": int((~cache.ok).sum()),
+                "train_slices": len(self.train_rows),
+                "validation_slices": len(self.val_rows),
+                "patients": int(cache.index["patient_id"].nunique()),
+                "positives": {
+                    name: int((cache.labels()[:, j] == 1).sum())
+                    for j, name in enumerate(self.label_set.labels)
+                },
+            }
+        )
+        return cache, self.label_set, self.train_rows, self.val_rows
+
+
+def _assign(df: pd.DataFrame, label_set: LabelSet, k: int, seed: int) -> pd.DataFrame:
+    from ichscan.data.splits import assign_folds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return assign_folds(df, label_set, k=k, seed=seed)
+
+
+def _as_label_set(
+    df: pd.DataFrame, have: LabelSet, want: str | None
+) -> tuple[pd.DataFrame, LabelSet]:
+    """The dataset's own label set, or a coarser one the user asked for: a hemorrhage/any
+    dataset trains a binary model (hemorrhage = `any`, or = ICH for CQ500)."""
+    if want is None or want == have.name:
+        return df, have
+    if want == "binary" and have.name in ("rsna", "cq500"):
+        df = df.copy()
+        df["hemorrhage"] = df["any" if have.name == "rsna" else "ich"]
+        return df, BINARY
+    raise DataError(
+        None,
+        f"the data carries the {have.name} label set; --labels {want} does "
+        "not match it (only rsna/cq500 → binary can be derived)",
+    )
+
+
+def resolve_training_data(config: TrainConfig, *, main: bool = True) -> TrainingData:
+    data = Path(config.data)
+    if not data.exists():
+        raise DataError(data, "no such file or folder")
+    if PreparedCache.is_cache(data):
+        cache = PreparedCache(data)
+        label_set = get_label_set(cache.facts["label_set"])
+        if config.labels and config.labels != label_set.name:
+            raise DataError(
+                data,
+                f"this cache holds {label_set.name} labels, not "
+                f"{config.labels}; prepare it again with the label set you want",
+            )
+        windows = cache.index.loc[cache.index["kind"] == "image", "window"]
+        source_window = str(windows.iloc[0]) if len(windows) and windows.iloc[0] else None
+        return TrainingData(
+            data,
+            label_set,
+            config.fold,
+            config.folds,
+            config.seed,
+            source_window,
+            {"source": "prepared cache"},
+        )
+    return _prepare_from_layout(config, data, main)
+
+
+def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> TrainingData:
+    from ichscan.data.adapters import build_manifest
+    from ichscan.data.prepare import prepare
+
+    cache_root = Path(config.out) / "cache"
+    df, report, label_set = build_manifest(data)
+    df, label_set = _as_label_set(df, label_set, config.labels)
+    if len(df) == 0:
+        raise DataError(data, "no labelled slices found: " + "; ".join(report.problems[:3]))
+    df = _assign(df, label_set, config.folds, config.seed)
+    is_images = report.layout == "images"
+    source_window = "brain" if is_images else None
+    # An image set holds one display window: cache one channel, replicated at load time.
+    windows = ("brain",) if is_images else config.windows
+    if main:
+        prepare(
+            df,
+            cache_root,
+            windows=windows,
+            size=config.size,
+            label_set=label_set,
+            progress=config.progress,
+        )
+    summary = {
+        "source": str(data),
+        "layout": report.layout,
+        "label_level": report.label_level,
+        "adapter_problems": report.problems[:20],
+    }
+    if source_window:
+        summary["source_window"] = source_window
+    return TrainingData(
+        cache_root, label_set, config.fold, config.folds, config.seed, source_window, summary
+    )

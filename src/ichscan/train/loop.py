@@ -1,0 +1,659 @@
+"""`ichscan train`: fit a slice classifier on any dataset layout or prepared cache.
+
+One process on CPU or GPU by default; the same code under `torchrun --nproc_per_node N`
+runs DistributedDataParallel with a distributed sampler (gloo on CPU, NCCL on GPU), and only
+rank 0 writes anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ichscan.data.cache import PreparedCache
+from ichscan.errors import IchscanError
+from ichscan.evaluate.metrics import (
+    roc_auc,
+    threshold_for_sensitivity,
+    weighted_log_loss,
+    youden_threshold,
+)
+from ichscan.labels import LabelSet, get_label_set
+from ichscan.models.backbones import get_spec
+from ichscan.models.bundle import new_config, save_bundle
+from ichscan.models.slice_model import SliceModel
+from ichscan.train import distributed as dist_utils
+from ichscan.train.augment import AugmentSpec, build_augment
+from ichscan.train.data import resolve_training_data
+from ichscan.train.dataset import SliceDataset
+
+
+class TrainingError(IchscanError):
+    """A training run that cannot start or continue: said before hours are lost."""
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    architecture: str = "efficientnet_lite0"
+    pretrained: str = "imagenet"
+    train_mode: str = "all"  # "head": frozen backbone (as the seeds did); "all": fine-tune
+    labels: str | None = None
+    input_kind: str = "windows"
+    windows: tuple[str, ...] = ("brain", "subdural", "bone")
+    size: int = 256
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"  # cosine | onecycle | constant
+    warmup_epochs: float = 1.0
+    accumulate: int = 1
+    fold: int = 0
+    folds: int = 5
+    seed: int = 0
+    pos_weight: bool = False
+    patience: int = 6
+    select: str = "loss"  # best epoch by validation weighted log loss ("loss") or mean AUC
+    threshold: str = "youden"  # "youden" or "sensitivity:0.95"
+    device: str = "auto"
+    workers: int | None = None
+    amp: bool = True
+    resume: bool = False
+    dropout: float = 0.3
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
+    max_minutes: float | None = None
+    progress: bool = True
+    tensorboard: bool = True
+
+    def check(self) -> None:
+        get_spec(self.architecture)
+        if self.train_mode not in ("head", "all"):
+            raise TrainingError(None, f"--train must be 'head' or 'all', not {self.train_mode!r}")
+        if self.schedule not in ("cosine", "onecycle", "constant"):
+            raise TrainingError(None, f"unknown --schedule {self.schedule!r}")
+        if self.select not in ("loss", "auc"):
+            raise TrainingError(None, f"--select must be 'loss' or 'auc', not {self.select!r}")
+        if not (self.threshold == "youden" or self.threshold.startswith("sensitivity:")):
+            raise TrainingError(None, "--threshold must be 'youden' or 'sensitivity:0.95'")
+        if not 0 <= self.fold < self.folds:
+            raise TrainingError(None, f"--fold {self.fold} is not in 0..{self.folds - 1}")
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_weighted_log_loss: float
+    val_mean_auc: float
+    val_auc: dict[str, float]
+    lr: float
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(None, f"--device {name}: no CUDA device is available here")
+    return torch.device(name)
+
+
+def masked_bce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    pos_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """BCE with per-label weights (RSNA: any 2, subtypes 1); unknown labels (-1) ignored."""
+    known = (target >= 0).to(logits.dtype)
+    loss = nn.functional.binary_cross_entropy_with_logits(
+        logits, target.clamp(min=0), reduction="none", pos_weight=pos_weight
+    )
+    w = weights * known
+    return (loss * w).sum() / w.sum().clamp(min=1e-8)
+
+
+def _param_groups(model: SliceModel, config: TrainConfig) -> list[dict[str, Any]]:
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": config.lr}]
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    if backbone:
+        groups.append({"params": backbone, "lr": config.lr * config.backbone_lr_mult})
+    return groups
+
+
+def _scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            total_steps=total,
+            pct_start=max(0.05, min(0.5, warmup / total)),
+        )
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def predict_rows(
+    model: nn.Module,
+    dataset: SliceDataset,
+    device: torch.device,
+    batch_size: int,
+    workers: int = 0,
+    tta: bool = False,
+) -> np.ndarray:
+    """Probabilities [N, L] for every row of the dataset (augmentation off)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    out = []
+    for x, _ in loader:
+        x = x.to(device)
+        logits = model(x)
+        if tta:
+            logits = (logits + model(torch.flip(x, dims=[3]))) / 2
+        out.append(torch.sigmoid(logits.float()).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(dataset.labels[0])))
+
+
+def evaluate_rows(probs: np.ndarray, labels: np.ndarray, label_set: LabelSet) -> dict[str, Any]:
+    aucs = {name: roc_auc(labels[:, j], probs[:, j]) for j, name in enumerate(label_set.labels)}
+    finite = [v for v in aucs.values() if not math.isnan(v)]
+    return {
+        "weighted_log_loss": weighted_log_loss(labels, probs, label_set.weights),
+        "auc": aucs,
+        "mean_auc": float(np.mean(finite)) if finite else float("nan"),
+    }
+
+
+def choose_thresholds(
+    probs: np.ndarray, labels: np.ndarray, label_set: LabelSet, method: str
+) -> dict[str, float]:
+    out = {}
+    for j, name in enumerate(label_set.labels):
+        if method == "youden":
+            out[name] = youden_threshold(labels[:, j], probs[:, j])
+        else:
+            target = float(method.split(":", 1)[1])
+            out[name] = threshold_for_sensitivity(labels[:, j], probs[:, j], target)
+    return out
+
+
+def _check_labels(labels: np.ndarray, rows: np.ndarray, label_set: LabelSet, what: str) -> None:
+    if len(rows) == 0:
+        raise TrainingError(
+            None, f"the {what} split is empty (too few patients for the folds? try fewer --folds)"
+        )
+    sub = labels[rows]
+    usable = [
+        (sub[:, j] == 1).any() and (sub[:, j] == 0).any() for j in range(len(label_set.labels))
+    ]
+    if not any(usable):
+        raise TrainingError(
+            None,
+            f"the {what} split has only one class for every label "
+            f"({', '.join(label_set.labels)}): nothing to learn or measure",
+        )
+
+
+def _check_disk(out: Path, model: nn.Module) -> None:
+    need = 3 * sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise TrainingError(
+            out, f"only {free / 1e6:.0f} MB free for checkpoints, need about {need / 1e6:.0f} MB"
+        )
+
+
+class CsvLog:
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path = path
+        if not (resume and path.exists()):
+            path.write_text("")
+            self._header = False
+        else:
+            self._header = True
+
+    def write(self, record: EpochRecord) -> None:
+        row = {k: v for k, v in asdict(record).items() if k != "val_auc"}
+        row.update({f"val_auc_{k}": v for k, v in record.val_auc.items()})
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if not self._header:
+                writer.writeheader()
+                self._header = True
+            writer.writerow(row)
+
+
+def _tensorboard(out: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train one slice model; write the bundle to config.out; return the summary."""
+    config.check()
+    ctx = dist_utils.init_from_env()
+    seed_everything(config.seed + ctx.rank)
+    device = pick_device(config.device) if not ctx.distributed else ctx.device
+    out = Path(config.out)
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    data = resolve_training_data(config, main=ctx.is_main)
+    ctx.barrier()
+    cache, label_set, train_rows, val_rows = data.open()
+    labels = cache.labels()
+    _check_labels(labels, train_rows, label_set, "training")
+    _check_labels(labels, val_rows, label_set, "validation")
+
+    model = SliceModel(
+        config.architecture,
+        len(label_set.labels),
+        pretrained=config.pretrained,
+        dropout=config.dropout,
+    )
+    model.freeze_backbone(config.train_mode == "head")
+    model.to(device)
+    if ctx.is_main:
+        _check_disk(out, model)
+    train_model: nn.Module = ctx.wrap(model)
+
+    augment = build_augment(config.augment, cache.size)
+    train_set = SliceDataset(cache, train_rows, input_kind=config.input_kind, augment=augment)
+    val_set = SliceDataset(cache, val_rows, input_kind=config.input_kind)
+    workers = config.workers if config.workers is not None else dist_utils.default_workers(ctx)
+    sampler = ctx.sampler(train_set, seed=config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=len(train_set) > config.batch_size,
+        generator=generator,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+    optimizer = torch.optim.AdamW(_param_groups(model, config), weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(loader) / config.accumulate))
+    scheduler = _scheduler(optimizer, config, steps_per_epoch)
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    weights = torch.tensor(label_set.weights, dtype=torch.float32, device=device)
+    pos_weight = None
+    if config.pos_weight:
+        sub = labels[train_rows]
+        pos = (sub == 1).sum(0).clip(min=1)
+        neg = (sub == 0).sum(0)
+        pos_weight = torch.tensor(neg / pos, dtype=torch.float32, device=device)
+
+    ckpt_dir = out / "checkpoints"
+    history: list[EpochRecord] = []
+    start_epoch, best, best_epoch, stale = 0, math.inf, -1, 0
+    if config.resume:
+        state = _load_checkpoint(ckpt_dir / "last.pt", config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best, best_epoch, stale = (
+            state["epoch"] + 1,
+            state["best"],
+            state["best_epoch"],
+            state["stale"],
+        )
+        history = [EpochRecord(**r) for r in state["history"]]
+        torch.set_rng_state(state["rng_torch"])
+        np.random.set_state(state["rng_numpy"])
+    if ctx.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    log = CsvLog(out / "train_log.csv", config.resume) if ctx.is_main else None
+    tb = _tensorboard(out, config.tensorboard) if ctx.is_main else None
+    started = time.monotonic()
+    val_labels = labels[val_rows]
+    val_probs = np.zeros((len(val_rows), len(label_set.labels)))
+
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.monotonic()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        train_loss = _train_epoch(
+            train_model,
+            loader,
+            optimizer,
+            scheduler,
+            scaler,
+            weights,
+            pos_weight,
+            config,
+            device,
+            use_amp,
+            epoch,
+            ctx.is_main,
+        )
+        ctx.sync_buffers(model)
+        val_probs = predict_rows(model, val_set, device, config.batch_size * 2)
+        metrics = evaluate_rows(val_probs, val_labels, label_set)
+        val_loss = metrics["weighted_log_loss"]
+        record = EpochRecord(
+            epoch,
+            train_loss,
+            val_loss,
+            metrics["weighted_log_loss"],
+            metrics["mean_auc"],
+            metrics["auc"],
+            optimizer.param_groups[0]["lr"],
+            time.monotonic() - t0,
+        )
+        history.append(record)
+        score = val_loss if config.select == "loss" else -metrics["mean_auc"]
+        improved = score < best - 1e-6
+        if improved:
+            best, best_epoch, stale = score, epoch, 0
+        else:
+            stale += 1
+        if ctx.is_main:
+            assert log is not None
+            log.write(record)
+            if tb is not None:
+                tb.add_scalar("loss/train", train_loss, epoch)
+                tb.add_scalar("loss/val", val_loss, epoch)
+                tb.add_scalar("auc/val_mean", metrics["mean_auc"], epoch)
+            if improved:
+                _save_weights(model, ckpt_dir / "best.pt")
+            _save_checkpoint(
+                ckpt_dir / "last.pt",
+                model,
+                optimizer,
+                scheduler,
+                scaler,
+                epoch,
+                best,
+                best_epoch,
+                stale,
+                history,
+                config,
+            )
+            if config.progress:
+                print(
+                    f"epoch {epoch + 1}/{config.epochs}  train loss {train_loss:.4f}  "
+                    f"val loss {val_loss:.4f}  val AUC {metrics['mean_auc']:.3f}"
+                    f"{'  *' if improved else ''}  ({record.seconds:.0f} s)",
+                    flush=True,
+                )
+        ctx.barrier()
+        if stale >= config.patience:
+            if ctx.is_main and config.progress:
+                print(f"early stop: no improvement for {config.patience} epochs", flush=True)
+            break
+        if config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes:
+            if ctx.is_main and config.progress:
+                print(f"stopping: --max-minutes {config.max_minutes} reached", flush=True)
+            break
+
+    # Every rank fingerprints the weights it ended with: under DDP they must be identical.
+    fingerprint = weights_fingerprint(model)
+    summary: dict[str, Any] = {}
+    if ctx.is_main:
+        if (ckpt_dir / "best.pt").exists():
+            model.load_state_dict(
+                torch.load(ckpt_dir / "best.pt", map_location=device, weights_only=True)
+            )
+        val_probs = predict_rows(model, val_set, device, config.batch_size * 2)
+        final = evaluate_rows(val_probs, val_labels, label_set)
+        thresholds = choose_thresholds(val_probs, val_labels, label_set, config.threshold)
+        summary = _write_bundle(
+            out,
+            model,
+            config,
+            data,
+            label_set,
+            thresholds,
+            final,
+            history,
+            best_epoch,
+            time.monotonic() - started,
+            cache,
+        )
+        _plot_curves(history, out / "training_curves.png")
+        if tb is not None:
+            tb.close()
+    ctx.barrier()
+    ctx.shutdown()
+    return {**summary, "rank": ctx.rank, "final_weights_sha256": fingerprint}
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _train_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    weights: torch.Tensor,
+    pos_weight: torch.Tensor | None,
+    config: TrainConfig,
+    device: torch.device,
+    use_amp: bool,
+    epoch: int,
+    show: bool,
+) -> float:
+    from tqdm import tqdm
+
+    model.train()
+    total, count = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(
+        loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (show and config.progress)
+    )
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=use_amp):
+            loss = masked_bce(model(x), y, weights, pos_weight)
+        scaler.scale(loss / config.accumulate).backward()
+        if (step + 1) % config.accumulate == 0 or step + 1 == len(loader):
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        total += float(loss.detach()) * len(x)
+        count += len(x)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+def _save_weights(model: SliceModel, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    try:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TrainingError(path, f"cannot write checkpoint ({exc}); free some disk") from None
+
+
+def _save_checkpoint(
+    path: Path,
+    model: SliceModel,
+    optimizer,
+    scheduler,
+    scaler,
+    epoch: int,
+    best: float,
+    best_epoch: int,
+    stale: int,
+    history: list[EpochRecord],
+    config: TrainConfig,
+) -> None:
+    state = {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "best": best,
+        "best_epoch": best_epoch,
+        "stale": stale,
+        "history": [asdict(r) for r in history],
+        "rng_torch": torch.get_rng_state(),
+        "rng_numpy": np.random.get_state(),
+        "config": _config_json(config),
+    }
+    tmp = path.with_suffix(".tmp")
+    try:
+        torch.save(state, tmp)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TrainingError(path, f"cannot write checkpoint ({exc}); free some disk") from None
+
+
+def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
+    if not path.exists():
+        raise TrainingError(path, "--resume: no checkpoint to resume from")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state.get("config", {})
+    for key in ("architecture", "input_kind", "labels", "size", "fold", "folds"):
+        if key in saved and saved[key] != _config_json(config)[key]:
+            raise TrainingError(
+                path,
+                f"--resume with a different {key} ({saved[key]!r} in the "
+                f"checkpoint, {_config_json(config)[key]!r} now)",
+            )
+    return state
+
+
+def _config_json(config: TrainConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d["windows"] = list(config.windows)
+    return json.loads(json.dumps(d, default=str))
+
+
+def _write_bundle(
+    out: Path,
+    model: SliceModel,
+    config: TrainConfig,
+    data,
+    label_set,
+    thresholds: dict[str, float],
+    final: dict[str, Any],
+    history: list[EpochRecord],
+    best_epoch: int,
+    seconds: float,
+    cache: PreparedCache,
+) -> dict[str, Any]:
+    input_spec = {
+        "kind": config.input_kind,
+        "windows": cache.facts["windows"],
+        "mode": cache.facts.get("mode", "linear"),
+        "size": cache.size,
+        "channels": 3,
+        "source_window": data.source_window,
+        "normalisation": {
+            "mean": model.mean.flatten().tolist(),
+            "std": model.std.flatten().tolist(),
+        },
+        "tta": ["identity"],
+    }
+    bundle = new_config(
+        architecture=config.architecture,
+        weights_provenance=model.provenance,
+        label_set=label_set,
+        input_spec=input_spec,
+        dropout=config.dropout,
+        training={
+            "data": str(config.data),
+            "data_summary": data.summary,
+            "fold": config.fold,
+            "folds": config.folds,
+            "epochs_run": len(history),
+            "best_epoch": best_epoch + 1,
+            "seconds": round(seconds, 1),
+            "config": _config_json(config),
+        },
+        metrics={"validation": final, "validation_slices": len(data.val_rows)},
+    )
+    bundle["thresholds"] = thresholds
+    bundle["threshold_method"] = f"{config.threshold} on the validation fold"
+    save_bundle(out, bundle, [model])
+    return bundle
+
+
+def _plot_curves(history: list[EpochRecord], path: Path) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r.epoch + 1 for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [r.train_loss for r in history], label="train loss")
+    a.plot(epochs, [r.val_loss for r in history], label="validation weighted log loss")
+    a.set_xlabel("epoch")
+    a.legend()
+    b.plot(epochs, [r.val_mean_auc for r in history], label="validation mean AUC")
+    b.set_xlabel("epoch")
+    b.set_ylim(0.4, 1.0)
+    b.legend()
+    fig.suptitle("ichscan training (research software, not a medical device)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def config_from_kwargs(**kwargs: Any) -> TrainConfig:
+    return replace(TrainConfig(data="", out=""), **kwargs)
+
+
+__all__ = ["TrainConfig", "TrainingError", "config_from_kwargs", "get_label_set", "train"]

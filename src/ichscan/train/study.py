@@ -1,0 +1,220 @@
+"""`ichscan train-study`: fit the study-level sequence model on the frozen slice model's
+embeddings of every scan, and add it to the bundle.
+
+Embeddings are computed once (no augmentation) and kept as float16; the sequence model then
+trains in seconds per epoch. Slice labels supervise the per-slice outputs where the dataset
+has them (RSNA); scan labels (any slice positive, or CQ500's scan-level reads) supervise
+the scan output.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ichscan.data.cache import PreparedCache
+from ichscan.errors import IchscanError
+from ichscan.evaluate.metrics import roc_auc, weighted_log_loss
+from ichscan.models.bundle import Bundle, load_bundle, save_bundle
+from ichscan.models.study import StudyModel
+from ichscan.train.dataset import SliceDataset
+from ichscan.train.loop import masked_bce, pick_device, seed_everything
+
+
+class StudyTrainingError(IchscanError):
+    pass
+
+
+@dataclass
+class StudyConfig:
+    model: str
+    data: str | None = None  # a prepared cache; default: the cache the slice model used
+    kind: str = "gru"
+    hidden: int = 128
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 16
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+@torch.no_grad()
+def embed_cache(
+    bundle: Bundle, cache: PreparedCache, device: torch.device, batch_size: int = 64
+) -> np.ndarray:
+    """float16 [N, D] embeddings of every cache row by the bundle's first slice model."""
+    model = bundle.members[0].to(device).eval()
+    dataset = SliceDataset(cache, np.arange(len(cache)), input_kind=bundle.input["kind"])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    out = np.empty((len(cache), model.embed_dim), dtype=np.float16)
+    i = 0
+    for x, _ in loader:
+        e = model.embed(x.to(device)).float().cpu().numpy()
+        out[i : i + len(e)] = e
+        i += len(e)
+    return out
+
+
+def scan_groups(cache: PreparedCache) -> list[np.ndarray]:
+    """Row indices of each scan, ordered by slice_index."""
+    index = cache.index
+    order = np.lexsort((index["slice_index"].to_numpy(), index["scan_id"].to_numpy()))
+    scans = index["scan_id"].to_numpy()[order]
+    cuts = np.flatnonzero(scans[1:] != scans[:-1]) + 1
+    return np.split(order, cuts)
+
+
+def _batch(
+    groups: list[np.ndarray], emb: np.ndarray, labels: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    longest = max(len(g) for g in groups)
+    b, d, n_labels = len(groups), emb.shape[1], labels.shape[1]
+    x = torch.zeros(b, longest, d)
+    y = torch.full((b, longest, n_labels), -1.0)
+    mask = torch.zeros(b, longest, dtype=torch.bool)
+    for i, g in enumerate(groups):
+        x[i, : len(g)] = torch.from_numpy(emb[g].astype(np.float32))
+        y[i, : len(g)] = torch.from_numpy(labels[g].astype(np.float32))
+        mask[i, : len(g)] = True
+    known = (y >= 0) & mask.unsqueeze(-1)
+    # A scan is positive when any slice is, negative when a slice says so and none is positive.
+    scan_y = torch.where((y == 1).any(1), 1.0, torch.where(known.any(1), 0.0, -1.0))
+    return x, y, mask, scan_y
+
+
+def train_study(config: StudyConfig) -> dict[str, Any]:
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    bundle = load_bundle(config.model, device)
+    cache_root = Path(config.data) if config.data else Path(config.model) / "cache"
+    if not PreparedCache.is_cache(cache_root):
+        raise StudyTrainingError(
+            cache_root,
+            "no prepared cache here: pass the cache the slice "
+            "model was trained on (ichscan prepare DATA --out CACHE)",
+        )
+    cache = PreparedCache(cache_root)
+    if list(cache.label_names) != bundle.labels and bundle.config["label_set"] != "binary":
+        raise StudyTrainingError(
+            cache_root, f"cache labels {cache.label_names} do not match the model's {bundle.labels}"
+        )
+    labels = _labels_for(bundle, cache)
+    # CQ500 reads are per scan: copying them onto every slice would teach the slice outputs
+    # that every slice of a bleeding scan bleeds.
+    slice_level = cache.facts.get("label_level", "slice") != "scan"
+    started = time.monotonic()
+    emb = embed_cache(bundle, cache, device)
+    groups = [g[cache.ok[g]] for g in scan_groups(cache) if cache.ok[g].any()]
+    fold = int(bundle.config.get("training", {}).get("fold", 0))
+    folds = cache.index["fold"].to_numpy()
+    val_groups = [g for g in groups if folds[g[0]] == fold]
+    train_groups = [g for g in groups if folds[g[0]] != fold and folds[g[0]] >= 0]
+    if not train_groups or not val_groups:
+        raise StudyTrainingError(
+            cache_root, f"need scans in both the training folds and the validation fold {fold}"
+        )
+    weights = torch.tensor(bundle.label_set.weights, device=device)
+    model = StudyModel(emb.shape[1], labels.shape[1], kind=config.kind, hidden=config.hidden).to(
+        device
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
+    steps = config.epochs * math.ceil(len(train_groups) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=max(1, steps))
+    rng = np.random.default_rng(config.seed)
+    best, best_state, history = math.inf, None, []
+    for epoch in range(config.epochs):
+        model.train()
+        order = rng.permutation(len(train_groups))
+        for start in range(0, len(order), config.batch_size):
+            chunk = [train_groups[i] for i in order[start : start + config.batch_size]]
+            x, y, mask, scan_y = (t.to(device) for t in _batch(chunk, emb, labels))
+            slice_logits, scan_logits = model(x, mask)
+            loss = masked_bce(scan_logits, scan_y, weights)
+            if slice_level:
+                loss = loss + masked_bce(slice_logits[mask], y[mask], weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        metrics = evaluate_study(model, val_groups, emb, labels, bundle, device)
+        history.append({"epoch": epoch, **metrics})
+        score = metrics["scan_weighted_log_loss"] + metrics["slice_weighted_log_loss"]
+        if score < best:
+            best, best_state = (
+                score,
+                {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            )
+        if config.progress:
+            print(
+                f"study epoch {epoch + 1}/{config.epochs}  slice AUC "
+                f"{metrics['slice_mean_auc']:.3f}  scan AUC {metrics['scan_mean_auc']:.3f}",
+                flush=True,
+            )
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    final = evaluate_study(model, val_groups, emb, labels, bundle, device)
+    study_config = {
+        "kind": config.kind,
+        "hidden": config.hidden,
+        "epochs": config.epochs,
+        "validation": final,
+        "validation_scans": len(val_groups),
+        "train_scans": len(train_groups),
+        "seconds": round(time.monotonic() - started, 1),
+        "note": "trained on the frozen slice model's embeddings of the same training folds",
+    }
+    save_bundle(config.model, bundle.config, bundle.members, model.cpu(), study_config)
+    return study_config
+
+
+def _labels_for(bundle: Bundle, cache: PreparedCache) -> np.ndarray:
+    labels = cache.labels()
+    if bundle.config["label_set"] == "binary" and "hemorrhage" not in cache.label_names:
+        source = "any" if "any" in cache.label_names else "ich"
+        labels = labels[:, [list(cache.label_names).index(source)]]
+    return labels
+
+
+@torch.no_grad()
+def evaluate_study(
+    model: StudyModel,
+    groups: list[np.ndarray],
+    emb: np.ndarray,
+    labels: np.ndarray,
+    bundle: Bundle,
+    device: torch.device,
+) -> dict[str, float]:
+    model.eval()
+    slice_p, slice_y, scan_p, scan_y = [], [], [], []
+    for start in range(0, len(groups), 32):
+        chunk = groups[start : start + 32]
+        x, y, mask, sy = _batch(chunk, emb, labels)
+        sl, sc = model(x.to(device), mask.to(device))
+        slice_p.append(torch.sigmoid(sl[mask.to(device)]).cpu().numpy())
+        slice_y.append(y[mask].numpy())
+        scan_p.append(torch.sigmoid(sc).cpu().numpy())
+        scan_y.append(sy.numpy())
+    sp, sy_, cp, cy = (np.concatenate(a) for a in (slice_p, slice_y, scan_p, scan_y))
+    w = bundle.label_set.weights
+
+    def mean_auc(y: np.ndarray, p: np.ndarray) -> float:
+        values = [roc_auc(y[:, j], p[:, j]) for j in range(y.shape[1])]
+        finite = [v for v in values if not math.isnan(v)]
+        return float(np.mean(finite)) if finite else float("nan")
+
+    return {
+        "slice_weighted_log_loss": weighted_log_loss(sy_, sp, w),
+        "slice_mean_auc": mean_auc(sy_, sp),
+        "scan_weighted_log_loss": weighted_log_loss(cy, cp, w),
+        "scan_mean_auc": mean_auc(cy, cp),
+    }
+
+
+__all__ = ["StudyConfig", "StudyTrainingError", "train_study"]

@@ -1,0 +1,205 @@
+"""Training end to end on tiny data: bundle, logs, checkpoints, resume, modes, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ichscan.data.synth import write_synthetic
+from ichscan.errors import IchscanError
+from ichscan.models.bundle import load_bundle
+from ichscan.train.augment import AugmentSpec
+from ichscan.train.loop import TrainConfig, TrainingError, train
+
+FAST = dict(
+    architecture="resnet18",
+    pretrained="none",
+    size=32,
+    batch_size=8,
+    epochs=2,
+    folds=3,
+    workers=0,
+    progress=False,
+    tensorboard=False,
+)
+
+
+@pytest.fixture(scope="module")
+def png_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthpng") / "set"
+    write_synthetic(root, n_scans=18, seed=3, layout="png", shape=(8, 64, 64))
+    return root
+
+
+def test_train_writes_a_complete_bundle(png_set: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    summary = train(TrainConfig(data=str(png_set), out=str(out), **FAST))
+    bundle = load_bundle(out)
+    assert bundle.config["label_set"] == "rsna"
+    assert set(bundle.thresholds) == set(bundle.labels)
+    assert bundle.input["size"] == 32 and bundle.input["source_window"] == "brain"
+    assert "random initialisation" in bundle.config["weights_provenance"]
+    assert bundle.config["training"]["epochs_run"] == 2
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log["epoch"]) == [0, 1]
+    assert {"train_loss", "val_loss", "val_mean_auc"} <= set(log.columns)
+    assert (out / "training_curves.png").stat().st_size > 1000
+    assert (out / "checkpoints" / "last.pt").exists()
+    assert "validation" in summary["metrics"]
+
+
+def test_resume_continues_where_it_stopped(png_set: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(png_set), out=str(out), **FAST))
+    resumed = train(
+        TrainConfig(data=str(png_set), out=str(out), resume=True, **{**FAST, "epochs": 3})
+    )
+    assert resumed["training"]["epochs_run"] == 3
+    assert list(pd.read_csv(out / "train_log.csv")["epoch"]) == [0, 1, 2]
+
+
+def test_resume_with_another_architecture_is_refused(png_set: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(png_set), out=str(out), **FAST))
+    with pytest.raises(TrainingError, match="different architecture"):
+        train(
+            TrainConfig(
+                data=str(png_set), out=str(out), resume=True, **{**FAST, "architecture": "alexnet"}
+            )
+        )
+
+
+def test_head_only_training_keeps_the_backbone(png_set: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    torch.manual_seed(0)
+    train(
+        TrainConfig(
+            data=str(png_set),
+            out=str(out),
+            train_mode="head",
+            seed=0,
+            augment=AugmentSpec.off(),
+            **FAST,
+        )
+    )
+    from ichscan.models.slice_model import SliceModel
+
+    torch.manual_seed(0)
+    fresh = SliceModel("resnet18", 6, pretrained="none", dropout=0.3)
+    trained = load_bundle(out).members[0]
+    torch.testing.assert_close(trained.backbone.conv1.weight, fresh.backbone.conv1.weight)
+    assert not torch.equal(trained.head[1].weight, fresh.head[1].weight)
+
+
+def test_binary_model_from_rsna_labels(png_set: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(png_set), out=str(out), labels="binary", **FAST))
+    assert load_bundle(out).labels == ["hemorrhage"]
+
+
+def test_unknown_architecture_fails_before_any_work(png_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(IchscanError, match="unknown architecture"):
+        train(
+            TrainConfig(
+                data=str(png_set), out=str(tmp_path / "m"), **{**FAST, "architecture": "resnet17"}
+            )
+        )
+    assert not (tmp_path / "m").exists()
+
+
+def test_label_set_that_does_not_match(png_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(IchscanError, match="cq500"):
+        train(
+            TrainConfig(data=str(png_set), out=str(tmp_path / "m"), **{**FAST, "labels": "cq500"})
+        )
+
+
+def test_one_class_only(tmp_path: Path) -> None:
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    from PIL import Image
+
+    rows = []
+    for i in range(12):
+        Image.fromarray(np.full((32, 32), i * 10, np.uint8)).save(root / "images" / f"{i}.png")
+        rows.append({"id": i, "hemorrhage": 0})
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    with pytest.raises(TrainingError, match="only one class"):
+        train(TrainConfig(data=str(root), out=str(tmp_path / "m"), **FAST))
+
+
+def test_more_folds_than_patients(png_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(IchscanError, match="fold"):
+        train(TrainConfig(data=str(png_set), out=str(tmp_path / "m"), **{**FAST, "folds": 40}))
+
+
+def test_no_space_for_checkpoints(
+    png_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**9, 10**9, 1000))
+    with pytest.raises(TrainingError, match="free for checkpoints"):
+        train(TrainConfig(data=str(png_set), out=str(tmp_path / "m"), **FAST))
+
+
+def test_ddp_two_cpu_processes_agree_on_weights(png_set: Path, tmp_path: Path) -> None:
+    """The same command under torchrun: 2 gloo ranks, one short epoch, identical weights."""
+    script = tmp_path / "run.py"
+    out = tmp_path / "ddp_model"
+    script.write_text(
+        "import json, os, sys\n"
+        "from ichscan.train.loop import TrainConfig, train\n"
+        f"cfg = TrainConfig(data={str(png_set)!r}, out={str(out)!r}, architecture='resnet18',"
+        " pretrained='none', size=32, batch_size=4, epochs=1, folds=3, workers=0,"
+        " progress=False, tensorboard=False)\n"
+        "s = train(cfg)\n"
+        f"open(os.path.join({str(tmp_path)!r}, f\"rank{{s['rank']}}.json\"), 'w')"
+        ".write(json.dumps(s['final_weights_sha256']))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sums = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sums[0] == sums[1]
+    assert (out / "bundle.json").exists()
+
+
+def test_train_study_adds_a_sequence_model(tmp_path: Path) -> None:
+    from ichscan.train.study import StudyConfig, train_study
+
+    data = tmp_path / "dicom"
+    write_synthetic(data, n_scans=9, seed=5, layout="dicom", shape=(8, 48, 48))
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(data), out=str(out), **FAST))
+    result = train_study(StudyConfig(model=str(out), epochs=3, hidden=16, progress=False))
+    bundle = load_bundle(out)
+    assert bundle.study is not None
+    assert bundle.config["study_model"]["kind"] == "gru"
+    assert result["validation_scans"] >= 1
+    assert {"slice_mean_auc", "scan_mean_auc"} <= set(result["validation"])
