@@ -164,3 +164,84 @@ def test_console_script_help() -> None:
     for verb in ("info", "convert", "preview", "synth", "demo"):
         assert verb in proc.stdout
     assert "not a medical device" in " ".join(proc.stdout.split())
+
+
+def test_prepare_real_png_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import shared
+    from ichscan.data.cache import PreparedCache
+
+    out = tmp_path / "cache"
+    assert (
+        main(
+            [
+                "prepare",
+                str(shared("rsna_png")),
+                "--out",
+                str(out),
+                "--size",
+                "64",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    cache = PreparedCache(out)
+    assert len(cache) == 100 and cache.channels == 1
+    assert (cache.labels()[:, 0] == 1).sum() == 50
+    assert set(cache.index["fold"]) == {0, 1, 2, 3, 4}
+    assert (out / "manifest.parquet").exists()
+    assert "prepared 100 slice(s)" in capsys.readouterr().out
+
+
+def test_prepare_lists_unreadable_files_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(np.full((16, 16), 20 * i, np.uint8)).save(root / "images" / f"{i}.png")
+    (root / "images" / "5.png").write_bytes(b"not a png")
+    (root / "labels.csv").write_text(
+        "id,hemorrhage\n" + "".join(f"{i},{i % 2}\n" for i in range(6))
+    )
+    assert (
+        main(
+            [
+                "prepare",
+                str(root),
+                "--out",
+                str(tmp_path / "c"),
+                "--size",
+                "16",
+                "--folds",
+                "2",
+                "--workers",
+                "1",
+            ]
+        )
+        == 1
+    )
+    assert "could not be read" in capsys.readouterr().err
+
+
+def test_train_unknown_architecture_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ichscan.cli",
+            "train",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "m"),
+            "--arch",
+            "resnet17",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "unknown architecture 'resnet17'" in proc.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         err.print(f"problem: {problem}")
     if len(df) == 0:
         raise IchscanError(args.data, "no slices to prepare")
-    df = assign_folds(df, label_set, k=args.folds, seed=args.seed, holdout=args.holdout)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = assign_folds(df, label_set, k=args.folds, seed=args.seed, holdout=args.holdout)
+    for w in caught:
+        err.print(f"note: {w.message}")
     out = Path(args.out)
     if report.layout == "images":
         windows = windows[:1]  # display-windowed images hold one window; say which in the cache

@@ -108,7 +108,7 @@ def train_study(config: StudyConfig) -> dict[str, Any]:
     labels = _labels_for(bundle, cache)
     # CQ500 reads are per scan: copying them onto every slice would teach the slice outputs
     # that every slice of a bleeding scan bleeds.
-    slice_level = cache.facts.get("label_level", "slice") != "scan"
+    slice_level = cache.facts.get("manifest", {}).get("label_level", "slice") != "scan"
     started = time.monotonic()
     emb = embed_cache(bundle, cache, device)
     groups = [g[cache.ok[g]] for g in scan_groups(cache) if cache.ok[g].any()]
