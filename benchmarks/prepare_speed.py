@@ -27,28 +27,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import pydicom
 from PIL import Image
 
 # Run as a script, this folder is on sys.path: the slice and manifest makers are shared.
 from prepare_memory import repeated_manifest, write_synthetic_slices
-
-REAL_RSNA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "rsna_dicom"
-NAIVE_WINDOWS = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
+from preprocess import REAL_RSNA, naive_slice
 
 
 def naive_convert(path: str, out: Path) -> None:
-    """What a first notebook does: float64 everywhere, a PIL resize per channel, a PNG."""
-    ds = pydicom.dcmread(path)
-    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    channels = []
-    for center, width in NAIVE_WINDOWS:
-        x = np.clip((hu - (center - width / 2)) / width, 0.0, 1.0) * 255.0
-        img = Image.fromarray(x.astype(np.uint8)).resize((256, 256), Image.BILINEAR)
-        channels.append(np.asarray(img))
-    Image.fromarray(np.stack(channels, axis=-1)).save(out)
+    """The naive baseline of preprocess.py, plus the PNG write a conversion script does."""
+    Image.fromarray(naive_slice(path)).save(out)
 
 
 def cpu_seconds() -> float:

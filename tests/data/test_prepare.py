@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import shared
 from ichscan.data.cache import PreparedCache, marker_path, shard_path, temp_path
 from ichscan.data.manifest import normalise, write_manifest
 from ichscan.data.phantom import make_head_phantom
@@ -30,14 +31,6 @@ from ichscan.preprocess.slice_input import dicom_to_input
 from ichscan.preprocess.window import stack_windows
 
 SIZE = 32
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-
-
-def shared(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"real data {path} is absent (it lives beside the checkout in ../shared)")
-    return path
 
 
 def manifest(rows: Sequence[dict[str, object]]) -> pd.DataFrame:

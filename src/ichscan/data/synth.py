@@ -53,6 +53,7 @@ from ichscan.data.phantom import (
 )
 from ichscan.io.dicom_write import COMPRESSIONS, write_ct_series
 from ichscan.io.nifti import write_nifti
+from ichscan.labels import CQ500_COLUMNS
 from ichscan.scan import Scan
 
 LAYOUTS = ("dicom", "nifti", "rsna", "cq500", "png")
@@ -64,22 +65,7 @@ FIELD_OF_VIEW_MM = 230.0
 DEFAULT_MATRIX = 256
 
 CQ500_THIN_MM = 0.625
-CQ500_FINDINGS = (
-    "ICH",
-    "IPH",
-    "IVH",
-    "SDH",
-    "EDH",
-    "SAH",
-    "BleedLocation-Left",
-    "BleedLocation-Right",
-    "ChronicBleed",
-    "Fracture",
-    "CalvarialFracture",
-    "OtherFracture",
-    "MassEffect",
-    "MidlineShift",
-)
+CQ500_FINDINGS = CQ500_COLUMNS
 CQ500_READS_HEADER = (
     "name",
     "Category",
