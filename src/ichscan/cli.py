@@ -245,6 +245,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         augment=AugmentSpec() if not args.no_augment else AugmentSpec.off(),
         max_minutes=args.max_minutes,
+        extra_train=tuple(args.extra_train or ()),
     )
     summary = train(config)
     if summary.get("metrics"):
@@ -416,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    p.add_argument(
+        "--extra-train",
+        action="append",
+        metavar="DATA",
+        help="another dataset added to every training split, never validated on "
+        "(repeatable; e.g. a second brain-window PNG set)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

@@ -203,3 +203,30 @@ def test_train_study_adds_a_sequence_model(tmp_path: Path) -> None:
     assert bundle.config["study_model"]["kind"] == "gru"
     assert result["validation_scans"] >= 1
     assert {"slice_mean_auc", "scan_mean_auc"} <= set(result["validation"])
+
+
+def test_extra_training_data_is_never_validated(png_set: Path, tmp_path: Path) -> None:
+    from ichscan.data.cache import PreparedCache
+
+    extra = tmp_path / "extra"
+    write_synthetic(extra, n_scans=6, seed=9, layout="png", shape=(8, 64, 64))
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(png_set), out=str(out), extra_train=(str(extra),), **FAST))
+    cache = PreparedCache(out / "cache")
+    extra_rows = cache.index["patient_id"].str.startswith("extra:")
+    assert extra_rows.sum() == 6
+    assert (cache.index.loc[extra_rows, "fold"] == -2).all()
+
+
+def test_cross_validation_pools_out_of_fold_predictions(png_set: Path, tmp_path: Path) -> None:
+    from ichscan.train.cv import cross_validate
+
+    cv = cross_validate(
+        str(png_set),
+        str(tmp_path / "cv"),
+        folds=3,
+        **{k: v for k, v in FAST.items() if k != "folds"},
+    )
+    assert len(cv["y"]) == len(cv["p"]) == 18
+    assert sorted(set(cv["fold"].tolist())) == [0, 1, 2]
+    assert len(cv["minutes"]) == 3

@@ -44,7 +44,8 @@ class TrainingData:
             raise DataError(
                 self.cache_root, f"cache has folds 0..{folds.max()}, but --folds is {self.folds}"
             )
-        usable = cache.ok & ~cache.index["holdout"].to_numpy(bool) & (folds >= 0)
+        # fold -2: rows from --extra-train datasets, used for training only, never validated.
+        usable = cache.ok & ~cache.index["holdout"].to_numpy(bool) & ((folds >= 0) | (folds == -2))
         self.train_rows = np.flatnonzero(usable & (folds != self.fold))
         self.val_rows = np.flatnonzero(usable & (folds == self.fold))
         self.summary.update(
@@ -89,6 +90,26 @@ def _as_label_set(
     )
 
 
+def _extra_rows(path: Path, label_set: LabelSet, layout: str) -> pd.DataFrame:
+    """Rows of another dataset added to every training split (fold -2), in the main
+    dataset's label set; patients are prefixed so they never collide with the main set's."""
+    from ichscan.data.adapters import build_manifest
+
+    df, report, have = build_manifest(path)
+    if (report.layout == "images") != (layout == "images"):
+        raise DataError(
+            path,
+            f"--extra-train {report.layout} data cannot join {layout} data: "
+            "windowed images and HU volumes make different inputs",
+        )
+    df, _ = _as_label_set(df, have, label_set.name)
+    df = df.copy()
+    for column in ("patient_id", "study_id", "series_id", "scan_id"):
+        df[column] = f"extra:{path.name}:" + df[column].astype(str)
+    df["fold"] = -2
+    return df
+
+
 def resolve_training_data(config: TrainConfig, *, main: bool = True) -> TrainingData:
     data = Path(config.data)
     if not data.exists():
@@ -126,6 +147,9 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
     if len(df) == 0:
         raise DataError(data, "no labelled slices found: " + "; ".join(report.problems[:3]))
     df = _assign(df, label_set, config.folds, config.seed)
+    extras = [_extra_rows(Path(e), label_set, report.layout) for e in config.extra_train]
+    if extras:
+        df = pd.concat([df, *extras], ignore_index=True)
     is_images = report.layout == "images"
     source_window = "brain" if is_images else None
     # An image set holds one display window: cache one channel, replicated at load time.

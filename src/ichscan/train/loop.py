@@ -77,6 +77,7 @@ class TrainConfig:
     dropout: float = 0.3
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     max_minutes: float | None = None
+    extra_train: tuple[str, ...] = ()  # datasets added to training only (never validated)
     progress: bool = True
     tensorboard: bool = True
 

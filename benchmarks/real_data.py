@@ -1,0 +1,105 @@
+"""Benchmark: the default training recipe on the real data in ../shared/data, by 5-fold
+patient-grouped cross-validation (each image is its own patient in these sets).
+
+For each dataset and fold, `ichscan train` runs with its defaults on the other four folds
+(plus, with --with-other, every image of the other dataset: both sets are brain-window axial
+slices, labelled hemorrhage / any), and the fold's images are predicted with the resulting
+bundle. Out-of-fold predictions of all five folds are pooled and scored:
+- ROC AUC with a 95% bootstrap CI,
+- accuracy at a threshold chosen without the fold's labels (Youden on the other folds'
+  out-of-fold predictions) and at 0.5, with Wilson 95% CIs,
+- training wall time per model.
+The sets are small (150 and 100 images): the figures carry wide intervals and say so.
+
+Run:  .venv/bin/python benchmarks/real_data.py [--datasets head_ct rsna_png] [--folds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LABEL = {"head_ct": "hemorrhage", "rsna_png": "any"}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (math.nan, math.nan)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def main() -> None:
+    from ichscan.evaluate.metrics import bootstrap_ci, roc_auc
+    from ichscan.train.cv import cross_validate
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["head_ct", "rsna_png"])
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--with-other", action="store_true", help="also train on all images of the other dataset"
+    )
+    parser.add_argument("--out", default="bench_out/real_data")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in args.datasets:
+        data = SHARED / name
+        if not data.exists():
+            raise SystemExit(f"{data} is absent")
+        extra = [str(SHARED / o) for o in LABEL if o != name] if args.with_other else []
+        cv = cross_validate(
+            str(data), str(out / name), folds=args.folds, seed=args.seed, extra_train=extra
+        )
+        y, p, thr_pred = cv["y"], cv["p"], cv["decision"]
+        auc = roc_auc(y, p)
+        lo, hi = bootstrap_ci(y, p, n=2000, seed=args.seed)
+        k_thr = int((thr_pred == y).sum())
+        k_half = int(((p >= 0.5) == y).sum())
+        n = len(y)
+        results[name] = {
+            "images": n,
+            "positives": int(y.sum()),
+            "auc": auc,
+            "auc_ci95": [lo, hi],
+            "accuracy_held_out_threshold": k_thr / n,
+            "accuracy_held_out_threshold_ci95": wilson(k_thr, n),
+            "accuracy_at_0.5": k_half / n,
+            "accuracy_at_0.5_ci95": wilson(k_half, n),
+            "train_minutes_per_model": cv["minutes"],
+            "fold_aucs": cv["fold_aucs"],
+            "extra_training_data": extra,
+        }
+        r = results[name]
+        print(
+            f"{name}: {n} images ({r['positives']} positive), {args.folds}-fold CV, "
+            f"default recipe{' + other set in training' if extra else ''}"
+        )
+        print(
+            f"  ROC AUC {auc:.3f} (95% CI {lo:.3f}-{hi:.3f}); fold AUCs "
+            + ", ".join(f"{a:.3f}" for a in cv["fold_aucs"])
+        )
+        print(
+            f"  accuracy {r['accuracy_held_out_threshold']:.3f} at a held-out threshold "
+            f"(95% CI {r['accuracy_held_out_threshold_ci95'][0]:.3f}-"
+            f"{r['accuracy_held_out_threshold_ci95'][1]:.3f}), {r['accuracy_at_0.5']:.3f} "
+            "at 0.5"
+        )
+        print(
+            "  training time per model: "
+            + ", ".join(f"{m:.1f}" for m in cv["minutes"])
+            + " min (2-core CPU)"
+        )
+    (out / "real_data.json").write_text(json.dumps(results, indent=2, default=float))
+    print(f"wrote {out / 'real_data.json'}")
+
+
+if __name__ == "__main__":
+    main()

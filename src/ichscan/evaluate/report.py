@@ -1,0 +1,484 @@
+"""`ichscan evaluate`: a model bundle on a labelled dataset → metrics.json, plots, report.html.
+
+The data is any layout the adapters know (prepared into ``OUT/cache`` with the bundle's own
+windows and size, so the pixels are those training would have made) or a prepared cache
+(used directly after checking it was prepared the way the bundle needs). Every readable slice
+is predicted scan by scan, through the same `Predictor` that ``ichscan predict`` uses
+(ensemble, TTA, study model), so the figures describe what predict does.
+
+Two levels:
+
+- slice: every readable slice against its label (unknown labels, -1, are left out of that
+  label's figures). For a dataset labelled per scan (CQ500) the slice labels are the scan's,
+  which ``label_level`` says.
+- scan: a scan is positive for a label when any of its slices is (negative when a slice says
+  so and none is positive); its probability is the maximum over its slices, or the study
+  model's scan output when the bundle has one.
+
+Per level, in metrics.json: counts (slices or scans, positives and negatives per label), the
+RSNA weighted log loss (see `LOG_LOSS_DEFINITION`), per-label ROC AUC with a 95% percentile
+bootstrap interval over cases, sensitivity / specificity / PPV / NPV / accuracy at the bundle
+thresholds with the confusion matrix. Undefined values (AUC with one class) are null.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ichscan.data.cache import PreparedCache
+from ichscan.errors import IchscanError, InputError
+from ichscan.evaluate.metrics import EPS, operating_point, roc_auc, weighted_log_loss
+from ichscan.infer.inputs import InputSpec
+from ichscan.infer.predictor import Predictor
+
+__all__ = ["LOG_LOSS_DEFINITION", "bootstrap_auc_ci", "run_evaluate"]
+
+RESEARCH_NOTE = "ichscan is research software, not a medical device"
+LOG_LOSS_DEFINITION = (
+    "RSNA 2019 weighted multi-label log loss: sum_ij w_j L_ij / sum_ij w_j over cases i and "
+    "labels j with a known label, L_ij = -(y log p + (1 - y) log(1 - p)), p clipped to "
+    f"[{EPS:g}, 1 - {EPS:g}], w_j the label set's weights (rsna: any 2, subtypes 1). "
+    "Normalised by the sum of the weights, so it is a weighted mean per case and label; at "
+    "scan level the same formula on scan probabilities (not a challenge figure)."
+)
+
+
+class EvaluateError(IchscanError):
+    """Data that this model cannot be evaluated on."""
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+
+
+def bootstrap_auc_ci(
+    y_true: np.ndarray, y_prob: np.ndarray, *, n: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ROC AUC over resampled cases (unknown labels
+    left out); NaNs when a class is missing.
+
+    Each resample is a weighting of the cases, so the scores are sorted once and every
+    resample costs one bincount and two cumulative sums: the weighted Mann-Whitney
+    statistic, ties counting a half. Identical to sklearn's AUC for unit weights.
+    """
+    y = np.asarray(y_true)
+    p = np.asarray(y_prob, dtype=np.float64)
+    keep = (y >= 0) & np.isfinite(p)
+    y, p = y[keep].astype(bool), p[keep]
+    if y.size == 0 or y.all() or not y.any():
+        return (float("nan"), float("nan"))
+    order = np.argsort(p, kind="stable")
+    ys, ps = y[order], p[order]
+    starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
+    rng = np.random.default_rng(seed)
+    m = y.size
+    values = np.empty(n)
+    for b in range(n):
+        w = np.bincount(rng.integers(0, m, m), minlength=m)[order]
+        values[b] = _weighted_auc(w, ys, starts)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def _weighted_auc(w: np.ndarray, ys: np.ndarray, starts: np.ndarray) -> float:
+    """AUC of score-sorted cases with weights w; ties grouped at ``starts``."""
+    pos = np.add.reduceat(w * ys, starts).astype(np.float64)
+    neg = np.add.reduceat(w * ~ys, starts).astype(np.float64)
+    total_pos, total_neg = pos.sum(), neg.sum()
+    if total_pos == 0 or total_neg == 0:
+        return float("nan")
+    below = np.cumsum(neg) - neg
+    return float((pos * (below + 0.5 * neg)).sum() / (total_pos * total_neg))
+
+
+def level_metrics(
+    y: np.ndarray,
+    p: np.ndarray,
+    labels: Sequence[str],
+    weights: Sequence[float],
+    thresholds: Sequence[float],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics of one level: y int [N, L] (1, 0, -1 unknown), p float [N, L]."""
+    per_label = {}
+    for j, name in enumerate(labels):
+        yj, pj = y[:, j], p[:, j]
+        known = yj >= 0
+        point = operating_point(yj, pj, thresholds[j])
+        per_label[name] = {
+            "n": int(known.sum()),
+            "positives": int((yj == 1).sum()),
+            "negatives": int((yj == 0).sum()),
+            "auc": roc_auc(yj, pj),
+            "auc_ci95": list(bootstrap_auc_ci(yj, pj, n=n_bootstrap, seed=seed + j)),
+            "threshold": float(thresholds[j]),
+            **{k: point[k] for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")},
+            "confusion_matrix": {
+                "rows": "truth (negative, positive)",
+                "columns": "prediction (negative, positive)",
+                "matrix": [
+                    [int(point["tn"]), int(point["fp"])],
+                    [int(point["fn"]), int(point["tp"])],
+                ],
+            },
+        }
+    aucs = [v["auc"] for v in per_label.values() if not math.isnan(v["auc"])]
+    return {
+        "n": len(y),
+        "weighted_log_loss": weighted_log_loss(y, p, weights),
+        "mean_auc": float(np.mean(aucs)) if aucs else float("nan"),
+        "labels": per_label,
+    }
+
+
+def scan_truth(y: np.ndarray) -> np.ndarray:
+    """A scan's label from its slices' (int [S, L]): 1 if any is 1, else 0 if any is 0,
+    else -1."""
+    return np.where((y == 1).any(0), 1, np.where((y == 0).any(0), 0, -1)).astype(np.int8)
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def _window_facts(spec: InputSpec) -> list[tuple[str, float, float]]:
+    return [(w.name, float(w.center), float(w.width)) for w in spec.windows]
+
+
+def _check_cache(cache: PreparedCache, spec: InputSpec) -> None:
+    facts = cache.facts
+    have = [(str(w["name"]), float(w["center"]), float(w["width"])) for w in facts["windows"]]
+    if have != _window_facts(spec) or int(facts["size"]) != spec.size:
+        raise EvaluateError(
+            cache.root,
+            f"cache was prepared with windows {[w[0] for w in have]} at {facts['size']} px; "
+            f"the model reads {[w.name for w in spec.windows]} at {spec.size} px "
+            "(give the dataset folder instead and it is prepared the model's way)",
+        )
+    if facts.get("mode", "linear") != spec.mode:
+        raise EvaluateError(
+            cache.root, f"cache windows are {facts.get('mode')}, the model's {spec.mode}"
+        )
+
+
+def _open_data(
+    data: Path, out_dir: Path, spec: InputSpec, *, progress: bool, workers: int | None
+) -> tuple[PreparedCache, dict[str, Any]]:
+    """The cache to evaluate on and what it rests on (source, layout, label level)."""
+    if PreparedCache.is_cache(data):
+        cache = PreparedCache(data)
+        _check_cache(cache, spec)
+        _refuse_images_if_hu(cache.index["kind"], spec, data)
+        manifest = cache.facts.get("manifest", {})
+        return cache, {
+            "source": str(data),
+            "layout": "prepared cache",
+            "label_level": manifest.get("label_level", cache.facts.get("label_level", "slice")),
+        }
+    from ichscan.data.adapters import build_manifest
+    from ichscan.data.prepare import prepare
+
+    df, report, label_set = build_manifest(data)
+    if df.empty:
+        raise EvaluateError(data, "no labelled slices found: " + "; ".join(report.problems[:3]))
+    _refuse_images_if_hu(df["kind"], spec, data)
+    root = out_dir / "cache"
+    prepare(
+        df,
+        root,
+        windows=list(spec.windows),
+        size=spec.size,
+        mode=spec.mode,
+        label_set=label_set,
+        progress=progress,
+        workers=workers,
+    )
+    facts = {
+        "source": str(data),
+        "layout": report.layout,
+        "label_level": report.label_level,
+        "adapter_problems": report.problems[:20],
+    }
+    return PreparedCache(root), facts
+
+
+def _refuse_images_if_hu(kinds: Any, spec: InputSpec, data: Path) -> None:
+    if spec.needs_hu and (np.asarray(kinds) == "image").any():
+        raise EvaluateError(
+            data,
+            "holds already-windowed images; the model needs HU for its "
+            f"{'/'.join(w.name for w in spec.read_windows[1:])} windows",
+        )
+
+
+def _label_matrix(cache: PreparedCache, labels: Sequence[str], data: Path) -> np.ndarray:
+    """int8 [N, L] in the model's label order; a binary model reads `any` (RSNA) or `ich`
+    (CQ500) as hemorrhage, as training derives it."""
+    have = list(cache.label_names)
+    table = cache.labels()
+    columns = []
+    for name in labels:
+        if name in have:
+            columns.append(table[:, have.index(name)])
+        elif name == "hemorrhage" and ("any" in have or "ich" in have):
+            columns.append(table[:, have.index("any" if "any" in have else "ich")])
+        else:
+            raise EvaluateError(data, f"the data has no {name!r} label (it has {', '.join(have)})")
+    return np.stack(columns, axis=1).astype(np.int8)
+
+
+def _scan_rows(cache: PreparedCache) -> Iterator[tuple[str, np.ndarray]]:
+    """(scan id, readable rows in slice order) for each scan, in the cache's scan order."""
+    index = cache.index
+    scans = index["scan_id"].astype(str).to_numpy()
+    order = np.lexsort((index["slice_index"].to_numpy(), scans))
+    cuts = np.flatnonzero(scans[order][1:] != scans[order][:-1]) + 1
+    ok = cache.ok
+    for rows in np.split(order, cuts):
+        rows = rows[ok[rows]]
+        if rows.size:
+            yield str(scans[rows[0]]), rows
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN → null, numpy scalars → Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_predictions(
+    path: Path,
+    ids: Sequence[str],
+    keys: Sequence[Sequence[Any]],
+    key_names: Sequence[str],
+    labels: Sequence[str],
+    y: np.ndarray,
+    p: np.ndarray,
+) -> None:
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow([*key_names, *labels, *(f"{n}_true" for n in labels)])
+        for i in range(len(ids)):
+            out.writerow([*keys[i], *(f"{v:.6f}" for v in p[i]), *(int(v) for v in y[i])])
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _table(level: dict[str, Any]) -> str:
+    head = (
+        "<tr><th>label</th><th>n</th><th>positives</th><th>AUC</th><th>95% CI</th>"
+        "<th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th>"
+        "<th>accuracy</th><th>TN / FP / FN / TP</th></tr>"
+    )
+    rows = []
+    for name, m in level["labels"].items():
+        lo, hi = m["auc_ci95"]
+        (tn, fp), (fn, tp) = m["confusion_matrix"]["matrix"]
+        rows.append(
+            f"<tr><td>{html.escape(name)}</td><td>{m['n']}</td><td>{m['positives']}</td>"
+            f"<td>{_fmt(m['auc'])}</td><td>{_fmt(lo)} – {_fmt(hi)}</td>"
+            f"<td>{_fmt(m['threshold'])}</td><td>{_fmt(m['sensitivity'])}</td>"
+            f"<td>{_fmt(m['specificity'])}</td><td>{_fmt(m['ppv'])}</td>"
+            f"<td>{_fmt(m['npv'])}</td><td>{_fmt(m['accuracy'])}</td>"
+            f"<td>{tn} / {fp} / {fn} / {tp}</td></tr>"
+        )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+_STYLE = (
+    "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
+    "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
+    "td:first-child,th:first-child{text-align:left}"
+    ".warn{background:#fff3cd;border:1px solid #e0c36c;padding:.6em 1em}"
+    "img{max-width:48%;margin:.5%}"
+)
+
+
+def _html(metrics: dict[str, Any], plots: dict[str, dict[str, Path]], out_dir: Path) -> str:
+    d = metrics["data"]
+    sections = []
+    for level in ("slice", "scan"):
+        m = metrics[level]
+        images = "".join(
+            f'<img src="{html.escape(p.relative_to(out_dir).as_posix())}" alt="{k} {level}">'
+            for k, p in plots[level].items()
+        )
+        sections.append(
+            f"<h2>{level.capitalize()} level ({m['n']} {level}s)</h2>"
+            f"<p>Weighted log loss {_fmt(m['weighted_log_loss'], 4)}; mean AUC "
+            f"{_fmt(m['mean_auc'])}.</p>{_table(m)}{images}"
+        )
+    model = metrics["model"]
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ichscan evaluation</title>"
+        f"<style>{_STYLE}</style></head><body><h1>ichscan evaluation</h1>"
+        f"<p class='warn'><b>{html.escape(RESEARCH_NOTE)}.</b> These figures describe this "
+        "model on this data only; do not use it for diagnosis or patient care.</p>"
+        "<h2>What this rests on</h2><ul>"
+        f"<li>data: <code>{html.escape(d['source'])}</code> ({html.escape(d['layout'])}, "
+        f"labels per {html.escape(str(d['label_level']))})</li>"
+        f"<li>{metrics['slice']['n']} slices in {metrics['scan']['n']} scans"
+        f" ({d['unreadable_slices']} unreadable slice(s) left out)</li>"
+        f"<li>model: <code>{html.escape(model['path'])}</code> "
+        f"({html.escape(model['architecture'])}, {html.escape(model['label_set'])} labels, "
+        f"{model['members']} member(s), "
+        f"scan level by {html.escape(model['scan_level'])}, TTA {model['tta']})</li>"
+        f"<li>thresholds: {html.escape(model['threshold_method'])}</li>"
+        f"<li>weighted log loss: {html.escape(LOG_LOSS_DEFINITION)}</li>"
+        f"<li>95% CIs: percentile bootstrap over {metrics['bootstrap']} resamples of cases</li>"
+        f"<li>created {html.escape(metrics['created'])}</li></ul>"
+        f"{''.join(sections)}</body></html>"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The verb
+
+
+def run_evaluate(
+    model_dir: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int = 32,
+    tta: bool = True,
+    n_bootstrap: int = 1000,
+    progress: bool = False,
+    workers: int | None = None,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Evaluate the bundle at ``model_dir`` on ``data``; write metrics.json, the slice and
+    scan predictions (CSV), plots/ and report.html into ``out_dir``; return the metrics.
+    ``plots=False`` leaves out the figures (the report then has tables only). Prints
+    nothing unless ``progress``."""
+    from tqdm import tqdm
+
+    from ichscan.evaluate.plots import plot_all
+    from ichscan.train.dataset import SliceDataset
+
+    data, out_dir = Path(data), Path(out_dir)
+    if not data.exists():
+        raise InputError(data, "no such file or folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(model_dir, device, batch_size, tta)
+    spec, labels = predictor.spec, list(predictor.labels)
+    cache, facts = _open_data(data, out_dir, spec, progress=progress, workers=workers)
+    y_all = _label_matrix(cache, labels, data)
+    dataset = SliceDataset(cache, np.arange(len(cache)), input_kind=spec.kind)
+
+    n_rows = len(cache)
+    slice_p = np.full((n_rows, len(labels)), np.nan, dtype=np.float32)
+    scan_ids: list[str] = []
+    scan_p, scan_y, scan_n = [], [], []
+    groups = list(_scan_rows(cache))
+    for scan_id, rows in tqdm(groups, unit="scan", desc="evaluate", disable=not progress):
+        x = np.stack([dataset.image(int(r)) for r in rows]).transpose(0, 3, 1, 2)
+        probs, scan_probs, _ = predictor.predict_inputs(np.ascontiguousarray(x))
+        slice_p[rows] = probs
+        scan_ids.append(scan_id)
+        scan_p.append(scan_probs)
+        scan_y.append(scan_truth(y_all[rows]))
+        scan_n.append(len(rows))
+    if not groups:
+        raise EvaluateError(data, "no readable slice to evaluate")
+
+    read = np.flatnonzero(cache.ok)
+    weights = predictor.bundle.label_set.weights
+    if len(weights) != len(labels):
+        weights = (1.0,) * len(labels)
+    thresholds = [float(t) for t in predictor.thresholds]  # float64, as predict decides
+    s_y, s_p = y_all[read], slice_p[read]
+    c_y, c_p = np.stack(scan_y), np.stack(scan_p)
+    common = {"n_bootstrap": n_bootstrap}
+    metrics: dict[str, Any] = {
+        "research_use_only": RESEARCH_NOTE,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "data": {**facts, "slices": n_rows, "unreadable_slices": int(n_rows - read.size)},
+        "model": {
+            "path": str(Path(model_dir)),
+            "architecture": str(predictor.bundle.config.get("architecture")),
+            "label_set": str(predictor.bundle.config.get("label_set")),
+            "members": len(predictor.bundle.config.get("members", [])),
+            "scan_level": "study model" if predictor.backend.has_study else "max over slices",
+            "tta": "horizontal flip" if tta else "none",
+            "threshold_method": str(predictor.bundle.config.get("threshold_method", "")),
+        },
+        "labels": labels,
+        "thresholds": dict(zip(labels, thresholds, strict=True)),
+        "weighted_log_loss_definition": LOG_LOSS_DEFINITION,
+        "bootstrap": n_bootstrap,
+        "slice": level_metrics(s_y, s_p, labels, weights, thresholds, **common),
+        "scan": level_metrics(c_y, c_p, labels, weights, thresholds, **common),
+    }
+    metrics["slice"]["n_scans"] = len(scan_ids)
+    metrics["scan"]["n_slices"] = int(read.size)
+    metrics = _clean(metrics)
+
+    index = cache.index
+    _write_predictions(
+        out_dir / "slice_predictions.csv",
+        [str(i) for i in read],
+        [
+            (index["scan_id"].iat[i], index["image_id"].iat[i], index["slice_index"].iat[i])
+            for i in read
+        ],
+        ["scan", "id", "slice_index"],
+        labels,
+        s_y,
+        s_p,
+    )
+    _write_predictions(
+        out_dir / "scan_predictions.csv",
+        scan_ids,
+        [(s, n) for s, n in zip(scan_ids, scan_n, strict=True)],
+        ["scan", "n_slices"],
+        labels,
+        c_y,
+        c_p,
+    )
+    figures: dict[str, dict[str, Path]] = {"slice": {}, "scan": {}}
+    if plots:
+        figures = {
+            "slice": plot_all("slice", labels, s_y, s_p, thresholds, out_dir / "plots"),
+            "scan": plot_all("scan", labels, c_y, c_p, thresholds, out_dir / "plots"),
+        }
+    metrics["plots"] = {
+        level: {k: p.relative_to(out_dir).as_posix() for k, p in paths.items()}
+        for level, paths in figures.items()
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out_dir / "report.html").write_text(_html(metrics, figures, out_dir))
+    return metrics

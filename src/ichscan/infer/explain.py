@@ -1,0 +1,268 @@
+"""Grad-CAM explanations: where in each slice the slice model found a label.
+
+Grad-CAM (Selvaraju et al. 2017) weights the channels of a late convolutional layer by the
+mean gradient of the label's logit and keeps the positive part; the maintained
+``grad-cam`` package (``pytorch_grad_cam``) computes it and scales each map to [0, 1]. Here:
+
+- The target layer per backbone family (`target_layer`): ResNet ``layer4[-1]``, DenseNet
+  ``features`` (its last norm, the map the classifier pools), VGG/AlexNet the last Conv2d
+  of ``features``, EfficientNet-B ``features[-1]`` (the 1x1 head conv block),
+  EfficientNet-Lite ``_conv_head`` (its last conv; the blocks before it are narrower).
+- The input is exactly what predict feeds the model (:class:`Predictor`'s preparation,
+  reslicing included), so the heat lies over what the prediction saw.
+- Maps from several ensemble members are averaged, then every slice's map is resized
+  (bilinear) from the model input to the slice's own rows x columns and scaled to [0, 1]
+  per slice, Grad-CAM's convention: a map shows *where* on its slice, and the slice's
+  probability says *how much*. A slice with no positive evidence gets an all-zero map.
+- The study model is not explained (it reads embeddings, not pixels); the slice ranking
+  uses the predictor's slice probabilities, refined by the study model when there is one.
+
+`explain` writes ``overlays/slice-NNN.png`` (brain window with the heat in colour),
+``montage.png`` (the ``top_k`` most suspicious slices), ``heatmaps.npy`` (float32
+[S, H, W] in [0, 1], the slices of the scan as predicted) and ``explain.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from ichscan.errors import IchscanError
+from ichscan.infer.predictor import Predictor
+from ichscan.io.load import load
+from ichscan.models.slice_model import SliceModel
+from ichscan.preprocess.window import apply_window
+from ichscan.scan import Scan
+
+__all__ = ["Explanation", "GradCamExplainer", "explain", "target_layer"]
+
+TILE = 256
+MONTAGE_COLUMNS = 4
+# Heat at or below this is left out of an overlay, so the anatomy stays readable.
+OVERLAY_FLOOR = 0.2
+OVERLAY_ALPHA = 0.5
+
+
+class ExplainError(IchscanError):
+    """A label or model this explanation cannot be made for."""
+
+
+def target_layer(model: SliceModel) -> nn.Module:
+    """The Grad-CAM layer of a slice model's backbone (see the module notes)."""
+    arch, backbone = model.architecture, model.backbone
+    if arch.startswith("resnet"):
+        return backbone.layer4[-1]
+    if arch.startswith("densenet"):
+        return backbone.features
+    if arch in ("vgg16", "alexnet"):
+        convs = [m for m in backbone.features if isinstance(m, nn.Conv2d)]
+        return convs[-1]
+    if arch.startswith("efficientnet_b"):
+        return backbone.features[-1]
+    if arch.startswith("efficientnet_lite"):
+        return backbone._conv_head
+    raise ExplainError(None, f"no Grad-CAM target layer known for architecture {arch!r}")
+
+
+def _without_inplace(model: nn.Module) -> nn.Module:
+    """A copy whose activations do not overwrite their input: Grad-CAM hooks keep the
+    target layer's output, which an in-place ReLU right after it (VGG, AlexNet) would
+    change under them."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False
+    return model
+
+
+class GradCamExplainer:
+    """Grad-CAM maps of one label for a stack of model inputs, averaged over models."""
+
+    def __init__(
+        self,
+        models: Sequence[nn.Module],
+        target_layers: Sequence[nn.Module],
+        labels: Sequence[str],
+        device: torch.device | str = "cpu",
+        batch_size: int = 8,
+    ) -> None:
+        if len(models) != len(target_layers) or not models:
+            raise ValueError("give one target layer per model, and at least one model")
+        self.models = list(models)
+        self.layers = list(target_layers)
+        self.labels = list(labels)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_bundle(cls, predictor: Predictor, batch_size: int = 8) -> GradCamExplainer:
+        members = getattr(predictor.backend, "members", None)
+        if not members:
+            raise ExplainError(
+                predictor.bundle.root, "Grad-CAM needs the PyTorch weights (backend torch)"
+            )
+        device = predictor.backend.device  # type: ignore[attr-defined]
+        models = [_without_inplace(m).eval() for m in members]
+        return cls(models, [target_layer(m) for m in models], predictor.labels, device, batch_size)
+
+    def label_index(self, label: str | None) -> int:
+        if label is None:
+            return self.labels.index("any") if "any" in self.labels else 0
+        if label not in self.labels:
+            raise ExplainError(
+                None, f"unknown label {label!r}; this model has {', '.join(self.labels)}"
+            )
+        return self.labels.index(label)
+
+    def maps(self, x: np.ndarray, label_index: int) -> np.ndarray:
+        """float32 [S, h, w] in [0, 1] at the model input's size, for uint8 [S, 3, h, w]."""
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+        total = np.zeros((x.shape[0], x.shape[2], x.shape[3]), dtype=np.float32)
+        for model, layer in zip(self.models, self.layers, strict=True):
+            with GradCAM(model=model, target_layers=[layer]) as cam:
+                for start in range(0, len(x), self.batch_size):
+                    batch = torch.from_numpy(x[start : start + self.batch_size]).to(self.device)
+                    # Float input in [0, 1] (what the model also accepts) so that autograd
+                    # can run through the normalisation.
+                    batch = batch.float() / 255.0
+                    targets = [ClassifierOutputTarget(label_index)] * len(batch)
+                    total[start : start + len(batch)] += cam(input_tensor=batch, targets=targets)
+        return total / len(self.models)
+
+    def heatmaps(self, x: np.ndarray, label_index: int, shape: tuple[int, int]) -> np.ndarray:
+        """float32 [S, rows, cols] in [0, 1]: `maps` resized to the slices' own size."""
+        small = self.maps(x, label_index)
+        rows, cols = shape
+        out = np.empty((len(small), rows, cols), dtype=np.float32)
+        for k, plane in enumerate(small):
+            img = Image.fromarray(plane.astype(np.float32), mode="F")
+            out[k] = np.asarray(img.resize((cols, rows), Image.BILINEAR))
+        return _unit_scale(out)
+
+
+def _unit_scale(maps: np.ndarray) -> np.ndarray:
+    """Each slice to [0, 1] by its own maximum (all-zero slices stay zero)."""
+    np.clip(maps, 0.0, None, out=maps)
+    peak = maps.reshape(len(maps), -1).max(axis=1)
+    scale = np.where(peak > 0, 1.0 / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
+    return maps * scale[:, None, None]
+
+
+@dataclass
+class Explanation:
+    label: str
+    source: str
+    heatmaps: Path
+    montage: Path
+    overlays: list[Path]
+    top_slices: list[int]
+    slice_probs: list[float]
+    summary: Path
+    warnings: list[str] = field(default_factory=list)
+
+
+def _brain_view(scan: Scan) -> np.ndarray:
+    """uint8 [S, H, W]: the brain window of a HU scan, the stored grey of an image."""
+    if scan.windowed:
+        return np.asarray(scan.hu, dtype=np.uint8)
+    return apply_window(scan.hu, "brain")
+
+
+def overlay(grey: np.ndarray, heat: np.ndarray) -> Image.Image:
+    """RGB image: ``grey`` with ``heat`` (0-1) blended in the jet colour map where it is
+    above OVERLAY_FLOOR, more opaque where hotter."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["jet"](heat)[..., :3].astype(np.float32) * 255
+    alpha = np.where(heat > OVERLAY_FLOOR, OVERLAY_ALPHA * heat, 0.0)[..., None]
+    base = np.repeat(grey[..., None].astype(np.float32), 3, axis=2)
+    return Image.fromarray(np.rint(base * (1 - alpha) + colours * alpha).astype(np.uint8))
+
+
+def _montage(tiles: list[tuple[Image.Image, str]]) -> Image.Image:
+    cols = min(MONTAGE_COLUMNS, max(1, len(tiles)))
+    rows = -(-len(tiles) // cols)
+    sheet = Image.new("RGB", (cols * TILE, rows * TILE), (0, 0, 0))
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, caption) in enumerate(tiles):
+        x, y = (i % cols) * TILE, (i // cols) * TILE
+        sheet.paste(image.resize((TILE, TILE), Image.BILINEAR), (x, y))
+        draw.text((x + 4, y + 4), caption, fill=(255, 255, 255))
+    return sheet
+
+
+def explain(
+    input_path: str | Path,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    label: str | None = None,
+    top_k: int = 8,
+    *,
+    device: str = "auto",
+    series_uid: str | None = None,
+    batch_size: int = 8,
+) -> Explanation:
+    """Grad-CAM of ``label`` (default ``any``, else the model's first label) on one scan
+    (a DICOM file/folder/zip — its best series unless ``series_uid`` — a NIfTI volume or an
+    image); writes the files listed in the module notes into ``out_dir``."""
+    predictor = Predictor(model_dir, device, batch_size=batch_size)
+    explainer = GradCamExplainer.from_bundle(predictor, batch_size)
+    j = explainer.label_index(label)
+    name = explainer.labels[j]
+    scan = load(input_path, series_uid=series_uid, image_window=predictor.image_window)
+    scan, x = predictor.prepare(scan)
+    slice_probs, _, _ = predictor.predict_inputs(x)
+    heat = explainer.heatmaps(x, j, (scan.hu.shape[1], scan.hu.shape[2]))
+
+    out = Path(out_dir)
+    (out / "overlays").mkdir(parents=True, exist_ok=True)
+    np.save(out / "heatmaps.npy", heat)
+    grey = _brain_view(scan)
+    probs = slice_probs[:, j]
+    overlays = []
+    for k in range(scan.n_slices):
+        path = out / "overlays" / f"slice-{k:03d}.png"
+        overlay(grey[k], heat[k]).save(path)
+        overlays.append(path)
+    top = [int(k) for k in np.argsort(-probs, kind="stable")[: max(1, top_k)]]
+    tiles = [(Image.open(overlays[k]), f"slice {k}  p({name}) {probs[k]:.2f}") for k in top]
+    montage = out / "montage.png"
+    _montage(tiles).save(montage)
+    summary = out / "explain.json"
+    result = Explanation(
+        label=name,
+        source=scan.source,
+        heatmaps=out / "heatmaps.npy",
+        montage=montage,
+        overlays=overlays,
+        top_slices=top,
+        slice_probs=[round(float(p), 6) for p in probs],
+        summary=summary,
+        warnings=list(scan.warnings),
+    )
+    summary.write_text(
+        json.dumps(
+            {
+                "label": name,
+                "source": scan.source,
+                "method": "Grad-CAM (pytorch_grad_cam), per-slice scaled to [0, 1]",
+                "slice_ids": list(scan.slice_ids),
+                "slice_probs": result.slice_probs,
+                "top_slices": top,
+                "heatmaps": "heatmaps.npy: float32 [slices, rows, cols]",
+                "research_use_only": "ichscan is research software, not a medical device",
+            },
+            indent=1,
+        )
+    )
+    return result

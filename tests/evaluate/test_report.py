@@ -1,0 +1,255 @@
+"""`run_evaluate`: metrics.json keys and values on a tiny synthetic set, slice and scan level,
+the report and its plots, prepared caches, and the data a model cannot be evaluated on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ichscan.data.synth import write_synthetic
+from ichscan.errors import IchscanError
+from ichscan.evaluate.metrics import roc_auc
+from ichscan.evaluate.report import bootstrap_auc_ci, run_evaluate, scan_truth
+from ichscan.infer.predictor import Predictor
+from ichscan.io.load import load
+from ichscan.labels import BINARY, RSNA, LabelSet
+from ichscan.models.bundle import new_config, save_bundle
+from ichscan.models.slice_model import SliceModel
+from ichscan.models.study import build_study_model
+
+LABELS = list(RSNA.labels)
+HU_INPUT = {
+    "kind": "windows",
+    "windows": [
+        {"name": "brain", "center": 40.0, "width": 80.0},
+        {"name": "subdural", "center": 80.0, "width": 200.0},
+        {"name": "bone", "center": 600.0, "width": 2800.0},
+    ],
+    "mode": "linear",
+    "size": 32,
+    "channels": 3,
+    "source_window": None,
+    "normalisation": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    "tta": ["identity"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    # Tiny tensors on a loaded 2-core machine: a second OpenMP thread only adds waiting.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _bundle(root: Path, label_set: LabelSet = RSNA, *, study: bool = False) -> Path:
+    """An untrained ResNet18 bundle (evaluation needs a model, not a good one)."""
+    torch.manual_seed(0)
+    model = SliceModel("resnet18", len(label_set.labels), pretrained="none", dropout=0.0)
+    config = new_config(
+        architecture="resnet18",
+        weights_provenance=model.provenance,
+        label_set=label_set,
+        input_spec=HU_INPUT,
+        dropout=0.0,
+    )
+    config["thresholds"] = {name: 0.45 for name in label_set.labels}
+    head = None
+    study_config = {"kind": "gru", "hidden": 8}
+    if study:
+        head = build_study_model(study_config, model.embed_dim, len(label_set.labels))
+    return save_bundle(root, config, [model.eval()], head, study_config)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("eval") / "dicom"
+    findings = [["subdural"], [], ["intraparenchymal", "epidural"]]
+    for i, found in enumerate(findings):
+        write_synthetic(root / f"p{i}", n_scans=1, seed=10 + i, shape=(6, 64, 64), findings=found)
+    # One folder with one slice_truth.csv, as write_synthetic makes for a set.
+    truth = pd.concat(pd.read_csv(root / f"p{i}" / "slice_truth.csv") for i in range(3))
+    truth.to_csv(root / "slice_truth.csv", index=False)
+    for i in range(3):
+        (root / f"p{i}" / "slice_truth.csv").unlink()
+        (root / f"p{i}" / "truth.csv").unlink()
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory: pytest.TempPathFactory, data: Path) -> tuple[Path, Path, dict]:
+    base = tmp_path_factory.mktemp("evaluated")
+    model = _bundle(base / "model")
+    with torch.no_grad():
+        metrics = run_evaluate(model, data, base / "out", device="cpu", n_bootstrap=200)
+    return model, base / "out", metrics
+
+
+def test_metrics_json_has_every_figure_at_both_levels(
+    evaluated: tuple[Path, Path, dict], data: Path
+) -> None:
+    _, out, metrics = evaluated
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert metrics["labels"] == LABELS and set(metrics["thresholds"]) == set(LABELS)
+    assert "clipped to [1e-15" in metrics["weighted_log_loss_definition"]
+    assert metrics["data"]["source"] == str(data) and metrics["data"]["slices"] == 18
+    assert metrics["slice"]["n"] == 18 and metrics["slice"]["n_scans"] == 3
+    assert metrics["scan"]["n"] == 3 and metrics["scan"]["n_slices"] == 18
+    truth = pd.read_csv(data / "slice_truth.csv")
+    for level in ("slice", "scan"):
+        m = metrics[level]
+        assert 0 < m["weighted_log_loss"] < 5
+        assert set(m["labels"]) == set(LABELS)
+        for name, v in m["labels"].items():
+            assert {
+                "n",
+                "positives",
+                "negatives",
+                "auc",
+                "auc_ci95",
+                "threshold",
+                "sensitivity",
+                "specificity",
+                "ppv",
+                "npv",
+                "accuracy",
+                "confusion_matrix",
+            } <= set(v)
+            (tn, fp), (fn, tp) = v["confusion_matrix"]["matrix"]
+            assert tn + fp + fn + tp == v["n"] == m["n"]
+            assert tp + fn == v["positives"] and tn + fp == v["negatives"]
+            if level == "slice":
+                assert v["positives"] == int(truth[name].sum())
+            else:
+                by_scan = truth.groupby("series_uid")[name].max()
+                assert v["positives"] == int(by_scan.sum())
+            if v["auc"] is None:
+                assert v["positives"] == 0 or v["negatives"] == 0
+            else:
+                lo, hi = v["auc_ci95"]
+                assert 0 <= lo <= hi <= 1
+            assert v["threshold"] == 0.45
+
+
+def test_report_html_shows_the_plots_and_what_it_rests_on(
+    evaluated: tuple[Path, Path, dict], data: Path
+) -> None:
+    _, out, metrics = evaluated
+    page = (out / "report.html").read_text()
+    assert "research software, not a medical device" in page
+    assert str(data) in page and "18 slices in 3 scans" in page
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == 8
+    for src in images:
+        assert (out / src).is_file() and (out / src).stat().st_size > 2000
+    assert {
+        f"plots/{k}_{lvl}.png"
+        for k in ("roc", "pr", "calibration", "hist")
+        for lvl in ("slice", "scan")
+    } == set(images)
+    assert metrics["plots"]["slice"]["roc"] == "plots/roc_slice.png"
+
+
+def test_evaluate_predicts_what_predict_predicts(
+    evaluated: tuple[Path, Path, dict], data: Path
+) -> None:
+    model, out, _ = evaluated
+    with open(out / "slice_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    series = sorted(p.parent for p in (data / "p0").glob("*/*/*.dcm"))[0]
+    pred = Predictor(model, device="cpu").predict_scan(load(series))
+    mine = [r for r in rows if r["scan"] == pred.scan]
+    assert [r["id"] for r in mine] == pred.slice_ids
+    got = np.array([[float(r[name]) for name in LABELS] for r in mine])
+    np.testing.assert_allclose(got, pred.slice_probs, atol=2e-6)
+    with open(out / "scan_predictions.csv", newline="") as f:
+        scan_row = next(r for r in csv.DictReader(f) if r["scan"] == pred.scan)
+    assert float(scan_row["any"]) == pytest.approx(float(pred.scan_probs[0]), abs=2e-6)
+
+
+def test_a_prepared_cache_is_evaluated_directly(
+    evaluated: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    model, out, metrics = evaluated
+    again = run_evaluate(model, out / "cache", tmp_path, device="cpu", n_bootstrap=200, plots=False)
+    assert not (tmp_path / "cache").exists()
+    assert again["data"]["layout"] == "prepared cache"
+    for level in ("slice", "scan"):
+        assert again[level]["weighted_log_loss"] == pytest.approx(
+            metrics[level]["weighted_log_loss"]
+        )
+
+
+def test_a_cache_prepared_otherwise_is_refused(
+    evaluated: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    _, out, _ = evaluated
+    other = _bundle(tmp_path / "model")
+    config = json.loads((other / "bundle.json").read_text())
+    config["input"]["size"] = 64
+    (other / "bundle.json").write_text(json.dumps(config))
+    with pytest.raises(IchscanError, match="cache was prepared with windows"):
+        run_evaluate(other, out / "cache", tmp_path / "out", device="cpu")
+
+
+def test_study_model_gives_the_scan_level(data: Path, tmp_path: Path) -> None:
+    model = _bundle(tmp_path / "model", study=True)
+    metrics = run_evaluate(model, data, tmp_path / "out", device="cpu", n_bootstrap=50, plots=False)
+    assert metrics["model"]["scan_level"] == "study model"
+    with open(tmp_path / "out" / "scan_predictions.csv", newline="") as f:
+        scans = list(csv.DictReader(f))
+    with open(tmp_path / "out" / "slice_predictions.csv", newline="") as f:
+        slices = list(csv.DictReader(f))
+    # A study model's scan probability is its own output, not the slices' maximum.
+    top = max(float(r["any"]) for r in slices if r["scan"] == scans[0]["scan"])
+    assert float(scans[0]["any"]) != pytest.approx(top, abs=1e-6)
+
+
+def test_binary_model_reads_any_as_hemorrhage(data: Path, tmp_path: Path) -> None:
+    model = _bundle(tmp_path / "model", BINARY)
+    metrics = run_evaluate(model, data, tmp_path / "out", device="cpu", n_bootstrap=50, plots=False)
+    truth = pd.read_csv(data / "slice_truth.csv")
+    assert metrics["labels"] == ["hemorrhage"]
+    assert metrics["slice"]["labels"]["hemorrhage"]["positives"] == int(truth["any"].sum())
+
+
+def test_hu_model_on_windowed_images_is_refused(tmp_path: Path) -> None:
+    images = tmp_path / "png"
+    write_synthetic(images, n_scans=4, seed=1, layout="png", shape=(4, 64, 64))
+    model = _bundle(tmp_path / "model")
+    with pytest.raises(IchscanError, match="already-windowed images; the model needs HU"):
+        run_evaluate(model, images, tmp_path / "out", device="cpu")
+
+
+def test_bootstrap_auc_matches_sklearn_and_brackets_it() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 400)
+    p = np.round(rng.random(400) + 0.4 * y, 2)  # rounded: many ties
+    y[:10] = -1  # unknown labels are left out
+    lo, hi = bootstrap_auc_ci(y, p, n=300)
+    auc = roc_auc(y, p)
+    assert lo < auc < hi and hi - lo < 0.2
+    assert np.isnan(bootstrap_auc_ci(np.ones(5), np.arange(5.0))).all()  # one class
+    # unit weights give sklearn's AUC exactly
+    from ichscan.evaluate.report import _weighted_auc
+
+    keep = y >= 0
+    yk, pk = y[keep].astype(bool), p[keep]
+    order = np.argsort(pk, kind="stable")
+    starts = np.flatnonzero(np.r_[True, pk[order][1:] != pk[order][:-1]])
+    weights = np.ones(keep.sum(), dtype=np.int64)
+    assert _weighted_auc(weights, yk[order], starts) == pytest.approx(auc, abs=1e-12)
+
+
+def test_scan_truth_is_any_slice() -> None:
+    y = np.array([[0, -1, -1], [1, 0, -1], [0, 0, -1]])
+    assert scan_truth(y).tolist() == [1, 0, -1]
