@@ -172,8 +172,14 @@ def read_dataset(
     return ds
 
 
-def header_from_dataset(ds: Dataset, path: str, member: str | None = None) -> SliceHeader:
-    """Pull what series discovery and HU conversion need out of a parsed dataset."""
+def header_from_dataset(
+    ds: Dataset, path: str, member: str | None = None, *, geometry: bool = True
+) -> SliceHeader:
+    """Pull what series discovery and HU conversion need out of a parsed dataset.
+
+    `geometry=False` reads only what turning pixels into HU needs (the training hot path:
+    pydicom's per-tag conversion is a good part of a slice's cost), leaving positions, UIDs
+    and descriptions empty."""
     notes: list[str] = []
     meta = getattr(ds, "file_meta", None)
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
@@ -213,6 +219,34 @@ def header_from_dataset(ds: Dataset, path: str, member: str | None = None) -> Sl
         rsna_wrap_fix=rsna_fix,
         invert=invert,
     )
+    has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+    if not geometry:
+        return SliceHeader(
+            path=path,
+            sop_uid="",
+            sop_class="",
+            study_uid="",
+            series_uid="",
+            patient_id="",
+            modality=str(ds.get("Modality", "")).strip(),
+            rows=_int(ds, "Rows") or 0,
+            cols=_int(ds, "Columns") or 0,
+            position=None,
+            orientation=None,
+            pixel_spacing=None,
+            slice_thickness=None,
+            instance_number=None,
+            series_description="",
+            convolution_kernel="",
+            image_type=(),
+            transfer_syntax=syntax,
+            photometric=photometric,
+            samples_per_pixel=_int(ds, "SamplesPerPixel") or 1,
+            has_pixels=has_pixels,
+            encoding=encoding,
+            notes=tuple(notes),
+            member=member,
+        )
     position = _floats(ds, "ImagePositionPatient", 3)
     orientation = _floats(ds, "ImageOrientationPatient", 6)
     spacing = _floats(ds, "PixelSpacing", 2)
@@ -238,7 +272,7 @@ def header_from_dataset(ds: Dataset, path: str, member: str | None = None) -> Sl
         transfer_syntax=syntax,
         photometric=photometric,
         samples_per_pixel=_int(ds, "SamplesPerPixel") or 1,
-        has_pixels="PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+        has_pixels=has_pixels,
         encoding=encoding,
         notes=tuple(notes),
         member=member,

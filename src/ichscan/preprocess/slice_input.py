@@ -66,6 +66,10 @@ def stored_to_input(
     return rgb if channels == 3 else np.ascontiguousarray(rgb[..., :channels])
 
 
+def _is_parsed(windows: object) -> bool:
+    return isinstance(windows, tuple) and all(isinstance(w, Window) for w in windows)
+
+
 def dicom_to_input(
     source: str | Path,
     windows: Sequence[str | Window] | str = DEFAULT_WINDOWS,
@@ -73,10 +77,10 @@ def dicom_to_input(
     mode: str = "linear",
 ) -> np.ndarray:
     """One DICOM CT slice → uint8 [size, size, len(windows)] (windows as channels)."""
-    wins = tuple(parse_windows(windows))
+    wins = windows if _is_parsed(windows) else tuple(parse_windows(windows))
     label = str(source)
     ds = read_dataset(source, name=label)
-    header = header_from_dataset(ds, label)
+    header = header_from_dataset(ds, label, geometry=False)
     check_ct_slice(header, label)
     stored = decode_stored(ds, header, label)
     return stored_to_input(stored, fused_table(header.encoding, wins, mode), len(wins), size)
