@@ -281,6 +281,68 @@ def cmd_train_study(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _tta(args: argparse.Namespace) -> bool | None:
+    return {"bundle": None, "on": True, "off": False}[args.tta]
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ichscan.infer.predictor import run_predict
+
+    return run_predict(
+        args.inputs,
+        args.model,
+        args.out,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        device=args.device,
+        fmt=args.format,
+        tta=_tta(args),
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ichscan.evaluate.report import run_evaluate
+
+    result = run_evaluate(
+        args.model,
+        args.data,
+        args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+        tta=_tta(args),
+        progress=True,
+    )
+    print(
+        f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'} "
+        "(open the HTML file in a browser; it works offline)"
+    )
+    return EXIT_OK if result else EXIT_ERROR
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ichscan.infer.explain import explain
+
+    result = explain(
+        args.input,
+        args.model,
+        args.out,
+        label=args.label,
+        top_k=args.top,
+        device=args.device,
+        series_uid=args.series,
+    )
+    print(f"wrote Grad-CAM overlays, montage and heatmaps under {args.out} (label {result.label})")
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ichscan.infer.onnx_export import export_onnx
+
+    out = export_onnx(args.model, args.onnx)
+    print(f"wrote {out}")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ichscan.demo import run_demo
 
@@ -440,6 +502,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_train_study)
+
+    p = sub.add_parser(
+        "predict",
+        help="per-slice and per-scan probabilities for DICOM files/folders/zips, NIfTI or PNG/JPEG",
+    )
+    p.add_argument("inputs", nargs="+", help="inputs; each DICOM series found is one scan")
+    p.add_argument("--model", required=True, help="model folder (bundle)")
+    p.add_argument("--out", required=True, help="FILE.csv (+ FILE.scans.csv) or FILE.json")
+    p.add_argument(
+        "--format",
+        choices=["csv", "json", "kaggle"],
+        help="default: from the file name; kaggle = RSNA submission ID,Label",
+    )
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--tta",
+        choices=["bundle", "on", "off"],
+        default="bundle",
+        help="horizontal-flip test-time augmentation (default: as the bundle was validated)",
+    )
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics.json, plots and report.html on a labelled dataset or prepared cache",
+    )
+    p.add_argument("model", help="model folder (bundle)")
+    p.add_argument("data", help="dataset folder (any layout) or prepared cache")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--tta", choices=["bundle", "on", "off"], default="bundle")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "explain", help="Grad-CAM overlays, montage of the most suspicious slices, heatmaps.npy"
+    )
+    p.add_argument("input", help="DICOM file/folder/zip, NIfTI or PNG/JPEG")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--label", help="label to explain (default: any / the first label)")
+    p.add_argument("--top", type=int, default=8, help="slices in the montage")
+    p.add_argument("--series", metavar="UID", help="series to explain (default: selected)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("export", help="ONNX export of the slice (and study) model")
+    p.add_argument("model", help="model folder (bundle)")
+    p.add_argument("--onnx", help="output .onnx (default: MODEL/model.onnx)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job on synthetic data: synth, info, preview")
     p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")

@@ -155,17 +155,16 @@ def scan_truth(y: np.ndarray) -> np.ndarray:
 # Data
 
 
-def _window_facts(spec: InputSpec) -> list[tuple[str, float, float]]:
-    return [(w.name, float(w.center), float(w.width)) for w in spec.windows]
-
-
 def _check_cache(cache: PreparedCache, spec: InputSpec) -> None:
     facts = cache.facts
-    have = [(str(w["name"]), float(w["center"]), float(w["width"])) for w in facts["windows"]]
-    if have != _window_facts(spec) or int(facts["size"]) != spec.size:
+    # Windows compare by value: "soft" and "soft_tissue" are one window.
+    have = [(float(w["center"]), float(w["width"])) for w in facts["windows"]]
+    want = [(float(w.center), float(w.width)) for w in spec.windows]
+    if have != want or int(facts["size"]) != spec.size:
+        names = [str(w["name"]) for w in facts["windows"]]
         raise EvaluateError(
             cache.root,
-            f"cache was prepared with windows {[w[0] for w in have]} at {facts['size']} px; "
+            f"cache was prepared with windows {names} at {facts['size']} px; "
             f"the model reads {[w.name for w in spec.windows]} at {spec.size} px "
             "(give the dataset folder instead and it is prepared the model's way)",
         )
@@ -374,7 +373,7 @@ def run_evaluate(
     *,
     device: str = "auto",
     batch_size: int = 32,
-    tta: bool = True,
+    tta: bool | None = None,
     n_bootstrap: int = 1000,
     progress: bool = False,
     workers: int | None = None,
@@ -433,7 +432,7 @@ def run_evaluate(
             "label_set": str(predictor.bundle.config.get("label_set")),
             "members": len(predictor.bundle.config.get("members", [])),
             "scan_level": "study model" if predictor.backend.has_study else "max over slices",
-            "tta": "horizontal flip" if tta else "none",
+            "tta": "horizontal flip" if predictor.backend.tta else "none",
             "threshold_method": str(predictor.bundle.config.get("threshold_method", "")),
         },
         "labels": labels,

@@ -1,0 +1,161 @@
+"""Benchmark: slice-model throughput on the CPU, PyTorch eager vs the ONNX export run by
+onnxruntime, in the same run, on the same uint8 slices and thread count.
+
+The model is a bundle's slice model as `ichscan export` writes it (uint8 in, normalisation
+inside, probabilities and embedding out), random weights (only the time matters). Measured:
+
+  torch eager (NCHW)          the plain `model(x)` a user would write, torch.inference_mode
+  ichscan torch backend       what Predictor(backend="torch") runs (channels-last)
+  onnxruntime                 what Predictor(backend="onnx") runs (all graph optimisations)
+
+for batch sizes 1, 8 and 32, best of N timed passes over the same slices; the ratio is
+onnxruntime slices/s over torch eager slices/s. Target: >= 1.5x at batch 32.
+
+Run:  .venv/bin/python benchmarks/onnx_vs_torch.py [--arch resnet18] [--size 256]
+      [--slices 64] [--repeat 3] [--threads N] [--work bench_out/onnx_vs_torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def make_bundle(work: Path, arch: str, size: int) -> Path:
+    from ichscan.labels import RSNA
+    from ichscan.models.bundle import new_config, save_bundle
+    from ichscan.models.slice_model import SliceModel
+
+    root = work / f"{arch}-{size}"
+    if (root / "bundle.json").exists():
+        return root
+    torch.manual_seed(0)
+    model = SliceModel(arch, len(RSNA.labels), pretrained="none", dropout=0.0).eval()
+    spec = {
+        "kind": "windows",
+        "windows": [
+            {"name": "brain", "center": 40.0, "width": 80.0},
+            {"name": "subdural", "center": 80.0, "width": 200.0},
+            {"name": "bone", "center": 600.0, "width": 2800.0},
+        ],
+        "mode": "linear",
+        "size": size,
+        "channels": 3,
+        "source_window": None,
+        "normalisation": {
+            "mean": model.mean.flatten().tolist(),
+            "std": model.std.flatten().tolist(),
+        },
+        "tta": ["identity"],
+    }
+    config = new_config(
+        architecture=arch,
+        weights_provenance=model.provenance,
+        label_set=RSNA,
+        input_spec=spec,
+        dropout=0.0,
+    )
+    return save_bundle(root, config, [model])
+
+
+def slices_per_second(
+    run: Callable[[np.ndarray], object], x: np.ndarray, batch: int, repeat: int
+) -> float:
+    def one_pass() -> None:
+        for start in range(0, len(x), batch):
+            run(x[start : start + batch])
+
+    one_pass()  # warm-up: kernel selection and allocation are not throughput
+    best = min(_timed(one_pass) for _ in range(repeat))
+    return len(x) / best
+
+
+def _timed(fn: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads")
+    parser.add_argument("--work", type=Path, default=Path("bench_out/onnx_vs_torch"))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+
+    from ichscan.infer.onnx_export import OnnxPredictor, export_onnx
+    from ichscan.infer.predictor import TorchBackend
+    from ichscan.models.bundle import load_bundle
+
+    root = make_bundle(args.work, args.arch, args.size)
+    if not (root / "model.onnx").exists():
+        export_onnx(root)
+    bundle = load_bundle(root)
+    eager = bundle.members[0]
+    runtime = OnnxPredictor(root / "model.onnx", batch_size=10**6, tta=False, threads=threads)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (args.slices, 3, args.size, args.size), dtype=np.uint8)
+
+    @torch.inference_mode()
+    def torch_eager(batch: np.ndarray) -> object:
+        t = torch.from_numpy(batch)
+        emb = eager.embed(t)
+        return torch.sigmoid(eager.head(emb)), emb
+
+    backend = TorchBackend(load_bundle(root), torch.device("cpu"), batch_size=10**6, tta=False)
+
+    results: dict[str, dict[str, float]] = {}
+    print(
+        f"{args.arch} at {args.size} px, {args.slices} uint8 slices, {threads} thread(s), "
+        f"{platform.processor() or platform.machine()} with {len(os.sched_getaffinity(0))} "
+        f"cores; slices/s, best of {args.repeat}"
+    )
+    print(
+        f"{'batch':>5} {'torch eager':>12} {'ichscan torch':>14} {'onnxruntime':>12} {'x eager':>8}"
+    )
+    for batch in (1, 8, 32):
+        eager_rate = slices_per_second(torch_eager, x, batch, args.repeat)
+        backend_rate = slices_per_second(backend.slices, x, batch, args.repeat)
+        ort_rate = slices_per_second(runtime.slices, x, batch, args.repeat)
+        ratio = ort_rate / eager_rate
+        results[str(batch)] = {
+            "torch_eager": eager_rate,
+            "ichscan_torch_channels_last": backend_rate,
+            "onnxruntime": ort_rate,
+            "onnx_over_eager": ratio,
+            "onnx_over_ichscan_torch": ort_rate / backend_rate,
+        }
+        print(
+            f"{batch:>5} {eager_rate:>12.1f} {backend_rate:>14.1f} {ort_rate:>12.1f} {ratio:>7.2f}x"
+        )
+    at32 = results["32"]["onnx_over_eager"]
+    print(
+        f"\ntarget onnxruntime >= 1.5x torch eager at batch 32: {at32:.2f}x "
+        f"{'MET' if at32 >= 1.5 else 'NOT MET'}"
+    )
+    out = args.work / "onnx_vs_torch.json"
+    out.write_text(
+        json.dumps(
+            {"arch": args.arch, "size": args.size, "threads": threads, "results": results}, indent=2
+        )
+    )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
