@@ -68,7 +68,9 @@ def target_layer(model: SliceModel) -> nn.Module:
     if arch.startswith("efficientnet_b"):
         return backbone.features[-1]
     if arch.startswith("efficientnet_lite"):
-        return backbone._conv_head
+        # The batch-normalised head features: the raw 1x1 head conv's gradients came out
+        # all negative on a trained Lite0, which Grad-CAM's ReLU turns into an empty map.
+        return backbone._bn1
     raise ExplainError(None, f"no Grad-CAM target layer known for architecture {arch!r}")
 
 
