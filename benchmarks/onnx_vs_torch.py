@@ -31,7 +31,7 @@ import torch
 
 def make_bundle(work: Path, arch: str, size: int) -> Path:
     from ichscan.labels import RSNA
-    from ichscan.models.bundle import new_config, save_bundle
+    from ichscan.models.bundle import input_spec, new_config, save_bundle
     from ichscan.models.slice_model import SliceModel
 
     root = work / f"{arch}-{size}"
@@ -39,23 +39,12 @@ def make_bundle(work: Path, arch: str, size: int) -> Path:
         return root
     torch.manual_seed(0)
     model = SliceModel(arch, len(RSNA.labels), pretrained="none", dropout=0.0).eval()
-    spec = {
-        "kind": "windows",
-        "windows": [
-            {"name": "brain", "center": 40.0, "width": 80.0},
-            {"name": "subdural", "center": 80.0, "width": 200.0},
-            {"name": "bone", "center": 600.0, "width": 2800.0},
-        ],
-        "mode": "linear",
-        "size": size,
-        "channels": 3,
-        "source_window": None,
-        "normalisation": {
-            "mean": model.mean.flatten().tolist(),
-            "std": model.std.flatten().tolist(),
-        },
-        "tta": ["identity"],
-    }
+    spec = input_spec(
+        ("brain", "subdural", "bone"),
+        size,
+        mean=model.mean.flatten().tolist(),
+        std=model.std.flatten().tolist(),
+    )
     config = new_config(
         architecture=arch,
         weights_provenance=model.provenance,

@@ -65,29 +65,19 @@ def make_series(work: Path) -> Path:
 
 def make_bundle(work: Path) -> Path:
     from ichscan.labels import RSNA
-    from ichscan.models.bundle import new_config, save_bundle
+    from ichscan.models.bundle import input_spec, new_config, save_bundle
     from ichscan.models.slice_model import SliceModel
 
     root = work / "model"
     if (root / "bundle.json").exists():
         return root
     model = SliceModel("resnet18", len(RSNA.labels), pretrained="none", dropout=0.0).eval()
-    spec = {
-        "kind": "windows",
-        "windows": [
-            {"name": n, "center": c, "width": w}
-            for n, (c, w) in zip(("brain", "subdural", "bone"), WINDOWS, strict=True)
-        ],
-        "mode": "linear",
-        "size": SIZE,
-        "channels": 3,
-        "source_window": None,
-        "normalisation": {
-            "mean": model.mean.flatten().tolist(),
-            "std": model.std.flatten().tolist(),
-        },
-        "tta": ["identity"],
-    }
+    spec = input_spec(
+        ("brain", "subdural", "bone"),
+        SIZE,
+        mean=model.mean.flatten().tolist(),
+        std=model.std.flatten().tolist(),
+    )
     config = new_config(
         architecture="resnet18",
         weights_provenance=model.provenance,

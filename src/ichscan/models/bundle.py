@@ -76,6 +76,41 @@ class Bundle:
         return self
 
 
+def _window_dict(window: Any) -> dict[str, Any]:
+    if isinstance(window, dict):
+        return dict(window)
+    from ichscan.preprocess.window import parse_windows
+
+    (w,) = parse_windows([window])
+    return {"name": w.name, "center": w.center, "width": w.width}
+
+
+def input_spec(
+    windows: list[dict[str, Any]] | tuple[Any, ...],
+    size: int,
+    *,
+    mean: list[float] | tuple[float, ...],
+    std: list[float] | tuple[float, ...],
+    kind: str = "windows",
+    mode: str = "linear",
+    source_window: str | None = None,
+    tta: tuple[str, ...] = ("identity",),
+) -> dict[str, Any]:
+    """The `input` section of bundle.json: how a slice becomes the model's input. `windows`
+    are Window tuples, names, or {name, center, width} dicts."""
+    return_windows = [_window_dict(w) for w in windows]
+    return {
+        "kind": kind,
+        "windows": return_windows,
+        "mode": mode,
+        "size": int(size),
+        "channels": 3,
+        "source_window": source_window,
+        "normalisation": {"mean": list(map(float, mean)), "std": list(map(float, std))},
+        "tta": list(tta),
+    }
+
+
 def new_config(
     *,
     architecture: str,

@@ -32,7 +32,7 @@ from ichscan.evaluate.metrics import (
 )
 from ichscan.labels import LabelSet, get_label_set
 from ichscan.models.backbones import get_spec
-from ichscan.models.bundle import new_config, save_bundle
+from ichscan.models.bundle import input_spec, new_config, save_bundle
 from ichscan.models.slice_model import SliceModel
 from ichscan.train import distributed as dist_utils
 from ichscan.train.augment import AugmentSpec, build_augment
@@ -592,24 +592,20 @@ def _write_bundle(
     seconds: float,
     cache: PreparedCache,
 ) -> dict[str, Any]:
-    input_spec = {
-        "kind": config.input_kind,
-        "windows": cache.facts["windows"],
-        "mode": cache.facts.get("mode", "linear"),
-        "size": cache.size,
-        "channels": 3,
-        "source_window": data.source_window,
-        "normalisation": {
-            "mean": model.mean.flatten().tolist(),
-            "std": model.std.flatten().tolist(),
-        },
-        "tta": ["identity"],
-    }
+    spec = input_spec(
+        cache.facts["windows"],
+        cache.size,
+        kind=config.input_kind,
+        mode=cache.facts.get("mode", "linear"),
+        source_window=data.source_window,
+        mean=model.mean.flatten().tolist(),
+        std=model.std.flatten().tolist(),
+    )
     bundle = new_config(
         architecture=config.architecture,
         weights_provenance=model.provenance,
         label_set=label_set,
-        input_spec=input_spec,
+        input_spec=spec,
         dropout=config.dropout,
         training={
             "data": str(config.data),
