@@ -185,19 +185,19 @@ def header_from_dataset(
     syntax = str(meta.get("TransferSyntaxUID", "")) if meta is not None else ""
     if not syntax:
         syntax = "1.2.840.10008.1.2.1" if not ds.is_implicit_VR else "1.2.840.10008.1.2"
-    slope = _float(ds, "RescaleSlope")
-    intercept = _float(ds, "RescaleIntercept")
+    slope = _fast_float(ds, "RescaleSlope")
+    intercept = _fast_float(ds, "RescaleIntercept")
     if slope is None or intercept is None:
         notes.append(
             "no RescaleSlope/RescaleIntercept: assuming slope 1, intercept 0 (stored values are HU)"
         )
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    photometric = _fast_text(ds, "PhotometricInterpretation") or "MONOCHROME2"
     # MONOCHROME1 changes only the display, so a rescale still gives HU; without one the
     # stored values are display-inverted and must be flipped back.
     invert = photometric == "MONOCHROME1" and (slope is None or intercept is None)
-    bits_allocated = _int(ds, "BitsAllocated") or 16
-    bits_stored = _int(ds, "BitsStored") or bits_allocated
-    signed = (_int(ds, "PixelRepresentation") or 0) == 1
+    bits_allocated = _fast_us(ds, "BitsAllocated") or 16
+    bits_stored = _fast_us(ds, "BitsStored") or bits_allocated
+    signed = (_fast_us(ds, "PixelRepresentation") or 0) == 1
     # RSNA 2019: some 12-bit unsigned images carry an intercept near 0 while their stored
     # values wrap at 4096; the top solutions shifted by 1000, unwrapped, and used -1000.
     rsna_fix = bits_stored == 12 and not signed and intercept is not None and intercept > -100
@@ -214,8 +214,8 @@ def header_from_dataset(
         signed=signed,
         slope=slope,
         intercept=-1000.0 if rsna_fix else intercept,
-        padding_value=_int(ds, "PixelPaddingValue"),
-        padding_limit=_int(ds, "PixelPaddingRangeLimit"),
+        padding_value=_fast_us(ds, "PixelPaddingValue", signed),
+        padding_limit=_fast_us(ds, "PixelPaddingRangeLimit", signed),
         rsna_wrap_fix=rsna_fix,
         invert=invert,
     )
@@ -228,9 +228,9 @@ def header_from_dataset(
             study_uid="",
             series_uid="",
             patient_id="",
-            modality=str(ds.get("Modality", "")).strip(),
-            rows=_int(ds, "Rows") or 0,
-            cols=_int(ds, "Columns") or 0,
+            modality=_fast_text(ds, "Modality") or "",
+            rows=_fast_us(ds, "Rows") or 0,
+            cols=_fast_us(ds, "Columns") or 0,
             position=None,
             orientation=None,
             pixel_spacing=None,
@@ -241,7 +241,7 @@ def header_from_dataset(
             image_type=(),
             transfer_syntax=syntax,
             photometric=photometric,
-            samples_per_pixel=_int(ds, "SamplesPerPixel") or 1,
+            samples_per_pixel=_fast_us(ds, "SamplesPerPixel") or 1,
             has_pixels=has_pixels,
             encoding=encoding,
             notes=tuple(notes),
@@ -277,6 +277,43 @@ def header_from_dataset(
         notes=tuple(notes),
         member=member,
     )
+
+
+def _raw_bytes(ds: Dataset, keyword: str) -> tuple[bytes | None, str]:
+    """(raw little-endian value bytes, VR) of a not-yet-converted element, or (None, "").
+    Reading the few pixel-encoding tags this way skips pydicom's per-element conversion,
+    which is a good part of the hot path's cost."""
+    elem = ds.get_item(keyword)
+    if elem is None or not isinstance(elem.value, bytes):
+        return None, ""
+    if ds.original_encoding[1] is not True:  # big endian or unknown: let pydicom convert
+        return None, ""
+    return elem.value, str(elem.VR)
+
+
+def _fast_us(ds: Dataset, keyword: str, signed: bool = False) -> int | None:
+    raw, vr = _raw_bytes(ds, keyword)
+    if raw is None:
+        return _int(ds, keyword)
+    if len(raw) < 2:
+        return None
+    return int.from_bytes(raw[:2], "little", signed=signed or vr == "SS")
+
+
+def _fast_text(ds: Dataset, keyword: str) -> str | None:
+    raw, _ = _raw_bytes(ds, keyword)
+    if raw is None:
+        value = _first(ds.get(keyword))
+        return None if value is None else str(value).strip()
+    return raw.decode("ascii", "replace").split("\\")[0].strip(" \x00")
+
+
+def _fast_float(ds: Dataset, keyword: str) -> float | None:
+    text = _fast_text(ds, keyword)
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
 
 
 def _joined(value: Any) -> str:
