@@ -245,3 +245,102 @@ def test_train_unknown_architecture_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "unknown architecture 'resnet17'" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny model trained through the CLI on a synthetic DICOM cohort (seconds)."""
+    from ichscan.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("cli_model")
+    data = root / "cohort"
+    write_synthetic(data, n_scans=9, seed=4, layout="dicom", shape=(8, 48, 48))
+    model = root / "model"
+    assert (
+        main(
+            [
+                "train",
+                str(data),
+                "--out",
+                str(model),
+                "--arch",
+                "resnet18",
+                "--pretrained",
+                "none",
+                "--size",
+                "64",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "8",
+                "--folds",
+                "3",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    return data, model
+
+
+def test_cli_predict_csv_and_scans_csv(cli_model: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = cli_model
+    series = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(series), "--model", str(model), "--out", str(out)]) == 0
+    header = out.read_text().splitlines()[0].split(",")
+    assert header[:3] == ["scan", "id", "slice_index"] and "any_positive" in header
+    assert (tmp_path / "preds.scans.csv").exists()
+
+
+def test_cli_evaluate_writes_report(cli_model: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = cli_model
+    assert main(["evaluate", str(model), str(data), "--out", str(tmp_path / "r")]) == 0
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert "slice" in json.dumps(metrics) and (tmp_path / "r" / "report.html").exists()
+
+
+def test_cli_export_and_onnx_predict(cli_model: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = cli_model
+    assert main(["export", str(model), "--onnx", str(tmp_path / "elsewhere.onnx")]) == 0
+    assert (tmp_path / "elsewhere.onnx").exists()
+    assert main(["export", str(model)]) == 0  # MODEL_DIR/model.onnx, where predict looks
+    series = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    out = tmp_path / "p.json"
+    assert (
+        main(
+            ["predict", str(series), "--model", str(model), "--out", str(out), "--backend", "onnx"]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())
+
+
+def test_cli_explain(cli_model: tuple[Path, Path], tmp_path: Path) -> None:
+    data, model = cli_model
+    series = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    assert main(["explain", str(series), "--model", str(model), "--out", str(tmp_path / "x")]) == 0
+    assert (tmp_path / "x" / "montage.png").exists()
+    assert (tmp_path / "x" / "heatmaps.npy").exists()
+
+
+def test_cli_predict_missing_model_is_one_line(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ichscan.cli",
+            "predict",
+            str(tmp_path),
+            "--model",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "p.csv"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "nope" in proc.stderr

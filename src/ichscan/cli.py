@@ -552,7 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="ONNX export of the slice (and study) model")
     p.add_argument("model", help="model folder (bundle)")
-    p.add_argument("--onnx", help="output .onnx (default: MODEL/model.onnx)")
+    p.add_argument(
+        "--onnx",
+        help="output .onnx (default: MODEL/model.onnx, where "
+        "`predict --backend onnx` looks for it)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="the main job on synthetic data: synth, info, preview")
