@@ -127,9 +127,10 @@ def dicom_files_to_inputs(
     """Stream (path, input or the error) in input order, over `workers` processes.
 
     A bad file yields its InputError instead of stopping the stream: the caller lists it and
-    goes on. Workers write into one shared-memory batch (pickling ~200 KB per slice back
-    through a pipe cost as much as a third core), and paths are taken a batch at a time, so
-    memory stays flat however many files there are.
+    goes on. Workers write into shared-memory batches (pickling ~200 KB per slice back
+    through a pipe cost as much as a third core), double-buffered so they never wait for the
+    consumer; paths are taken a batch at a time, so memory stays flat however many files
+    there are.
     """
     wins = tuple(parse_windows(windows))
     n_workers = workers or len(os.sched_getaffinity(0))
@@ -137,24 +138,37 @@ def dicom_files_to_inputs(
     if n_workers <= 1 or size is None:
         yield from map(_worker, jobs)
         return
-    # Enough chunks per batch that no worker idles long at a batch boundary.
+    # Enough chunks per batch that no worker idles long at a batch boundary; two buffers so
+    # the workers fill the next batch while this one is handed out.
     batch = n_workers * chunksize * 16
     shape = (batch, size, size, len(wins))
-    shm = SharedMemory(create=True, size=int(np.prod(shape)))
+    buffers = [SharedMemory(create=True, size=int(np.prod(shape))) for _ in range(2)]
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    out = None
     try:
-        out = np.ndarray(shape, dtype=np.uint8, buffer=shm.buf)
+        views = [np.ndarray(shape, dtype=np.uint8, buffer=b.buf) for b in buffers]
         with ctx.Pool(n_workers) as pool:
-            while chunk := [job[0] for job in islice(jobs, batch)]:
-                slots = list(enumerate(chunk))
+
+            def submit(which: int):  # -> (pending result, slots, buffer) or None
+                slots = list(enumerate(job[0] for job in islice(jobs, batch)))
+                if not slots:
+                    return None
                 tasks = [
-                    (shm.name, shape, slots[i : i + chunksize], wins, size, mode)
+                    (buffers[which].name, shape, slots[i : i + chunksize], wins, size, mode)
                     for i in range(0, len(slots), chunksize)
                 ]
-                errors = dict(pair for result in pool.map(_fill_slots, tasks) for pair in result)
+                return pool.map_async(_fill_slots, tasks), slots, which
+
+            pending = submit(0)
+            while pending is not None:
+                result, slots, which = pending
+                errors = dict(pair for part in result.get() for pair in part)
+                pending = submit(1 - which)
+                out = views[which]
                 for slot, path in slots:
                     yield path, errors[slot] if slot in errors else out[slot].copy()
-            del out
     finally:
-        shm.close()
-        shm.unlink()
+        views = out = None  # release the buffer views before closing the segments
+        for b in buffers:
+            b.close()
+            b.unlink()
