@@ -83,7 +83,7 @@ def test_gradcam_peak_falls_in_the_bleed(tmp_path: Path) -> None:
         ("alexnet", "Conv2d"),
         ("densenet121", "Sequential"),
         ("efficientnet_b0", "Conv2dNormActivation"),
-        ("efficientnet_lite0", "BatchNorm2d"),
+        ("efficientnet_lite0", "MBConvBlock"),
     ],
 )
 def test_target_layer_of_each_family_gives_a_map(architecture: str, layer_type: str) -> None:

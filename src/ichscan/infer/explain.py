@@ -68,10 +68,31 @@ def target_layer(model: SliceModel) -> nn.Module:
     if arch.startswith("efficientnet_b"):
         return backbone.features[-1]
     if arch.startswith("efficientnet_lite"):
-        # The batch-normalised head features: the raw 1x1 head conv's gradients came out
-        # all negative on a trained Lite0, which Grad-CAM's ReLU turns into an empty map.
-        return backbone._bn1
+        # The last block at stride 16, not the head: on a trained Lite0 the 1x1 head conv gave
+        # empty maps and its batch norm lit the padded corners of every slice, while the
+        # stride-16 blocks follow the anatomy (and at 128 px they are 8x8, not 4x4).
+        return _last_block_at_stride(backbone, 16)
     raise ExplainError(None, f"no Grad-CAM target layer known for architecture {arch!r}")
+
+
+def _last_block_at_stride(backbone: nn.Module, stride: int) -> nn.Module:
+    """The last EfficientNet block whose output is 1/stride of the input, found by a probe."""
+    size, widths = 64, []
+    hooks = [
+        block.register_forward_hook(lambda _m, _i, out, k=k: widths.append((k, out.shape[-1])))
+        for k, block in enumerate(backbone._blocks)
+    ]
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros(1, 3, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        backbone.train(was_training)
+    index = max(k for k, width in widths if width == size // stride)
+    return backbone._blocks[index]
 
 
 def _without_inplace(model: nn.Module) -> nn.Module:
