@@ -51,7 +51,7 @@ DECODER_PACKAGES = {
 }
 
 # Tags read for series discovery; stopping before PixelData keeps a header read cheap.
-_NATIVE_SYNTAXES = {
+NATIVE_SYNTAXES = {
     "1.2.840.10008.1.2",
     "1.2.840.10008.1.2.1",
     "1.2.840.10008.1.2.1.99",
@@ -219,18 +219,26 @@ def header_from_dataset(
         rsna_wrap_fix=rsna_fix,
         invert=invert,
     )
-    has_pixels = "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
+    common: dict[str, Any] = {
+        "path": path,
+        "modality": _fast_text(ds, "Modality") or "",
+        "rows": _fast_us(ds, "Rows") or 0,
+        "cols": _fast_us(ds, "Columns") or 0,
+        "transfer_syntax": syntax,
+        "photometric": photometric,
+        "samples_per_pixel": _fast_us(ds, "SamplesPerPixel") or 1,
+        "has_pixels": "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+        "encoding": encoding,
+        "notes": tuple(notes),
+        "member": member,
+    }
     if not geometry:
         return SliceHeader(
-            path=path,
             sop_uid="",
             sop_class="",
             study_uid="",
             series_uid="",
             patient_id="",
-            modality=_fast_text(ds, "Modality") or "",
-            rows=_fast_us(ds, "Rows") or 0,
-            cols=_fast_us(ds, "Columns") or 0,
             position=None,
             orientation=None,
             pixel_spacing=None,
@@ -239,43 +247,23 @@ def header_from_dataset(
             series_description="",
             convolution_kernel="",
             image_type=(),
-            transfer_syntax=syntax,
-            photometric=photometric,
-            samples_per_pixel=_fast_us(ds, "SamplesPerPixel") or 1,
-            has_pixels=has_pixels,
-            encoding=encoding,
-            notes=tuple(notes),
-            member=member,
+            **common,
         )
-    position = _floats(ds, "ImagePositionPatient", 3)
-    orientation = _floats(ds, "ImageOrientationPatient", 6)
-    spacing = _floats(ds, "PixelSpacing", 2)
-    image_type = ds.get("ImageType") or ()
     return SliceHeader(
-        path=path,
         sop_uid=str(ds.get("SOPInstanceUID", "")),
         sop_class=str(ds.get("SOPClassUID", "")),
         study_uid=str(ds.get("StudyInstanceUID", "")),
         series_uid=str(ds.get("SeriesInstanceUID", "")),
         patient_id=str(ds.get("PatientID", "")),
-        modality=str(ds.get("Modality", "")).strip(),
-        rows=_int(ds, "Rows") or 0,
-        cols=_int(ds, "Columns") or 0,
-        position=position,
-        orientation=orientation,
-        pixel_spacing=spacing,  # type: ignore[arg-type]
+        position=_floats(ds, "ImagePositionPatient", 3),
+        orientation=_floats(ds, "ImageOrientationPatient", 6),
+        pixel_spacing=_floats(ds, "PixelSpacing", 2),  # type: ignore[arg-type]
         slice_thickness=_float(ds, "SliceThickness"),
         instance_number=_int(ds, "InstanceNumber"),
         series_description=str(ds.get("SeriesDescription", "")).strip(),
         convolution_kernel=_joined(ds.get("ConvolutionKernel")),
-        image_type=tuple(_joined(image_type).upper().split("\\")),
-        transfer_syntax=syntax,
-        photometric=photometric,
-        samples_per_pixel=_int(ds, "SamplesPerPixel") or 1,
-        has_pixels=has_pixels,
-        encoding=encoding,
-        notes=tuple(notes),
-        member=member,
+        image_type=tuple(_joined(ds.get("ImageType") or ()).upper().split("\\")),
+        **common,
     )
 
 
@@ -399,7 +387,7 @@ def stored_to_hu(stored: np.ndarray, encoding: PixelEncoding) -> np.ndarray:
 def decode_stored(ds: Dataset, header: SliceHeader, label: str) -> np.ndarray:
     """The stored pixel values as a [rows, cols] array (no rescale applied)."""
     syntax = header.transfer_syntax
-    if syntax in _NATIVE_SYNTAXES and header.encoding.bits_allocated == 16 and "PixelData" in ds:
+    if syntax in NATIVE_SYNTAXES and header.encoding.bits_allocated == 16 and "PixelData" in ds:
         data = ds.PixelData
         expected = header.rows * header.cols * 2
         if len(data) < expected:
@@ -408,7 +396,7 @@ def decode_stored(ds: Dataset, header: SliceHeader, label: str) -> np.ndarray:
         return np.frombuffer(data, dtype=dtype, count=header.rows * header.cols).reshape(
             header.rows, header.cols
         )
-    if syntax not in _NATIVE_SYNTAXES:
+    if syntax not in NATIVE_SYNTAXES:
         _require_decoder(syntax, label)
     try:
         with warnings.catch_warnings():

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ichscan.errors import InputError
-from ichscan.io.dicom import SliceHeader, read_slice_hu
+from ichscan.io.dicom import NATIVE_SYNTAXES, SliceHeader, read_slice_hu
 from ichscan.io.series import Series
 from ichscan.scan import Scan
 
-NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 # Below this many compressed slices a pool costs more than it saves.
 MIN_SLICES_FOR_POOL = 24
 

@@ -154,11 +154,11 @@ def save_bundle(
     names = []
     for i, model in enumerate(members):
         name = f"slice-{i}.pt"
-        _atomic_torch_save(_cpu_state(model), root / name)
+        atomic_torch_save(_cpu_state(model), root / name)
         names.append(name)
     config = {**config, "members": names, "versions": versions()}
     if study is not None:
-        _atomic_torch_save(_cpu_state(study), root / "study.pt")
+        atomic_torch_save(_cpu_state(study), root / "study.pt")
         config["study_model"] = {**(study_config or {}), "weights": "study.pt"}
     tmp = root / "bundle.json.tmp"
     tmp.write_text(json.dumps(config, indent=2, default=_json_default))
@@ -179,13 +179,13 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         torch.save(obj, tmp)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise BundleError(path, f"cannot write weights ({exc})") from None
+        raise BundleError(path, f"cannot write weights ({exc}); free some disk") from None
     tmp.replace(path)
 
 

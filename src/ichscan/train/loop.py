@@ -32,7 +32,7 @@ from ichscan.evaluate.metrics import (
 )
 from ichscan.labels import LabelSet, get_label_set
 from ichscan.models.backbones import get_spec
-from ichscan.models.bundle import input_spec, new_config, save_bundle
+from ichscan.models.bundle import atomic_torch_save, input_spec, new_config, save_bundle
 from ichscan.models.slice_model import SliceModel
 from ichscan.train import distributed as dist_utils
 from ichscan.train.augment import AugmentSpec, build_augment
@@ -513,13 +513,7 @@ def _train_epoch(
 
 
 def _save_weights(model: SliceModel, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise TrainingError(path, f"cannot write checkpoint ({exc}); free some disk") from None
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
 def _save_checkpoint(
@@ -549,13 +543,7 @@ def _save_checkpoint(
         "rng_numpy": np.random.get_state(),
         "config": _config_json(config),
     }
-    tmp = path.with_suffix(".tmp")
-    try:
-        torch.save(state, tmp)
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise TrainingError(path, f"cannot write checkpoint ({exc}); free some disk") from None
+    atomic_torch_save(state, path)
 
 
 def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
