@@ -246,9 +246,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment=AugmentSpec() if not args.no_augment else AugmentSpec.off(),
         max_minutes=args.max_minutes,
         extra_train=tuple(args.extra_train or ()),
+        recipe=args.recipe,
+        feature_cache=args.feature_cache,
     )
     summary = train(config)
-    if summary.get("metrics"):
+    if summary.get("recipe") == "small-set" and summary["metrics"].get("validation"):
+        m = summary["metrics"]
+        point = m["validation_operating_point"]
+        label = summary["labels"][0]
+        print(
+            f"model bundle: {args.out}  (small-set recipe; validation fold {args.fold}: "
+            f"AUC {m['validation']['auc'][label]:.3f}, accuracy {point['accuracy']:.3f} at "
+            f"threshold {summary['thresholds'][label]:.3f}, on {m['validation_slices']} slices; "
+            f"{summary['training']['seconds']:.0f} s)"
+        )
+    elif summary.get("metrics") and summary["metrics"].get("validation"):
         val = summary["metrics"]["validation"]
         print(
             f"model bundle: {args.out}  (validation fold {args.fold}: weighted log loss "
@@ -347,6 +359,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ichscan.demo import run_demo
 
     return run_demo(Path(args.out))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ichscan.serve.server import run_server
+
+    return run_server(
+        model=args.model,
+        store=args.store,
+        data=args.data,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        workers=args.workers,
+        max_upload_mb=args.max_upload_mb,
+        inline_wait_s=args.inline_wait,
+        device=args.device,
+    )
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from ichscan.receive.service import ListenConfig, run_listen
+
+    allow = [a.strip() for a in (args.allow_ae or "").split(",") if a.strip()]
+    return run_listen(
+        ListenConfig(
+            model=args.model,
+            store=args.store,
+            ae_title=args.ae_title,
+            host=args.host,
+            port=args.port,
+            series_timeout_s=args.series_timeout,
+            workers=args.workers,
+            allow=allow,
+            forward=args.forward,
+            device=args.device,
+        )
+    )
 
 
 def _add_common_input(p: argparse.ArgumentParser) -> None:
@@ -486,6 +535,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="another dataset added to every training split, never validated on "
         "(repeatable; e.g. a second brain-window PNG set)",
     )
+    p.add_argument(
+        "--recipe",
+        choices=["auto", "small-set", "finetune"],
+        default="auto",
+        help="small-set: frozen EfficientNet-Lite0 maps of head-cropped brain-window slices + "
+        "MIL head, pooled logistic regression and density forest (for a binary label and at "
+        f"most {2000} slices); finetune: train --arch end to end with the options above; "
+        "auto (default): small-set when it applies, else finetune",
+    )
+    p.add_argument(
+        "--feature-cache",
+        help="folder for the small-set recipe's cached feature maps (default "
+        "~/.cache/ichscan/features; 'none' to keep nothing)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -558,6 +621,78 @@ def build_parser() -> argparse.ArgumentParser:
         "`predict --backend onnx` looks for it)",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "serve",
+        help="web app: upload scans, view slices, probabilities and heatmaps; worklist from "
+        "a receiver store (REST API at /api, docs at /docs)",
+    )
+    p.add_argument("--model", help="model folder (bundle) to predict with")
+    p.add_argument(
+        "--store", metavar="DIR", help="receiver store (ichscan listen --store): shows the worklist"
+    )
+    p.add_argument(
+        "--data",
+        default="ichscan_data",
+        metavar="DIR",
+        help="folder for uploads, results and rendered slices (default: %(default)s)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--token",
+        help="require 'Authorization: Bearer TOKEN' on the API (default: $ICHSCAN_TOKEN; "
+        "none: open to anyone who reaches the port)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="scans processed at once (default: 1)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=1024, help="largest upload (default: %(default)s)"
+    )
+    p.add_argument(
+        "--inline-wait",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds an upload waits for its result before answering 'queued' (default: 1)",
+    )
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "listen",
+        help="DICOM receiver: store pushed CT series, analyse each complete series, write "
+        "result JSONs and a Structured Report per series (the worklist of ichscan serve)",
+    )
+    p.add_argument("--model", required=True, help="model folder (bundle)")
+    p.add_argument("--ae-title", default="ICHSCAN", help="our AE title (default: %(default)s)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=11112, help="TCP port (default: %(default)s)")
+    p.add_argument(
+        "--store",
+        default="ichscan_store",
+        metavar="DIR",
+        help="where instances and results go (default: %(default)s)",
+    )
+    p.add_argument(
+        "--series-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a series is complete after S seconds without a new instance (default: 10)",
+    )
+    p.add_argument("--workers", type=int, default=1, help="series analysed at once (default: 1)")
+    p.add_argument(
+        "--allow-ae",
+        metavar="A,B",
+        help="accept associations only from these calling AE titles (default: any)",
+    )
+    p.add_argument(
+        "--forward",
+        metavar="AET@HOST:PORT",
+        help="also send each Structured Report there (C-STORE, 3 tries)",
+    )
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("demo", help="the main job on synthetic data: synth, info, preview")
     p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")

@@ -149,6 +149,8 @@ class PreparedCache:
             raise InputError(self.root / INDEX_FILE, f"cache index lacks {', '.join(missing)}")
         self.size = int(self.facts["size"])
         self.channels = int(self.facts["channels"])
+        # Caches from before the head crop existed hold uncropped slices.
+        self.crop = str(self.facts.get("crop", "none"))
         self._shard = self.index["shard"].to_numpy(np.int64)
         self._offset = self.index["offset"].to_numpy(np.int64)
         self._maps: dict[int, np.ndarray] = {}

@@ -64,6 +64,7 @@ from ichscan.errors import InputError
 from ichscan.io.dicom import check_ct_slice, decode_stored, header_from_dataset, read_dataset
 from ichscan.io.image import read_grey
 from ichscan.labels import LabelSet, detect_label_set, get_label_set
+from ichscan.preprocess.head_crop import CROPS, crop_slice
 from ichscan.preprocess.resize import resize_slice
 from ichscan.preprocess.slice_input import dicom_to_input, fused_table, stored_to_input
 from ichscan.preprocess.window import (
@@ -103,6 +104,7 @@ class Params:
     windows: tuple[Window, ...]
     size: int
     mode: str
+    crop: str = "none"  # preprocess.head_crop: "head"/"brain" crop at full resolution first
 
     @property
     def channels(self) -> int:
@@ -113,6 +115,7 @@ class Params:
             "windows": [w._asdict() for w in self.windows],
             "size": self.size,
             "mode": self.mode,
+            "crop": self.crop,
         }
 
 
@@ -245,6 +248,8 @@ class RowReader:
     def _dicom(self, row: RowRef) -> np.ndarray:
         p = self.params
         if not row.member:
+            if p.crop != "none":
+                return _crop_resize(dicom_to_input(row.path, p.windows, None, p.mode), p)
             return dicom_to_input(row.path, p.windows, p.size, p.mode)
         label = f"{row.path}!{row.member}"
         ds = read_dataset(io.BytesIO(self._member_bytes(row)), name=label)
@@ -253,6 +258,8 @@ class RowReader:
         check_ct_slice(header, label)
         stored = decode_stored(ds, header, label)
         table = fused_table(header.encoding, p.windows, p.mode)
+        if p.crop != "none":
+            return _crop_resize(stored_to_input(stored, table, p.channels, None), p)
         return stored_to_input(stored, table, p.channels, p.size)
 
     def _member_bytes(self, row: RowRef) -> bytes:
@@ -279,7 +286,11 @@ class RowReader:
             raise InputError(row.path, f"cannot read zip member {row.member!r} ({exc})") from None
 
     def _image(self, row: RowRef) -> np.ndarray:
-        grey = resize_slice(read_grey(row.path), self.params.size)
+        grey = read_grey(row.path)
+        if self.params.crop != "none":
+            grey = _crop_resize(grey[..., np.newaxis], self.params)[..., 0]
+        else:
+            grey = resize_slice(grey, self.params.size)
         # Display values in one window: the same grey in every channel (see cache.json).
         return np.repeat(grey[..., np.newaxis], self.params.channels, axis=2)
 
@@ -293,6 +304,8 @@ class RowReader:
             windowed = apply_lut(hu, window_lut(list(p.windows), mode=p.mode))
         else:
             windowed = stack_windows(hu, list(p.windows), mode=p.mode)
+        if p.crop != "none":
+            return _crop_resize(windowed, p)
         return resize_slice(windowed, p.size)
 
     def close(self) -> None:
@@ -302,14 +315,21 @@ class RowReader:
         self._nifti = None
 
 
+def _crop_resize(planes: np.ndarray, p: Params) -> np.ndarray:
+    """Full-resolution windowed planes [H, W, C] → head crop → [size, size, C]. The same two
+    steps as infer.inputs for a bundle that names a crop."""
+    return resize_slice(crop_slice(planes, p.crop), p.size)
+
+
 def read_row(
     row: RowRef | pd.Series | dict[str, Any],
     windows: WindowSpec = DEFAULT_WINDOWS,
     size: int = 256,
     mode: str = "linear",
+    crop: str = "none",
 ) -> np.ndarray:
     """One manifest row → uint8 [size, size, C], exactly as `prepare` stores it."""
-    params = _params(windows, size, mode)
+    params = _params(windows, size, mode, crop)
     reader = RowReader(params)
     try:
         return reader.read(_row_ref(row))
@@ -513,7 +533,7 @@ def _runner(workers: int, ray_address: str | None) -> Runner:
 # The prepare verb
 
 
-def _params(windows: WindowSpec, size: int, mode: str) -> Params:
+def _params(windows: WindowSpec, size: int, mode: str, crop: str = "none") -> Params:
     wins = tuple(parse_windows(windows))
     if len(wins) > 3:
         raise ValueError(f"at most 3 windows (channels) per slice, got {len(wins)}")
@@ -521,7 +541,11 @@ def _params(windows: WindowSpec, size: int, mode: str) -> Params:
         raise ValueError(f"window mode must be one of {MODES}, got {mode!r}")
     if int(size) < 1:
         raise ValueError(f"size must be positive, got {size}")
-    return Params(wins, int(size), mode)
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    if crop != "none" and wins[0].name != "brain":
+        raise ValueError(f"a {crop} crop finds the head in a brain window: list brain first")
+    return Params(wins, int(size), mode, crop)
 
 
 def _load_manifest(
@@ -600,6 +624,7 @@ def prepare(
     overwrite: bool = False,
     label_set: str | LabelSet | None = None,
     facts: dict[str, Any] | None = None,
+    crop: str = "none",
 ) -> PrepareResult:
     """Preprocess every manifest row into the shard cache at `out` (see module notes).
 
@@ -613,7 +638,7 @@ def prepare(
     and listed in report.json.
     """
     start = time.perf_counter()
-    params = _params(windows, size, mode)
+    params = _params(windows, size, mode, crop)
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     df, labels, manifest_facts = _load_manifest(manifest_or_df, label_set)

@@ -39,6 +39,8 @@ from ichscan.errors import IchscanError
 from ichscan.infer.predictor import Predictor
 from ichscan.io.load import load
 from ichscan.models.slice_model import SliceModel
+from ichscan.models.small_set import SmallSetModel
+from ichscan.preprocess.head_crop import crop_box
 from ichscan.preprocess.window import apply_window
 from ichscan.scan import Scan
 
@@ -106,6 +108,22 @@ def _without_inplace(model: nn.Module) -> nn.Module:
     return model
 
 
+def _mil_maps(
+    model: SmallSetModel, x: np.ndarray, device: torch.device, batch_size: int
+) -> np.ndarray:
+    """The small-set ensemble's own localisation: its MIL head's per-location hemorrhage
+    probability (what its pooling reads), upsampled to the input size. Grad-CAM through the
+    ensemble would mix in the forest and the pooled regression, which have no spatial map."""
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            batch = torch.from_numpy(x[start : start + batch_size]).to(device)
+            prob = torch.sigmoid(model.hemorrhage_map(batch))[:, None]
+            up = torch.nn.functional.interpolate(prob, size=x.shape[2:], mode="bilinear")
+            out.append(up[:, 0].float().cpu().numpy())
+    return np.concatenate(out)
+
+
 class GradCamExplainer:
     """Grad-CAM maps of one label for a stack of model inputs, averaged over models."""
 
@@ -134,7 +152,8 @@ class GradCamExplainer:
             )
         device = predictor.backend.device  # type: ignore[attr-defined]
         models = [_without_inplace(m).eval() for m in members]
-        return cls(models, [target_layer(m) for m in models], predictor.labels, device, batch_size)
+        layers = [m if isinstance(m, SmallSetModel) else target_layer(m) for m in models]
+        return cls(models, layers, predictor.labels, device, batch_size)
 
     def label_index(self, label: str | None) -> int:
         if label is None:
@@ -152,6 +171,9 @@ class GradCamExplainer:
 
         total = np.zeros((x.shape[0], x.shape[2], x.shape[3]), dtype=np.float32)
         for model, layer in zip(self.models, self.layers, strict=True):
+            if isinstance(model, SmallSetModel):
+                total += _mil_maps(model, x, self.device, self.batch_size)
+                continue
             with GradCAM(model=model, target_layers=[layer]) as cam:
                 for start in range(0, len(x), self.batch_size):
                     batch = torch.from_numpy(x[start : start + self.batch_size]).to(self.device)
@@ -162,15 +184,42 @@ class GradCamExplainer:
                     total[start : start + len(batch)] += cam(input_tensor=batch, targets=targets)
         return total / len(self.models)
 
-    def heatmaps(self, x: np.ndarray, label_index: int, shape: tuple[int, int]) -> np.ndarray:
-        """float32 [S, rows, cols] in [0, 1]: `maps` resized to the slices' own size."""
+    def heatmaps(
+        self,
+        x: np.ndarray,
+        label_index: int,
+        shape: tuple[int, int],
+        boxes: Sequence[tuple[int, int, int]] | None = None,
+    ) -> np.ndarray:
+        """float32 [S, rows, cols] in [0, 1]: `maps` put back on the slices' own pixels:
+        resized to them, or, for a head-cropped input, into each slice's crop square
+        (``boxes``, from :func:`crop_boxes`)."""
         small = self.maps(x, label_index)
         rows, cols = shape
-        out = np.empty((len(small), rows, cols), dtype=np.float32)
+        out = np.zeros((len(small), rows, cols), dtype=np.float32)
         for k, plane in enumerate(small):
             img = Image.fromarray(plane.astype(np.float32), mode="F")
-            out[k] = np.asarray(img.resize((cols, rows), Image.BILINEAR))
+            if boxes is None:
+                out[k] = np.asarray(img.resize((cols, rows), Image.BILINEAR))
+                continue
+            top, left, side = boxes[k]
+            square = np.asarray(img.resize((side, side), Image.BILINEAR))
+            r0, c0 = max(top, 0), max(left, 0)
+            r1, c1 = min(top + side, rows), min(left + side, cols)
+            if r1 > r0 and c1 > c0:
+                out[k, r0:r1, c0:c1] = square[r0 - top : r1 - top, c0 - left : c1 - left]
         return _unit_scale(out)
+
+    def scan_heatmaps(self, predictor: Predictor, scan: Scan, x: np.ndarray, label_index: int):
+        """Heatmaps on the pixels of ``scan`` (as ``predictor.prepare`` returned it) for its
+        model input ``x``, whatever crop the bundle's input uses."""
+        boxes = crop_boxes(scan) if predictor.spec.crop != "none" else None
+        return self.heatmaps(x, label_index, (scan.hu.shape[1], scan.hu.shape[2]), boxes)
+
+
+def crop_boxes(scan: Scan) -> list[tuple[int, int, int]]:
+    """The head-crop square of every slice (found on its brain window, as the input was)."""
+    return [crop_box(grey) for grey in _brain_view(scan)]
 
 
 def _unit_scale(maps: np.ndarray) -> np.ndarray:
@@ -245,7 +294,7 @@ def explain(
     scan = load(input_path, series_uid=series_uid, image_window=predictor.image_window)
     scan, x = predictor.prepare(scan)
     slice_probs, _, _ = predictor.predict_inputs(x)
-    heat = explainer.heatmaps(x, j, (scan.hu.shape[1], scan.hu.shape[2]))
+    heat = explainer.scan_heatmaps(predictor, scan, x, j)
 
     out = Path(out_dir)
     (out / "overlays").mkdir(parents=True, exist_ok=True)

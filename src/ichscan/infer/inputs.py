@@ -27,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 from ichscan.errors import InputError
-from ichscan.preprocess.resize import resize_slices
+from ichscan.preprocess.head_crop import CROPS, crop_slice
+from ichscan.preprocess.resize import resize_slice, resize_slices
 from ichscan.preprocess.window import (
     Window,
     apply_lut,
@@ -51,6 +52,7 @@ class InputSpec:
     mode: str
     size: int
     source_window: str | None
+    crop: str = "none"
 
     @classmethod
     def from_bundle(cls, spec: dict[str, Any]) -> InputSpec:
@@ -63,7 +65,12 @@ class InputSpec:
         if not windows:
             raise ValueError("bundle input names no window")
         source = spec.get("source_window") or None
-        return cls(kind, windows, str(spec.get("mode", "linear")), int(spec["size"]), source)
+        crop = str(spec.get("crop", "none"))
+        if crop not in CROPS:
+            raise ValueError(f"bundle input crop {crop!r} is not one of {CROPS}")
+        return cls(
+            kind, windows, str(spec.get("mode", "linear")), int(spec["size"]), source, crop
+        )
 
     @property
     def read_windows(self) -> tuple[Window, ...]:
@@ -138,7 +145,11 @@ def scan_to_model_input(scan: Scan, bundle_input: dict[str, Any] | InputSpec) ->
         bundle_input if isinstance(bundle_input, InputSpec) else InputSpec.from_bundle(bundle_input)
     )
     planes = _windowed_planes(scan, spec)
-    if scan.metadata.get("format") == "dicom" and planes.shape[-1] <= 3:
+    if spec.crop != "none":
+        # Crop at full resolution, then resize each square: what prepare stored in training.
+        small = np.stack([resize_slice(crop_slice(p, spec.crop), spec.size) for p in planes])
+        small = small.reshape(len(planes), spec.size, spec.size, planes.shape[-1])
+    elif scan.metadata.get("format") == "dicom" and planes.shape[-1] <= 3:
         small = _resize_rgbx(planes, spec.size)
     else:
         small = resize_slices(planes, spec.size)

@@ -95,15 +95,18 @@ def input_spec(
     mode: str = "linear",
     source_window: str | None = None,
     tta: tuple[str, ...] = ("identity",),
+    crop: str = "none",
 ) -> dict[str, Any]:
     """The `input` section of bundle.json: how a slice becomes the model's input. `windows`
-    are Window tuples, names, or {name, center, width} dicts."""
+    are Window tuples, names, or {name, center, width} dicts; `crop` a preprocess.head_crop
+    mode applied at full resolution before the resize."""
     return_windows = [_window_dict(w) for w in windows]
     return {
         "kind": kind,
         "windows": return_windows,
         "mode": mode,
         "size": int(size),
+        "crop": crop,
         "channels": 3,
         "source_window": source_window,
         "normalisation": {"mean": list(map(float, mean)), "std": list(map(float, std))},
@@ -214,6 +217,10 @@ def read_config(root: str | Path) -> dict[str, Any]:
 
 
 def build_member(config: dict[str, Any]) -> SliceModel:
+    if config.get("recipe") == "small-set":
+        from ichscan.models.small_set import build_small_set
+
+        return build_small_set(config)  # type: ignore[return-value]
     norm = config["input"]["normalisation"]
     return SliceModel(
         config["architecture"],

@@ -14,17 +14,24 @@ import torch
 from ichscan.data.cache import PreparedCache
 from ichscan.models.bundle import load_bundle
 from ichscan.train.dataset import SliceDataset
-from ichscan.train.loop import TrainConfig, pick_device, predict_rows, train
+from ichscan.train.loop import TrainConfig, pick_device, train
 
 
 def bundle_probabilities(
     model_dir: str | Path, cache: PreparedCache, rows: np.ndarray, device: torch.device
 ) -> np.ndarray:
-    """[N, L] probabilities of cache rows by a bundle: members averaged, flip TTA."""
+    """[N, L] probabilities of cache rows by a bundle, computed by the predictor's own
+    backend (members averaged, flip TTA): cross-validation scores what `predict` does."""
+    from ichscan.infer.predictor import TorchBackend
+
     bundle = load_bundle(model_dir, device)
     dataset = SliceDataset(cache, rows, input_kind=bundle.input["kind"])
-    probs = [predict_rows(m, dataset, device, 64, tta=True) for m in bundle.members]
-    return np.mean(probs, axis=0)
+    backend = TorchBackend(bundle, device, 32, tta=True)
+    out = []
+    for start in range(0, len(dataset), 32):
+        x = np.stack([dataset[i][0].numpy() for i in range(start, min(len(dataset), start + 32))])
+        out.append(backend.slices(x)[0])
+    return np.concatenate(out) if out else np.zeros((0, len(bundle.labels)))
 
 
 def cross_validate(

@@ -32,6 +32,7 @@ class TrainingData:
     seed: int
     source_window: str | None
     summary: dict[str, Any] = field(default_factory=dict)
+    recipe: str = "finetune"  # what train() runs: "finetune" or "small-set"
     train_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     val_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
@@ -125,6 +126,16 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
             )
         windows = cache.index.loc[cache.index["kind"] == "image", "window"]
         source_window = str(windows.iloc[0]) if len(windows) and windows.iloc[0] else None
+        fits = cache.crop == "brain" and cache.size == SMALL_SET_SIZE
+        if config.recipe == "small-set" and not fits:
+            raise DataError(
+                data,
+                f"--recipe small-set needs a cache prepared with --crop brain at "
+                f"{SMALL_SET_SIZE} px; this one has crop={cache.crop!r} at {cache.size} px",
+            )
+        recipe = "small-set" if config.recipe == "small-set" or (
+            config.recipe == "auto" and fits and _small_set_applies(len(cache), label_set)
+        ) else "finetune"
         return TrainingData(
             data,
             label_set,
@@ -133,6 +144,7 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
             config.seed,
             source_window,
             {"source": "prepared cache"},
+            recipe=recipe,
         )
     return _prepare_from_layout(config, data, main)
 
@@ -154,14 +166,30 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
     source_window = "brain" if is_images else None
     # An image set holds one display window: cache one channel, replicated at load time.
     windows = ("brain",) if is_images else config.windows
+    recipe = config.recipe
+    if recipe == "auto":
+        main_rows = int((df["fold"] >= 0).sum())
+        recipe = "small-set" if _small_set_applies(main_rows, label_set) else "finetune"
+    if recipe == "small-set":
+        if len(label_set.labels) != 1:
+            raise DataError(
+                data,
+                f"--recipe small-set trains one label; this is a {label_set.name} dataset "
+                "(add --labels binary for hemorrhage yes/no)",
+            )
+        # The ensemble reads the brain window only, head-cropped at full resolution.
+        windows, size, crop = ("brain",), SMALL_SET_SIZE, "brain"
+    else:
+        size, crop = config.size, "none"
     if main:
         prepare(
             df,
             cache_root,
             windows=windows,
-            size=config.size,
+            size=size,
             label_set=label_set,
             progress=config.progress,
+            crop=crop,
         )
     summary = {
         "source": str(data),
@@ -171,6 +199,24 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
     }
     if source_window:
         summary["source_window"] = source_window
+    summary["recipe"] = recipe
     return TrainingData(
-        cache_root, label_set, config.fold, config.folds, config.seed, source_window, summary
+        cache_root,
+        label_set,
+        config.fold,
+        config.folds,
+        config.seed,
+        source_window,
+        summary,
+        recipe=recipe,
     )
+
+
+SMALL_SET_SIZE = 320
+SMALL_SET_MAX_SLICES = 2000
+
+
+def _small_set_applies(slices: int, label_set: LabelSet) -> bool:
+    """The default for a small binary set: the frozen-feature ensemble beats fine-tuning
+    there and trains in minutes on a CPU (see ichscan.train.small_set)."""
+    return len(label_set.labels) == 1 and slices <= SMALL_SET_MAX_SLICES

@@ -39,6 +39,8 @@ from ichscan.train.augment import AugmentSpec, build_augment
 from ichscan.train.data import resolve_training_data
 from ichscan.train.dataset import SliceDataset
 
+RECIPES = ("auto", "small-set", "finetune")
+
 
 class TrainingError(IchscanError):
     """A training run that cannot start or continue: said before hours are lost."""
@@ -78,6 +80,8 @@ class TrainConfig:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     max_minutes: float | None = None
     extra_train: tuple[str, ...] = ()  # datasets added to training only (never validated)
+    recipe: str = "auto"  # "small-set", "finetune" or "auto" (see train.small_set)
+    feature_cache: str | None = None  # small-set feature maps; None: ~/.cache/ichscan/features
     progress: bool = True
     tensorboard: bool = True
 
@@ -91,6 +95,8 @@ class TrainConfig:
             raise TrainingError(None, f"--select must be 'loss' or 'auc', not {self.select!r}")
         if not (self.threshold == "youden" or self.threshold.startswith("sensitivity:")):
             raise TrainingError(None, "--threshold must be 'youden' or 'sensitivity:0.95'")
+        if self.recipe not in RECIPES:
+            raise TrainingError(None, f"--recipe must be one of {', '.join(RECIPES)}")
         if not 0 <= self.fold < self.folds:
             raise TrainingError(None, f"--fold {self.fold} is not in 0..{self.folds - 1}")
 
@@ -281,6 +287,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
     data = resolve_training_data(config, main=ctx.is_main)
     ctx.barrier()
+    if data.recipe == "small-set":
+        if ctx.distributed:
+            raise TrainingError(None, "the small-set recipe runs in one process, not torchrun")
+        from ichscan.train.small_set import train_small_set
+
+        return train_small_set(config, data)
     cache, label_set, train_rows, val_rows = data.open()
     labels = cache.labels()
     _check_labels(labels, train_rows, label_set, "training")

@@ -1,0 +1,32 @@
+"""Density features: fixed length, zeros without a brain, and they see a bright bleed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ichscan.models.density import N_FEATURES, density_features
+
+
+def brain_disc(bleed: bool) -> np.ndarray:
+    yy, xx = np.mgrid[:320, :320]
+    grey = np.where((yy - 160) ** 2 + (xx - 160) ** 2 < 120**2, 100, 0).astype(np.uint8)
+    if bleed:
+        grey[(yy - 130) ** 2 + (xx - 200) ** 2 < 20**2] = 200  # dense blood, one side
+    return grey
+
+
+def test_features_have_a_fixed_length_and_are_finite() -> None:
+    f = density_features(brain_disc(False))
+    assert f.shape == (N_FEATURES,) and f.dtype == np.float32
+    assert np.isfinite(f).all()
+
+
+def test_blank_slice_gives_zeros() -> None:
+    assert not density_features(np.zeros((320, 320), np.uint8)).any()
+
+
+def test_a_bleed_raises_brightness_and_asymmetry() -> None:
+    normal, bleed = density_features(brain_disc(False)), density_features(brain_disc(True))
+    # fraction >= 170 (index 4), largest blob share (index 16), mean |left - right| (26)
+    for k in (4, 16, 26):
+        assert bleed[k] > normal[k]

@@ -1,0 +1,113 @@
+"""Head and brain crop: square output, nothing outside the head kept, the skull removed in
+brain mode, the same pixels in training (prepare) and prediction (infer.inputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ichscan.data.phantom import make_phantom
+from ichscan.preprocess.head_crop import crop_box, crop_slice
+from ichscan.preprocess.window import apply_window
+
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def brain_slice(rows: int = 256, cols: int = 256, seed: int = 0) -> np.ndarray:
+    phantom = make_phantom((8, rows, cols), seed=seed, findings=["intraparenchymal"])
+    return apply_window(phantom.hu[4], "brain")
+
+
+def with_clutter(grey: np.ndarray) -> np.ndarray:
+    """A table line and a burnt-in letter block far from the head."""
+    out = np.pad(grey, ((0, 60), (40, 40)))
+    out[-20:-16, 10:-10] = 200  # table
+    out[5:15, 5:25] = 255  # letters
+    return out
+
+
+def test_head_crop_is_square_and_drops_the_clutter() -> None:
+    grey = with_clutter(brain_slice())
+    out = crop_slice(grey[..., None], "head")
+    assert out.shape[0] == out.shape[1]
+    assert out.shape[2] == 1
+    # The head is about 256 px across: the square is the head plus a small margin, not the
+    # padded 336 x 316 canvas with its table and letters.
+    assert out.shape[0] < 0.9 * max(grey.shape)
+    assert out[..., 0].sum() == pytest.approx(
+        grey[grey > 0].sum() - 200 * 4 * (grey.shape[1] - 20) - 255 * 200, rel=0.02
+    )
+
+
+def test_brain_crop_zeroes_the_skull() -> None:
+    grey = brain_slice()
+    head = crop_slice(grey[..., None], "head")[..., 0]
+    brain = crop_slice(grey[..., None], "brain")[..., 0]
+    assert head.shape == brain.shape
+    # Bone saturates a brain window; with the skull removed, almost nothing is left at 255
+    # (only blood or calcification inside the brain could be).
+    assert (head >= 250).sum() > 500
+    assert (brain >= 250).sum() < 0.1 * (head >= 250).sum()
+    assert (brain > 0).sum() > 0.5 * (head > 0).sum()
+
+
+def test_blank_slice_is_only_padded() -> None:
+    blank = np.zeros((40, 60, 3), dtype=np.uint8)
+    out = crop_slice(blank, "brain")
+    assert out.shape == (60, 60, 3)
+    assert crop_box(blank[..., 0]) == (-10, 0, 60)
+
+
+def test_crop_box_matches_the_cut() -> None:
+    grey = with_clutter(brain_slice(seed=3))
+    top, left, side = crop_box(grey)
+    out = crop_slice(grey[..., None], "head")[..., 0]
+    assert out.shape == (side, side)
+    r0, c0 = max(top, 0), max(left, 0)
+    window = grey[r0 : top + side, c0 : left + side]
+    inside = out[r0 - top : r0 - top + window.shape[0], c0 - left : c0 - left + window.shape[1]]
+    kept = inside > 0
+    assert np.array_equal(inside[kept], window[kept])
+
+
+def test_unknown_crop_and_bad_shape_are_refused() -> None:
+    with pytest.raises(ValueError, match="crop must be one of"):
+        crop_slice(np.zeros((4, 4, 1), np.uint8), "skull")
+    with pytest.raises(ValueError, match=r"\[H, W, C\]"):
+        crop_slice(np.zeros((4, 4), np.uint8), "head")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    rows=st.integers(8, 80),
+    cols=st.integers(8, 80),
+    seed=st.integers(0, 2**16),
+    crop=st.sampled_from(["head", "brain"]),
+)
+def test_any_slice_gives_a_square_without_new_values(
+    rows: int, cols: int, seed: int, crop: str
+) -> None:
+    grey = np.random.default_rng(seed).integers(0, 256, (rows, cols, 2), dtype=np.uint8)
+    out = crop_slice(grey, crop)
+    assert out.ndim == 3 and out.shape[0] == out.shape[1] and out.shape[2] == 2
+    # Cropping only keeps or zeroes pixels: every value comes from the input.
+    assert set(np.unique(out)) <= set(np.unique(grey)) | {0}
+
+
+@pytest.mark.skipif(not (SHARED / "head_ct").exists(), reason="../shared/data/head_ct absent")
+def test_real_head_ct_images_crop_to_the_head() -> None:
+    from ichscan.io.image import read_grey
+
+    for name in ("000.png", "100.png"):
+        grey = read_grey(SHARED / "head_ct" / "images" / name)
+        out = crop_slice(grey[..., None], "brain")[..., 0]
+        assert out.shape[0] == out.shape[1]
+        assert 0.6 * max(grey.shape) < out.shape[0] < 1.2 * max(grey.shape)
+        # The brain fills a good part of the square, and its border ring is empty.
+        assert (out > 0).mean() > 0.3
+        ring = np.concatenate([out[:3].ravel(), out[-3:].ravel(), out[:, :3].ravel()])
+        assert ring.max() == 0

@@ -1,0 +1,134 @@
+"""The small-set recipe end to end on synthetic brain-window PNGs: it is what `ichscan train`
+picks for a small binary set, its feature maps are cached and reused, the bundle predicts
+through the ordinary predictor exactly what training scored, and its heatmaps land on the
+slice's own pixels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ichscan.data.synth import write_synthetic
+from ichscan.labels import BINARY, RSNA
+from ichscan.train.data import DataError, _small_set_applies
+from ichscan.train.loop import TrainConfig, train
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def png_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("small") / "png"
+    write_synthetic(out, n_scans=16, layout="png", seed=5)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(png_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("small-model")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = train(
+            TrainConfig(
+                data=str(png_set),
+                out=str(root / "model"),
+                labels="binary",
+                folds=4,
+                feature_cache=str(root / "features"),
+                progress=False,
+                tensorboard=False,
+            )
+        )
+    finally:
+        torch.set_num_threads(before)
+    return root / "model", root / "features", summary
+
+
+def test_auto_picks_small_set_for_small_binary_sets_only() -> None:
+    assert _small_set_applies(150, BINARY)
+    assert not _small_set_applies(150, RSNA)
+    assert not _small_set_applies(50_000, BINARY)
+
+
+def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
+    model, features, summary = trained
+    config = json.loads((model / "bundle.json").read_text())
+    assert config["recipe"] == "small-set"
+    assert config["input"]["crop"] == "brain"
+    assert config["input"]["size"] == 320
+    assert config["input"]["tta"] == ["identity", "hflip"]
+    assert 0 < config["thresholds"]["hemorrhage"] < 1
+    assert "inner" in config["threshold_method"]
+    assert config["training"]["feature_maps_computed"] == 16
+    assert len(list(features.rglob("*.npz"))) == 16
+    assert summary["metrics"]["validation_slices"] == 4
+
+
+def test_a_second_fold_reuses_the_cached_feature_maps(trained, tmp_path: Path) -> None:
+    model, features, _ = trained
+    summary = train(
+        TrainConfig(
+            data=str(model / "cache"),
+            out=str(tmp_path / "fold1"),
+            fold=1,
+            folds=4,
+            feature_cache=str(features),
+            progress=False,
+            tensorboard=False,
+        )
+    )
+    assert summary["recipe"] == "small-set"
+    assert summary["training"]["feature_maps_computed"] == 0
+
+
+def test_predict_gives_what_cross_validation_scored(trained, png_set: Path) -> None:
+    from ichscan.data.cache import PreparedCache
+    from ichscan.infer.predictor import Predictor
+    from ichscan.io.load import load
+    from ichscan.train.cv import bundle_probabilities
+
+    model, _, _ = trained
+    cache = PreparedCache(model / "cache")
+    row = 3
+    image = Path(cache.index["path"].iloc[row])
+    via_cache = bundle_probabilities(model, cache, np.array([row]), torch.device("cpu"))[0, 0]
+    predictor = Predictor(model, "cpu")
+    via_predict = predictor.predict_scan(load(image, image_window="brain")).scan_probs[0]
+    assert 0.0 <= via_predict <= 1.0
+    assert via_predict == pytest.approx(via_cache, abs=1e-5)
+
+
+def test_heatmap_sits_inside_the_head_crop(trained, png_set: Path, tmp_path: Path) -> None:
+    from ichscan.infer.explain import explain
+    from ichscan.io.image import read_grey
+    from ichscan.preprocess.head_crop import crop_box
+
+    model, _, _ = trained
+    image = sorted((png_set / "images").glob("*.png"))[0]
+    result = explain(image, model, tmp_path / "explain", device="cpu")
+    heat = np.load(result.heatmaps)
+    grey = read_grey(image)
+    assert heat.shape == (1, *grey.shape)
+    assert heat.max() == pytest.approx(1.0)
+    top, left, side = crop_box(grey)
+    outside = np.ones(grey.shape, bool)
+    outside[max(top, 0) : top + side, max(left, 0) : left + side] = False
+    assert not heat[0][outside].any()
+
+
+def test_small_set_refuses_a_multi_label_set(png_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="trains one label"):
+        train(
+            TrainConfig(
+                data=str(png_set),
+                out=str(tmp_path / "m"),
+                recipe="small-set",
+                progress=False,
+                tensorboard=False,
+            )
+        )
