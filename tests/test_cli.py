@@ -194,6 +194,32 @@ def test_prepare_real_png_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "prepared 100 slice(s)" in capsys.readouterr().out
 
 
+def test_prepare_crop_brain_on_real_pngs(tmp_path: Path) -> None:
+    from conftest import shared
+    from ichscan.data.cache import PreparedCache
+
+    out = tmp_path / "cache"
+    args = ["prepare", str(shared("head_ct")), "--out", str(out), "--size", "64"]
+    assert main([*args, "--crop", "brain", "--workers", "1"]) == 0
+    cache = PreparedCache(out)
+    assert cache.crop == "brain" and cache.size == 64
+    # Cropped to the head: the corners of every slice are empty.
+    corners = np.stack([np.asarray(cache[i])[[0, 0, -1, -1], [0, -1, 0, -1], 0] for i in range(20)])
+    assert corners.max() == 0
+
+
+def test_prepare_crop_needs_the_brain_window_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ichscan.data.synth import write_synthetic
+
+    data = tmp_path / "dicom"
+    write_synthetic(data, n_scans=1, shape=(4, 64, 64))
+    args = ["prepare", str(data), "--out", str(tmp_path / "c"), "--windows", "bone,brain"]
+    assert main([*args, "--crop", "head"]) == 2
+    assert "list brain first" in capsys.readouterr().err
+
+
 def test_prepare_lists_unreadable_files_and_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

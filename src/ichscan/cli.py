@@ -167,6 +167,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         windows = parse_windows(args.windows)
     except ValueError as exc:
         raise IchscanError(None, f"--windows: {exc}") from None
+    if args.crop != "none" and windows[0].name != "brain":
+        raise IchscanError(
+            None, f"--crop {args.crop} finds the head in a brain window: list brain first"
+        )
     df, report, label_set = build_manifest(args.data, labels=args.labels, workers=args.workers)
     print(report.summary())
     err = _console(stderr=True)
@@ -191,6 +195,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         ray=args.ray,
         label_set=label_set,
         overwrite=args.overwrite,
+        crop=args.crop,
     )
     write_manifest(
         df,
@@ -468,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--windows", default="brain,subdural,bone")
     p.add_argument("--size", type=int, default=256)
+    p.add_argument(
+        "--crop",
+        choices=["none", "head", "brain"],
+        default="none",
+        help="crop each slice to a square around the head first (brain: skull zeroed too); "
+        "the first window must be brain. The small-set recipe reads --crop brain --size 320",
+    )
     p.add_argument("--labels", choices=["rsna", "cq500", "binary"])
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
