@@ -239,3 +239,15 @@ def test_non_ct_modality(tmp_path: Path, phantom_volume: np.ndarray) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="file not found"):
         read_slice_hu(tmp_path / "nope.dcm")
+
+
+def test_multi_frame_ct_is_refused_not_cut_to_its_first_frame(
+    tmp_path: Path, phantom_volume: np.ndarray
+) -> None:
+    path = _one_slice(tmp_path, phantom_volume[6])
+    ds = pydicom.dcmread(path)
+    ds.NumberOfFrames = 3
+    ds.PixelData = ds.PixelData * 3
+    ds.save_as(path)
+    with pytest.raises(InputError, match=r"multi-frame CT \(3 frames"):
+        read_slice_hu(path)

@@ -99,6 +99,7 @@ class SliceHeader:
     encoding: PixelEncoding
     notes: tuple[str, ...] = ()
     member: str | None = None  # entry name when the file came from a zip
+    frames: int = 1  # NumberOfFrames: Enhanced / multi-frame CT holds a whole series
 
 
 def _first(value: Any) -> Any:
@@ -227,6 +228,7 @@ def header_from_dataset(
         "transfer_syntax": syntax,
         "photometric": photometric,
         "samples_per_pixel": _fast_us(ds, "SamplesPerPixel") or 1,
+        "frames": _frames(ds),
         "has_pixels": "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
         "encoding": encoding,
         "notes": tuple(notes),
@@ -326,8 +328,24 @@ def syntax_name(uid: str) -> str:
         return uid
 
 
-def check_ct_slice(header: SliceHeader, label: str) -> None:
-    """Reject what is not a single-frame greyscale CT image, with the reason."""
+def _frames(ds: Dataset) -> int:
+    value = _first(ds.get("NumberOfFrames"))
+    try:
+        return max(1, int(value)) if value not in (None, "") else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+def check_ct_slice(header: SliceHeader, label: str, *, multi_frame: bool = False) -> None:
+    """Reject what is not a single-frame greyscale CT image, with the reason
+    (``multi_frame``: a reader that splits frames itself accepts several)."""
+    if header.frames > 1 and not multi_frame:
+        # Reading frame 1 alone would silently drop the rest of the series.
+        raise InputError(
+            label,
+            f"multi-frame CT ({header.frames} frames, e.g. Enhanced CT): this reader takes one "
+            "slice per file; `ichscan listen` accepts Enhanced CT, or export single-frame slices",
+        )
     if not header.has_pixels:
         kind = header.modality or "unknown modality"
         raise InputError(label, f"no pixel data (a {kind} object, not an image)")

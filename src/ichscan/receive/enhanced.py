@@ -61,7 +61,7 @@ def _frames(path: Path) -> list[dict[str, Any]]:
     label = str(path)
     ds = read_dataset(path, name=label)
     header = header_from_dataset(ds, label)
-    check_ct_slice(header, label)
+    check_ct_slice(header, label, multi_frame=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

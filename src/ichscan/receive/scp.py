@@ -97,7 +97,7 @@ def check_instance(data: bytes, sop_uid: str, sop_class: str) -> InstanceInfo:
         raise Refused(CANNOT_UNDERSTAND, "corrupt dataset (no SOPClassUID/SOPInstanceUID)")
     try:
         header = header_from_dataset(ds, label)
-        check_ct_slice(header, label)
+        check_ct_slice(header, label, multi_frame=True)
     except InputError as exc:
         raise Refused(NOT_MATCHING, exc.problem) from None
     except Exception as exc:

@@ -44,12 +44,13 @@ def cross_validate(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Train one model per fold with the default recipe (plus `overrides`); return pooled
-    out-of-fold labels `y`, probabilities `p` and thresholded decisions (first label), the
-    per-fold AUCs and training minutes."""
+    out-of-fold labels `y`, probabilities `p` and decisions (first label) at each bundle's
+    own threshold and at a Youden threshold of the other folds, the per-fold AUCs and
+    training minutes."""
     from ichscan.evaluate.metrics import roc_auc
 
     device = pick_device(overrides.get("device", "auto"))
-    ys, ps, fold_ids, minutes, aucs = [], [], [], [], []
+    ys, ps, fold_ids, minutes, aucs, own = [], [], [], [], [], []
     cache_dir = None
     for fold in range(folds):
         config = replace(
@@ -71,6 +72,8 @@ def cross_validate(
         rows = np.flatnonzero((folds_col == fold) & cache.ok)
         p = bundle_probabilities(config.out, cache, rows, device)[:, 0]
         y = cache.labels()[rows, 0]
+        threshold = float(next(iter(summary["thresholds"].values())))
+        own.append((p >= threshold).astype(int))
         ys.append(y)
         ps.append(p)
         fold_ids.append(np.full(len(y), fold))
@@ -82,6 +85,8 @@ def cross_validate(
         "p": p,
         "fold": fold_id,
         "decision": held_out_decisions(y, p, fold_id),
+        # what each fold's bundle decides at its own threshold (what `predict` prints)
+        "bundle_decision": np.concatenate(own),
         "minutes": minutes,
         "fold_aucs": aucs,
     }
