@@ -99,7 +99,12 @@ def test_openapi_documents_the_routes(make_client) -> None:
         assert path in paths
     body = paths["/api/scans"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert body["schema"]["properties"]["files"]["type"] == "array"
-    assert client.get("/docs").status_code == 200
+    page = client.get("/docs")
+    assert page.status_code == 200
+    # Offline: the page's script and style come from this server, not a CDN.
+    assert "cdn" not in page.text.lower()
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
 
 
 # -- uploads of every kind ------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
@@ -85,6 +85,25 @@ def _new_record(scan_id: str, name: str, upload: dict[str, Any], **extra: Any) -
     }
 
 
+def _offline_docs(app: FastAPI) -> None:
+    """/docs with Swagger UI from the swagger-ui-bundle wheel, so it works without a network
+    (FastAPI's default page loads its script and style from a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="ichscan API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
+
+
 def create_app(
     model_dir: str | Path | None,
     data_dir: str | Path,
@@ -134,6 +153,7 @@ def create_app(
         description="Intracranial hemorrhage on head CT: upload a scan, read its per-slice and "
         f"per-scan probabilities, view its slices and Grad-CAM heatmaps. {DISCLAIMER}.",
         lifespan=lifespan,
+        docs_url=None,  # served below from local files: FastAPI's default page uses a CDN
     )
     app.state.processor = processor
     app.state.scans = scans
@@ -148,6 +168,7 @@ def create_app(
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _offline_docs(app)
 
     @app.get("/api/health", tags=["server"])
     async def health() -> dict[str, Any]:
