@@ -499,7 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="efficientnet_lite0",
         help="backbone (default: "
         "%(default)s; vgg16, alexnet, resnet18/50/101/152, densenet121/161/169/201, "
-        "efficientnet_b0..b4, efficientnet_lite0..2)",
+        "efficientnet_b0..b4, efficientnet_lite0..2); naming another backbone than the "
+        "default means --recipe finetune",
     )
     p.add_argument(
         "--pretrained",

@@ -109,4 +109,7 @@ def run_demo(out: Path) -> int:
     console.print(f"report      {out / 'report' / 'report.html'} (open in a browser, offline)")
     console.print(f"predictions {out / 'preds.csv'} and {out / 'preds.scans.csv'}")
     console.print(f"Grad-CAM    {out / 'explain' / 'montage.png'}")
+    console.print(
+        f"next        ichscan serve --model {out / 'model'}   (viewer at http://127.0.0.1:8000)"
+    )
     return 0

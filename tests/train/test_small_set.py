@@ -14,7 +14,7 @@ import torch
 
 from ichscan.data.synth import write_synthetic
 from ichscan.labels import BINARY, RSNA
-from ichscan.train.data import DataError, _small_set_applies
+from ichscan.train.data import DataError, _auto_small_set, _small_set_applies
 from ichscan.train.loop import TrainConfig, train
 
 pytestmark = pytest.mark.timeout(600)
@@ -53,6 +53,9 @@ def test_auto_picks_small_set_for_small_binary_sets_only() -> None:
     assert _small_set_applies(150, BINARY)
     assert not _small_set_applies(150, RSNA)
     assert not _small_set_applies(50_000, BINARY)
+    # A backbone asked for by name is fine-tuned, whatever the set.
+    assert _auto_small_set(TrainConfig(data="d", out="o"), 150, BINARY)
+    assert not _auto_small_set(TrainConfig(data="d", out="o", architecture="resnet18"), 150, BINARY)
 
 
 def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:

@@ -134,7 +134,7 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
                 f"{SMALL_SET_SIZE} px; this one has crop={cache.crop!r} at {cache.size} px",
             )
         recipe = "small-set" if config.recipe == "small-set" or (
-            config.recipe == "auto" and fits and _small_set_applies(len(cache), label_set)
+            config.recipe == "auto" and fits and _auto_small_set(config, len(cache), label_set)
         ) else "finetune"
         return TrainingData(
             data,
@@ -169,7 +169,7 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
     recipe = config.recipe
     if recipe == "auto":
         main_rows = int((df["fold"] >= 0).sum())
-        recipe = "small-set" if _small_set_applies(main_rows, label_set) else "finetune"
+        recipe = "small-set" if _auto_small_set(config, main_rows, label_set) else "finetune"
     if recipe == "small-set":
         if len(label_set.labels) != 1:
             raise DataError(
@@ -214,6 +214,14 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
 
 SMALL_SET_SIZE = 320
 SMALL_SET_MAX_SLICES = 2000
+
+
+def _auto_small_set(config: TrainConfig, slices: int, label_set: LabelSet) -> bool:
+    """`--recipe auto`: the small-set ensemble, unless the user chose another network (its
+    backbone is Lite0: a model asked for by name is fine-tuned as asked)."""
+    from ichscan.train.loop import DEFAULT_ARCHITECTURE
+
+    return config.architecture == DEFAULT_ARCHITECTURE and _small_set_applies(slices, label_set)
 
 
 def _small_set_applies(slices: int, label_set: LabelSet) -> bool:

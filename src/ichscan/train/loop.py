@@ -40,6 +40,7 @@ from ichscan.train.data import resolve_training_data
 from ichscan.train.dataset import SliceDataset
 
 RECIPES = ("auto", "small-set", "finetune")
+DEFAULT_ARCHITECTURE = "efficientnet_lite0"
 
 
 class TrainingError(IchscanError):
@@ -50,7 +51,7 @@ class TrainingError(IchscanError):
 class TrainConfig:
     data: str
     out: str
-    architecture: str = "efficientnet_lite0"
+    architecture: str = "efficientnet_lite0"  # DEFAULT_ARCHITECTURE
     pretrained: str = "imagenet"
     train_mode: str = "all"  # "head": frozen backbone (as the seeds did); "all": fine-tune
     labels: str | None = None

@@ -440,7 +440,9 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     val_rows = val_rows[labels[val_rows] >= 0]
     source, source_names = source_ids(cache)
     if (source[train_rows] == 0).sum() == 0 or len(np.unique(labels[train_rows])) < 2:
-        raise SmallSetError(config.data, "training needs slices of both classes in the main set")
+        raise SmallSetError(
+            config.data, "the main set's training slices hold only one class: need both"
+        )
     rows = np.concatenate([train_rows, val_rows])
     greys = np.stack([np.asarray(cache[int(r)])[..., 0] for r in rows])
     local = {int(r): i for i, r in enumerate(rows)}
