@@ -251,3 +251,32 @@ def test_multi_frame_ct_is_refused_not_cut_to_its_first_frame(
     ds.save_as(path)
     with pytest.raises(InputError, match=r"multi-frame CT \(3 frames"):
         read_slice_hu(path)
+
+
+def test_large_non_dicom_file_is_refused_at_once(tmp_path: Path) -> None:
+    # 50 MB of zeros: pydicom's forced read would crawl through it; the sniff refuses it.
+    import time
+
+    path = tmp_path / "zeros.dcm"
+    with open(path, "wb") as fh:
+        fh.truncate(50 * 1024 * 1024)
+    start = time.perf_counter()
+    with pytest.raises(InputError, match="not a DICOM file"):
+        read_slice_hu(path)
+    assert time.perf_counter() - start < 5
+
+
+def test_preamble_less_dicom_is_still_read(tmp_path: Path, phantom_volume: np.ndarray) -> None:
+    path = _one_slice(tmp_path, phantom_volume[6])
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    ds = pydicom.dcmread(path)
+    # The dataset alone, implicit VR little endian: no preamble, no DICM, no file meta.
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, True
+    write_dataset(buf, ds)
+    bare = tmp_path / "bare.dcm"
+    bare.write_bytes(buf.getvalue())
+    assert b"DICM" not in bare.read_bytes()[:200]
+    np.testing.assert_array_equal(read_slice_hu(bare)[0], read_slice_hu(path)[0])

@@ -158,6 +158,12 @@ def read_dataset(
         except InvalidDicomError:
             if hasattr(source, "seek"):
                 source.seek(0)  # type: ignore[union-attr]
+            if not _starts_like_raw_dicom(source):
+                # Forcing pydicom through a large non-DICOM file (an archive, a video, zeros)
+                # can take minutes; a preamble-less dataset starts with an early group tag.
+                raise InputError(
+                    label, "not a DICOM file (no DICM marker, no DICOM tag at the start)"
+                ) from None
             try:
                 ds = _dcmread(source, header_only, force=True)
             except Exception as exc:
@@ -171,6 +177,27 @@ def read_dataset(
         except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
             raise InputError(label, f"corrupt or truncated DICOM file ({exc})") from None
     return ds
+
+
+def _starts_like_raw_dicom(source: str | Path | BinaryIO) -> bool:
+    """True when the first tag is a low even group (0002 file meta, 0008 identification,
+    ... up to 0028 image), as a dataset written without the 128-byte preamble starts."""
+    try:
+        if hasattr(source, "read"):
+            head = source.read(4)  # type: ignore[union-attr]
+            source.seek(0)  # type: ignore[union-attr]
+        else:
+            with open(source, "rb") as fh:
+                head = fh.read(4)
+    except OSError:
+        return True  # let the real read report the problem
+    if len(head) < 4:
+        return False
+    for order in ("little", "big"):
+        group = int.from_bytes(head[:2], order)
+        if 0x0002 <= group <= 0x0028 and group % 2 == 0:
+            return True
+    return False
 
 
 def header_from_dataset(

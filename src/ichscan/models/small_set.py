@@ -108,6 +108,25 @@ class MILHead(nn.Module):
         return pooled + self.source_bias[source]
 
 
+class MILEnsemble(nn.Module):
+    """MIL heads trained from different seeds, averaged in logit space: the head is the
+    ensemble's noisiest member on a few hundred slices."""
+
+    def __init__(self, sources: int = 1, heads: int = 1) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(MILHead(sources) for _ in range(heads))
+
+    @property
+    def sources(self) -> int:
+        return int(self.heads[0].source_bias.numel())
+
+    def logit_map(self, fine: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
+        return torch.stack([h.logit_map(fine, deep) for h in self.heads]).mean(0)
+
+    def forward(self, fine: torch.Tensor, deep: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return torch.stack([h(fine, deep, source) for h in self.heads]).mean(0)
+
+
 def pooled_features(fine: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
     """[N, 3168]: average and max of every channel of both maps."""
     return torch.cat(
@@ -153,10 +172,11 @@ class SmallSetModel(nn.Module):
         source: int = 0,
         forest_shape: tuple[int, int] = (1, 1),
         pretrained: str = "none",
+        mil_heads: int = 1,
     ) -> None:
         super().__init__()
         self.maps = LiteMaps(pretrained)
-        self.mil = MILHead(sources)
+        self.mil = MILEnsemble(sources, mil_heads)
         self.logistic = PooledLogistic()
         self.forest = ForestModule(*forest_shape)
         self.source = source
@@ -207,7 +227,8 @@ class SmallSetModel(nn.Module):
 def small_set_config(model: SmallSetModel) -> dict[str, Any]:
     """What bundle.json must hold to rebuild the module before loading its weights."""
     return {
-        "sources": int(model.mil.source_bias.numel()),
+        "sources": model.mil.sources,
+        "mil_heads": len(model.mil.heads),
         "source": int(model.source),
         "forest_shape": list(model.forest.left.shape),
         "member_weights": list(MEMBER_WEIGHTS),
@@ -222,4 +243,5 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
         sources=int(spec["sources"]),
         source=int(spec["source"]),
         forest_shape=tuple(spec["forest_shape"]),  # type: ignore[arg-type]
+        mil_heads=int(spec.get("mil_heads", 1)),
     )

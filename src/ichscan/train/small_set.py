@@ -50,6 +50,7 @@ from ichscan.models.small_set import (
     CROP_SIZE,
     RECIPE,
     LiteMaps,
+    MILEnsemble,
     MILHead,
     PooledLogistic,
     SmallSetModel,
@@ -67,6 +68,7 @@ N_VIEWS = 8
 FEATURE_VERSION = "lite0-b10-b14-head-256-v1"
 MAX_SLICES = 2000  # above this, fine-tuning is affordable and the cached maps would be large
 INNER_FOLDS = 4
+MIL_HEADS = 3
 
 
 class SmallSetError(IchscanError):
@@ -80,6 +82,7 @@ class MILSettings:
     weight_decay: float = 1e-2
     batch_size: int = 32
     smoothing: float = 0.1
+    heads: int = MIL_HEADS  # seeds averaged
 
 
 def default_feature_cache() -> Path:
@@ -233,9 +236,12 @@ def fit_mil(
     sources: int,
     seed: int,
     settings: MILSettings = MILSettings(),
-) -> MILHead:
+) -> MILEnsemble:
+    ensemble = MILEnsemble(sources, settings.heads)
     with _one_thread():
-        return _fit_mil(maps, rows, y, source, sources, seed, settings)
+        for j in range(settings.heads):
+            ensemble.heads[j] = _fit_mil(maps, rows, y, source, sources, seed + 7919 * j, settings)
+    return ensemble.eval()
 
 
 @contextlib.contextmanager
@@ -318,7 +324,7 @@ def fit_forest(density: np.ndarray, rows: np.ndarray, y: np.ndarray, seed: int) 
 
 @dataclass
 class Members:
-    mil: MILHead
+    mil: MILEnsemble
     logistic: PooledLogistic
     forest: ForestModule
 
@@ -348,7 +354,7 @@ def ensemble_probs(
 ) -> np.ndarray:
     """Probabilities of ``rows`` (source 0) as the predictor computes them: the members'
     weighted logits per view, sigmoid, mean over identity and mirror."""
-    model = SmallSetModel(members.mil.source_bias.numel(), 0)
+    model = SmallSetModel(members.mil.sources, 0, mil_heads=len(members.mil.heads))
     model.mil, model.logistic, model.forest = members.mil, members.logistic, members.forest
     model.eval()
     dens = torch.from_numpy(density[rows])
@@ -478,7 +484,9 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     else:
         thresholds, method = {name: 0.5}, "default 0.5 (too few training slices for inner CV)"
 
-    model = SmallSetModel(sources, 0, tuple(final.forest.left.shape))
+    model = SmallSetModel(
+        sources, 0, tuple(final.forest.left.shape), mil_heads=len(final.mil.heads)
+    )
     model.maps = extractor
     model.mil, model.logistic, model.forest = final.mil, final.logistic, final.forest
     metrics: dict[str, Any] = {"validation_slices": len(va)}
