@@ -554,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="small-set: frozen EfficientNet-Lite0 maps of head-cropped brain-window slices + "
         "MIL head, pooled logistic regression and density forest (for a binary label and at "
-        f"most {2000} slices); finetune: train --arch end to end with the options above; "
+        "most 1,000 slices); finetune: train --arch end to end with the options above; "
         "auto (default): small-set when it applies, else finetune",
     )
     p.add_argument(

@@ -135,3 +135,22 @@ def test_small_set_refuses_a_multi_label_set(png_set: Path, tmp_path: Path) -> N
                 tensorboard=False,
             )
         )
+
+
+def test_forced_small_set_on_a_large_set_is_refused(
+    png_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ichscan.train import small_set
+
+    monkeypatch.setattr(small_set, "HARD_MAX_SLICES", 10)
+    with pytest.raises(small_set.SmallSetError, match="use --recipe finetune"):
+        train(
+            TrainConfig(
+                data=str(png_set),
+                out=str(tmp_path / "m"),
+                labels="binary",
+                recipe="small-set",
+                progress=False,
+                tensorboard=False,
+            )
+        )

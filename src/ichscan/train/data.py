@@ -213,7 +213,9 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
 
 
 SMALL_SET_SIZE = 320
-SMALL_SET_MAX_SLICES = 2000
+# The small-set fits hold ~2 MB of float16 feature maps per slice in memory (2 GB at 1,000);
+# above that, fine-tuning is affordable and streams from the cache instead.
+SMALL_SET_MAX_SLICES = 1000
 
 
 def _auto_small_set(config: TrainConfig, slices: int, label_set: LabelSet) -> bool:

@@ -66,8 +66,8 @@ log = logging.getLogger(__name__)
 
 N_VIEWS = 8
 FEATURE_VERSION = "lite0-b10-b14-head-256-v1"
-MAX_SLICES = 2000  # above this, fine-tuning is affordable and the cached maps would be large
 INNER_FOLDS = 4
+HARD_MAX_SLICES = 4000  # ~8 GB of float16 maps held in memory (--recipe small-set forced)
 MIL_HEADS = 1  # 3 seeds were tried: no better (see README), 2.7x the fit time
 
 
@@ -450,6 +450,13 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
             config.data, "the main set's training slices hold only one class: need both"
         )
     rows = np.concatenate([train_rows, val_rows])
+    if len(rows) > HARD_MAX_SLICES:
+        raise SmallSetError(
+            config.data,
+            f"{len(rows)} slices: the small-set fits would hold about "
+            f"{len(rows) * 2 / 1024:.0f} GB of feature maps in memory (limit "
+            f"{HARD_MAX_SLICES}); use --recipe finetune",
+        )
     greys = np.stack([np.asarray(cache[int(r)])[..., 0] for r in rows])
     local = {int(r): i for i, r in enumerate(rows)}
     y = labels[rows].astype(np.int64)
