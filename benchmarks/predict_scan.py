@@ -35,57 +35,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_common import random_bundle, thin_series
+
 N_SLICES, THIN_MM, THICK_MM, SIZE = 240, 0.625, 5.0, 256
 WINDOWS = ((40.0, 80.0), (80.0, 200.0), (600.0, 2800.0))
 
 
 def make_series(work: Path) -> Path:
-    """The thin series (written once; reused from the work folder afterwards)."""
-    from ichscan.data.synth import write_synthetic
-
-    root = work / "series"
-    done = root / "README.txt"
-    if not done.exists():
-        if root.exists():
-            raise SystemExit(f"{root} is incomplete; delete it and run again")
-        print("writing the 240-slice JPEG-lossless series (once)...", flush=True)
-        write_synthetic(
-            root,
-            n_scans=1,
-            seed=5,
-            layout="dicom",
-            thickness=THIN_MM,
-            compression="jpeg-lossless",
-            shape=(N_SLICES, 512, 512),
-            findings=["subdural", "intraparenchymal"],
-        )
-    [series] = sorted({p.parent for p in root.glob("*/*/*.dcm")})
-    return series
+    return thin_series(work / "series", N_SLICES, THIN_MM, "jpeg-lossless")
 
 
 def make_bundle(work: Path) -> Path:
-    from ichscan.labels import RSNA
-    from ichscan.models.bundle import input_spec, new_config, save_bundle
-    from ichscan.models.slice_model import SliceModel
-
-    root = work / "model"
-    if (root / "bundle.json").exists():
-        return root
-    model = SliceModel("resnet18", len(RSNA.labels), pretrained="none", dropout=0.0).eval()
-    spec = input_spec(
-        ("brain", "subdural", "bone"),
-        SIZE,
-        mean=model.mean.flatten().tolist(),
-        std=model.std.flatten().tolist(),
-    )
-    config = new_config(
-        architecture="resnet18",
-        weights_provenance=model.provenance,
-        label_set=RSNA,
-        input_spec=spec,
-        dropout=0.0,
-    )
-    return save_bundle(root, config, [model])
+    return random_bundle(work / "model", SIZE)
 
 
 # -- the baseline -------------------------------------------------------------------------

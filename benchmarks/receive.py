@@ -43,58 +43,21 @@ import threading
 import time
 from pathlib import Path
 
+from bench_common import random_bundle, thin_series
+
 N_SLICES, THIN_MM, THICK_MM, SIZE = 240, 0.625, 5.0, 256
 _LISTENING = re.compile(r"listening as \S+ on 127\.0\.0\.1:(\d+)")
 
 
 def make_series(work: Path) -> tuple[Path, list[Path]]:
-    from ichscan.data.synth import write_synthetic
-
-    root = work / "series"
-    if not (root / "README.txt").exists():
-        if root.exists():
-            raise SystemExit(f"{root} is incomplete; delete it and run again")
-        print("writing the 240-slice uncompressed series (once)...", flush=True)
-        write_synthetic(
-            root,
-            n_scans=1,
-            seed=5,
-            layout="dicom",
-            thickness=THIN_MM,
-            compression="none",
-            shape=(N_SLICES, 512, 512),
-            findings=["subdural", "intraparenchymal"],
-        )
-    [folder] = sorted({p.parent for p in root.glob("*/*/*.dcm")})
+    folder = thin_series(work / "series", N_SLICES, THIN_MM, "none")
     files = sorted(folder.glob("*.dcm"))
     assert len(files) == N_SLICES, len(files)
     return folder, files
 
 
 def make_bundle(work: Path) -> Path:
-    from ichscan.labels import RSNA
-    from ichscan.models.bundle import input_spec, new_config, save_bundle
-    from ichscan.models.slice_model import SliceModel
-
-    root = work / "model"
-    if (root / "bundle.json").exists():
-        return root
-    model = SliceModel("resnet18", len(RSNA.labels), pretrained="none", dropout=0.0).eval()
-    spec = input_spec(
-        ("brain", "subdural", "bone"),
-        SIZE,
-        mean=model.mean.flatten().tolist(),
-        std=model.std.flatten().tolist(),
-    )
-    spec["slice_thickness_mm"] = THICK_MM
-    config = new_config(
-        architecture="resnet18",
-        weights_provenance=model.provenance,
-        label_set=RSNA,
-        input_spec=spec,
-        dropout=0.0,
-    )
-    return save_bundle(root, config, [model])
+    return random_bundle(work / "model", SIZE, slice_thickness_mm=THICK_MM)
 
 
 # -- the SCU ------------------------------------------------------------------------------

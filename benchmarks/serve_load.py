@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from bench_common import random_bundle
+
 SLICES, MATRIX, SIZE = 16, 256, 128
 TOKEN = "bench-token"
 WAIT_S, HEALTH_S = 30.0, 0.1
@@ -72,29 +74,7 @@ def make_series(work: Path) -> list[tuple[str, bytes]]:
 
 def make_bundle(work: Path) -> Path:
     """A ResNet18 slice model at SIZE px with random weights, as a bundle."""
-    from ichscan.labels import RSNA
-    from ichscan.models.bundle import input_spec, new_config, save_bundle
-    from ichscan.models.slice_model import SliceModel
-
-    root = work / "model"
-    if (root / "bundle.json").exists():
-        return root
-    model = SliceModel("resnet18", len(RSNA.labels), pretrained="none", dropout=0.0).eval()
-    spec = input_spec(
-        ("brain", "subdural", "bone"),
-        SIZE,
-        mean=model.mean.flatten().tolist(),
-        std=model.std.flatten().tolist(),
-    )
-    config = new_config(
-        architecture="resnet18",
-        weights_provenance="random (benchmark: time only)",
-        label_set=RSNA,
-        input_spec=spec,
-        dropout=0.0,
-    )
-    save_bundle(root, config, [model])
-    return root
+    return random_bundle(work / "model", SIZE)
 
 
 def free_port() -> int:
