@@ -48,6 +48,7 @@ from ichscan.models.density import density_features
 from ichscan.models.forest import ForestModule
 from ichscan.models.small_set import (
     CROP_SIZE,
+    MEMBER_WEIGHTS,
     RECIPE,
     LiteMaps,
     MILEnsemble,
@@ -349,22 +350,28 @@ def fit_members(
 
 
 @torch.no_grad()
-def ensemble_probs(
+def member_logits(
     members: Members, maps: FeatureMaps, density: np.ndarray, rows: np.ndarray
 ) -> np.ndarray:
-    """Probabilities of ``rows`` (source 0) as the predictor computes them: the members'
-    weighted logits per view, sigmoid, mean over identity and mirror."""
+    """float [2, N, 3]: the three members' logits of ``rows`` (source 0) in the identity and
+    the mirrored view, as the predictor computes them."""
     model = SmallSetModel(members.mil.sources, 0, mil_heads=len(members.mil.heads))
     model.mil, model.logistic, model.forest = members.mil, members.logistic, members.forest
     model.eval()
     dens = torch.from_numpy(density[rows])
     src = torch.zeros(len(rows), dtype=torch.long)
-    probs = []
+    out = []
     for view in (0, 1):
         fine, deep = maps.take(rows, view)
-        logits = model.head(model.member_logits(fine, deep, dens, src))[:, 0]
-        probs.append(torch.sigmoid(logits))
-    return torch.stack(probs).mean(0).numpy()
+        out.append(model.member_logits(fine, deep, dens, src).numpy())
+    return np.stack(out)
+
+
+def combine(logits: np.ndarray, weight: np.ndarray, bias: float) -> np.ndarray:
+    """[V, N, 3] member logits → [N] probability: the head per view, sigmoid, mean over views
+    (what SmallSetModel.head and the predictor's TTA do)."""
+    z = logits @ weight + bias
+    return (1.0 / (1.0 + np.exp(-z))).mean(axis=0)
 
 
 def inner_oof(
@@ -379,22 +386,23 @@ def inner_oof(
     folds: int = INNER_FOLDS,
     settings: MILSettings = MILSettings(),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(main rows, their out-of-fold ensemble probabilities) by ``folds``-fold inner CV."""
+    """(main rows, their out-of-fold member logits [2, N, 3]) by ``folds``-fold inner CV
+    (NaN when a class has fewer than two training slices)."""
     from sklearn.model_selection import StratifiedKFold
 
     main = rows[source[rows] == 0]
     extra = rows[source[rows] != 0]
     k = min(folds, int(np.bincount(y[main], minlength=2).min()))
-    oof = np.zeros(len(main))
+    oof = np.zeros((2, len(main), len(MEMBER_WEIGHTS)))
     if k < 2:
-        return main, np.full(len(main), np.nan)
+        return main, np.full(oof.shape, np.nan)
     split = StratifiedKFold(k, shuffle=True, random_state=seed).split(main, y[main])
     for i, (fit_idx, held_idx) in enumerate(split):
         fit_rows = np.concatenate([main[fit_idx], extra])
         members = fit_members(
             maps, pooled, density, y, source, sources, fit_rows, seed + 101 * (i + 1), settings
         )
-        oof[held_idx] = ensemble_probs(members, maps, density, main[held_idx])
+        oof[:, held_idx] = member_logits(members, maps, density, main[held_idx])
     return main, oof
 
 
@@ -478,12 +486,15 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     sources = len(source_names)
 
     t1 = time.monotonic()
-    main_rows, oof = inner_oof(maps, pooled, density, y, src, sources, tr, config.seed)
+    main_rows, oof_logits = inner_oof(maps, pooled, density, y, src, sources, tr, config.seed)
     final = fit_members(maps, pooled, density, y, src, sources, tr, config.seed)
     fit_seconds = time.monotonic() - t1
 
     name = label_set.labels[0]
-    if np.isfinite(oof).all():
+    weight, bias = np.asarray(MEMBER_WEIGHTS, dtype=np.float64), 0.0
+    oof = np.full(len(main_rows), np.nan)
+    if np.isfinite(oof_logits).all():
+        oof = combine(oof_logits, weight, bias)
         thresholds = choose_thresholds(
             oof[:, None], y[main_rows][:, None], label_set, config.threshold
         )
@@ -496,13 +507,17 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     )
     model.maps = extractor
     model.mil, model.logistic, model.forest = final.mil, final.logistic, final.forest
+    with torch.no_grad():
+        model.head.weight.copy_(torch.as_tensor(weight, dtype=torch.float32)[None])
+        model.head.bias.fill_(bias)
     metrics: dict[str, Any] = {"validation_slices": len(va)}
     if len(va):
-        p_val = ensemble_probs(final, maps, density, va)
+        p_val = combine(member_logits(final, maps, density, va), weight, bias)
         metrics["validation"] = evaluate_rows(p_val[:, None], y[va][:, None], label_set)
         metrics["validation_operating_point"] = operating_point(y[va], p_val, thresholds[name])
         metrics["validation"]["auc"] = {name: roc_auc(y[va], p_val)}
     metrics["inner_cv_auc"] = roc_auc(y[main_rows], oof) if np.isfinite(oof).all() else None
+    metrics["member_weights"] = {"weights": weight.tolist(), "bias": bias}
 
     seconds = time.monotonic() - started
     spec = input_spec(
