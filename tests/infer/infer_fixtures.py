@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from ichscan.data.synth import write_synthetic
 from ichscan.models.bundle import load_bundle, save_bundle
@@ -37,6 +38,25 @@ FAST = dict(
     progress=False,
     tensorboard=False,
 )
+
+
+class BleedDetector(nn.Module):
+    """A hand-built 'slice model' whose logit is the mean of a blood map: relu(10 * brain -
+    20 * bone), positive for 45-90 HU soft tissue (acute blood) and negative for brain (~30
+    HU), CSF, air and bone. Grad-CAM on its map must find the bleed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 1)
+        self.act = nn.ReLU()
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([10.0, 0.0, -20.0]).view(1, 3, 1, 1))
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        return self.act(self.conv(x)).mean(dim=(2, 3))
 
 
 @contextlib.contextmanager

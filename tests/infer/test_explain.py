@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from infer_fixtures import BleedDetector
 from PIL import Image
-from torch import nn
 
 from ichscan.data.phantom import label_mask, make_phantom
 from ichscan.infer.explain import ExplainError, GradCamExplainer, explain, target_layer
@@ -32,25 +32,6 @@ HU_INPUT = {
     ],
     "size": 64,
 }
-
-
-class BleedDetector(nn.Module):
-    """A hand-built 'slice model' whose logit is the mean of a blood map: relu(10 * brain -
-    20 * bone), positive for 45-90 HU soft tissue (acute blood) and negative for brain (~30
-    HU), CSF, air and bone. Grad-CAM on its map must find the bleed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 1, 1)
-        self.act = nn.ReLU()
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor([10.0, 0.0, -20.0]).view(1, 3, 1, 1))
-            self.conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        return self.act(self.conv(x)).mean(dim=(2, 3))
 
 
 def test_gradcam_peak_falls_in_the_bleed(tmp_path: Path) -> None:

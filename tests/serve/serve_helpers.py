@@ -9,8 +9,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+from infer_fixtures import BleedDetector
 
 with warnings.catch_warnings():
     # Starlette prefers the httpx2 package for its test client; httpx works the same here.
@@ -47,25 +46,6 @@ def wait_done(client: TestClient, scan_id: str, timeout: float = 60.0) -> dict[s
         if record["status"] in ("done", "failed") or time.monotonic() > deadline:
             return record
         time.sleep(0.05)
-
-
-class BleedDetector(nn.Module):
-    """A hand-built slice model (as in tests/infer/test_explain.py) whose logit is the mean
-    of relu(10 * brain - 20 * bone): positive on acute blood, not on brain, CSF, air or bone.
-    A one-epoch 32-pixel model gives all-zero Grad-CAM maps; this one lights the bleed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 1, 1)
-        self.act = nn.ReLU()
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.tensor([10.0, 0.0, -20.0]).view(1, 3, 1, 1))
-            self.conv.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        return self.act(self.conv(x)).mean(dim=(2, 3))
 
 
 def bleed_explainer(labels: list[str]) -> Any:

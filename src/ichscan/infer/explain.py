@@ -210,7 +210,9 @@ class GradCamExplainer:
                 out[k, r0:r1, c0:c1] = square[r0 - top : r1 - top, c0 - left : c1 - left]
         return _unit_scale(out)
 
-    def scan_heatmaps(self, predictor: Predictor, scan: Scan, x: np.ndarray, label_index: int):
+    def scan_heatmaps(
+        self, predictor: Predictor, scan: Scan, x: np.ndarray, label_index: int
+    ) -> np.ndarray:
         """Heatmaps on the pixels of ``scan`` (as ``predictor.prepare`` returned it) for its
         model input ``x``, whatever crop the bundle's input uses."""
         boxes = crop_boxes(scan) if predictor.spec.crop != "none" else None

@@ -148,7 +148,6 @@ def scan_to_model_input(scan: Scan, bundle_input: dict[str, Any] | InputSpec) ->
     if spec.crop != "none":
         # Crop at full resolution, then resize each square: what prepare stored in training.
         small = np.stack([resize_slice(crop_slice(p, spec.crop), spec.size) for p in planes])
-        small = small.reshape(len(planes), spec.size, spec.size, planes.shape[-1])
     elif scan.metadata.get("format") == "dicom" and planes.shape[-1] <= 3:
         small = _resize_rgbx(planes, spec.size)
     else:

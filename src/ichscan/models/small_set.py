@@ -161,6 +161,27 @@ def clipped_logit(p: torch.Tensor) -> torch.Tensor:
     return torch.logit(p.clamp(_CLIP, 1 - _CLIP))
 
 
+def member_logits(
+    mil: MILEnsemble,
+    logistic: PooledLogistic,
+    forest: ForestModule,
+    fine: torch.Tensor,
+    deep: torch.Tensor,
+    density: torch.Tensor,
+    source: torch.Tensor,
+) -> torch.Tensor:
+    """[N, 3] logits of the MIL head, the pooled LR and the density forest: what training
+    scores and what SmallSetModel.embed returns."""
+    return torch.stack(
+        [
+            mil(fine, deep, source),
+            logistic(pooled_features(fine, deep)),
+            clipped_logit(forest(density).float()),
+        ],
+        dim=1,
+    )
+
+
 class SmallSetModel(nn.Module):
     """The ensemble, predicting source ``source`` (the dataset the bundle was trained for)."""
 
@@ -199,11 +220,7 @@ class SmallSetModel(nn.Module):
     def member_logits(
         self, fine: torch.Tensor, deep: torch.Tensor, density: torch.Tensor, source: torch.Tensor
     ) -> torch.Tensor:
-        """[N, 3] logits of the MIL head, the pooled LR and the density forest."""
-        mil = self.mil(fine, deep, source)
-        lr = self.logistic(pooled_features(fine, deep))
-        forest = clipped_logit(self.forest(density).float())
-        return torch.stack([mil, lr, forest], dim=1)
+        return member_logits(self.mil, self.logistic, self.forest, fine, deep, density, source)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         grey = self.grey(x)

@@ -55,6 +55,7 @@ from ichscan.models.small_set import (
     MILHead,
     PooledLogistic,
     SmallSetModel,
+    member_logits,
     pooled_features,
     small_set_config,
 )
@@ -324,6 +325,18 @@ def fit_forest(density: np.ndarray, rows: np.ndarray, y: np.ndarray, seed: int) 
 
 
 @dataclass
+class TrainingFeatures:
+    """Everything the three learners read, per slice of the run (train and validation)."""
+
+    maps: FeatureMaps
+    pooled: torch.Tensor  # [V, N, 3168]
+    density: np.ndarray  # [N, 29]
+    y: np.ndarray  # [N] 0/1
+    source: np.ndarray  # [N] 0 main, 1.. --extra-train sets
+    sources: int
+
+
+@dataclass
 class Members:
     mil: MILEnsemble
     logistic: PooledLogistic
@@ -331,56 +344,41 @@ class Members:
 
 
 def fit_members(
-    maps: FeatureMaps,
-    pooled: torch.Tensor,
-    density: np.ndarray,
-    y: np.ndarray,
-    source: np.ndarray,
-    sources: int,
-    rows: np.ndarray,
-    seed: int,
-    settings: MILSettings = MILSettings(),
+    data: TrainingFeatures, rows: np.ndarray, seed: int, settings: MILSettings = MILSettings()
 ) -> Members:
-    main = rows[source[rows] == 0]
+    main = rows[data.source[rows] == 0]
     return Members(
-        fit_mil(maps, rows, y, source, sources, seed, settings),
-        fit_logistic(pooled, main, y),
-        fit_forest(density, main, y, seed),
+        fit_mil(data.maps, rows, data.y, data.source, data.sources, seed, settings),
+        fit_logistic(data.pooled, main, data.y),
+        fit_forest(data.density, main, data.y, seed),
     )
 
 
 @torch.no_grad()
-def member_logits(
-    members: Members, maps: FeatureMaps, density: np.ndarray, rows: np.ndarray
-) -> np.ndarray:
+def members_logits(members: Members, data: TrainingFeatures, rows: np.ndarray) -> np.ndarray:
     """float [2, N, 3]: the three members' logits of ``rows`` (source 0) in the identity and
     the mirrored view, as the predictor computes them."""
-    model = SmallSetModel(members.mil.sources, 0, mil_heads=len(members.mil.heads))
-    model.mil, model.logistic, model.forest = members.mil, members.logistic, members.forest
-    model.eval()
-    dens = torch.from_numpy(density[rows])
-    src = torch.zeros(len(rows), dtype=torch.long)
+    density = torch.from_numpy(data.density[rows])
+    source = torch.zeros(len(rows), dtype=torch.long)
     out = []
     for view in (0, 1):
-        fine, deep = maps.take(rows, view)
-        out.append(model.member_logits(fine, deep, dens, src).numpy())
+        fine, deep = data.maps.take(rows, view)
+        logits = member_logits(
+            members.mil, members.logistic, members.forest, fine, deep, density, source
+        )
+        out.append(logits.numpy())
     return np.stack(out)
 
 
-def combine(logits: np.ndarray, weight: np.ndarray, bias: float) -> np.ndarray:
-    """[V, N, 3] member logits → [N] probability: the head per view, sigmoid, mean over views
-    (what SmallSetModel.head and the predictor's TTA do)."""
-    z = logits @ weight + bias
+def combine(logits: np.ndarray) -> np.ndarray:
+    """[V, N, 3] member logits → [N] probability: the fixed weighted sum per view, sigmoid,
+    mean over views (what SmallSetModel.head and the predictor's TTA do)."""
+    z = logits @ np.asarray(MEMBER_WEIGHTS)
     return (1.0 / (1.0 + np.exp(-z))).mean(axis=0)
 
 
 def inner_oof(
-    maps: FeatureMaps,
-    pooled: torch.Tensor,
-    density: np.ndarray,
-    y: np.ndarray,
-    source: np.ndarray,
-    sources: int,
+    data: TrainingFeatures,
     rows: np.ndarray,
     seed: int,
     folds: int = INNER_FOLDS,
@@ -390,19 +388,17 @@ def inner_oof(
     (NaN when a class has fewer than two training slices)."""
     from sklearn.model_selection import StratifiedKFold
 
-    main = rows[source[rows] == 0]
-    extra = rows[source[rows] != 0]
-    k = min(folds, int(np.bincount(y[main], minlength=2).min()))
+    main = rows[data.source[rows] == 0]
+    extra = rows[data.source[rows] != 0]
+    k = min(folds, int(np.bincount(data.y[main], minlength=2).min()))
     oof = np.zeros((2, len(main), len(MEMBER_WEIGHTS)))
     if k < 2:
         return main, np.full(oof.shape, np.nan)
-    split = StratifiedKFold(k, shuffle=True, random_state=seed).split(main, y[main])
+    split = StratifiedKFold(k, shuffle=True, random_state=seed).split(main, data.y[main])
     for i, (fit_idx, held_idx) in enumerate(split):
         fit_rows = np.concatenate([main[fit_idx], extra])
-        members = fit_members(
-            maps, pooled, density, y, source, sources, fit_rows, seed + 101 * (i + 1), settings
-        )
-        oof[:, held_idx] = member_logits(members, maps, density, main[held_idx])
+        members = fit_members(data, fit_rows, seed + 101 * (i + 1), settings)
+        oof[:, held_idx] = members_logits(members, data, main[held_idx])
     return main, oof
 
 
@@ -481,20 +477,24 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     t0 = time.monotonic()
     maps, computed = FeatureMaps.compute(greys, feature_cache, extractor, config.progress)
     feature_seconds = time.monotonic() - t0
-    density = np.stack([density_features(g) for g in greys])
-    pooled = pooled_views(maps)
-    sources = len(source_names)
+    features = TrainingFeatures(
+        maps,
+        pooled_views(maps),
+        np.stack([density_features(g) for g in greys]),
+        y,
+        src,
+        len(source_names),
+    )
 
     t1 = time.monotonic()
-    main_rows, oof_logits = inner_oof(maps, pooled, density, y, src, sources, tr, config.seed)
-    final = fit_members(maps, pooled, density, y, src, sources, tr, config.seed)
+    main_rows, oof_logits = inner_oof(features, tr, config.seed)
+    final = fit_members(features, tr, config.seed)
     fit_seconds = time.monotonic() - t1
 
     name = label_set.labels[0]
-    weight, bias = np.asarray(MEMBER_WEIGHTS, dtype=np.float64), 0.0
     oof = np.full(len(main_rows), np.nan)
     if np.isfinite(oof_logits).all():
-        oof = combine(oof_logits, weight, bias)
+        oof = combine(oof_logits)
         thresholds = choose_thresholds(
             oof[:, None], y[main_rows][:, None], label_set, config.threshold
         )
@@ -503,21 +503,17 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         thresholds, method = {name: 0.5}, "default 0.5 (too few training slices for inner CV)"
 
     model = SmallSetModel(
-        sources, 0, tuple(final.forest.left.shape), mil_heads=len(final.mil.heads)
+        features.sources, 0, tuple(final.forest.left.shape), mil_heads=len(final.mil.heads)
     )
     model.maps = extractor
     model.mil, model.logistic, model.forest = final.mil, final.logistic, final.forest
-    with torch.no_grad():
-        model.head.weight.copy_(torch.as_tensor(weight, dtype=torch.float32)[None])
-        model.head.bias.fill_(bias)
     metrics: dict[str, Any] = {"validation_slices": len(va)}
     if len(va):
-        p_val = combine(member_logits(final, maps, density, va), weight, bias)
+        p_val = combine(members_logits(final, features, va))
         metrics["validation"] = evaluate_rows(p_val[:, None], y[va][:, None], label_set)
         metrics["validation_operating_point"] = operating_point(y[va], p_val, thresholds[name])
         metrics["validation"]["auc"] = {name: roc_auc(y[va], p_val)}
     metrics["inner_cv_auc"] = roc_auc(y[main_rows], oof) if np.isfinite(oof).all() else None
-    metrics["member_weights"] = {"weights": weight.tolist(), "bias": bias}
 
     seconds = time.monotonic() - started
     spec = input_spec(
