@@ -3,10 +3,17 @@ small synthetic DICOM series built with ichscan's own writer."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Helper modules imported by name from test files in other folders (the web tests use
+# infer_fixtures' tiny model and BleedDetector): importable whichever folder runs first,
+# with their asserts rewritten.
+sys.path.insert(0, str(Path(__file__).parent / "infer"))
+pytest.register_assert_rewrite("infer_fixtures", "serve_helpers")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
