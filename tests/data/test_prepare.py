@@ -241,6 +241,22 @@ def test_resume_skips_finished_shards_and_redoes_an_interrupted_one(
     assert run(changed, out, shard_size=3, size=16, overwrite=True).n_skipped_shards == 0
 
 
+def test_a_new_crop_version_redoes_cropped_shards(
+    dicoms: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ichscan.data.prepare as prepare_module
+
+    df, out = manifest(dicom_rows(dicoms)), tmp_path / "c"
+    run(df, out, shard_size=3, crop="brain")
+    assert PreparedCache(out).crop_version == prepare_module.CROP_VERSION
+    assert run(df, out, shard_size=3, crop="brain").n_skipped_shards == 3
+    # Slices cut by older masks are not reused under newer ones.
+    monkeypatch.setattr(prepare_module, "CROP_VERSION", prepare_module.CROP_VERSION + 1)
+    assert run(df, out, shard_size=3, crop="brain").n_skipped_shards == 0
+    assert PreparedCache(out).crop_version == prepare_module.CROP_VERSION
+    assert PreparedCache(out).facts["crop_version"] == prepare_module.CROP_VERSION
+
+
 def test_a_shorter_manifest_drops_stale_shards(dicoms: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "c"
     run(manifest(dicom_rows(dicoms)), out, shard_size=3)

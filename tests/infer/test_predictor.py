@@ -143,6 +143,20 @@ def test_two_point_five_d_stacks_neighbours() -> None:
     np.testing.assert_array_equal(levels[:, 2], levels[[1, 2, 3, 3], 1])  # next
 
 
+def test_bundle_cut_by_another_crop_version_warns(caplog: pytest.LogCaptureFixture) -> None:
+    from ichscan.models.bundle import input_spec
+    from ichscan.preprocess.head_crop import CROP_VERSION
+
+    current = input_spec(("brain",), 64, mean=[0.0] * 3, std=[1.0] * 3, crop="brain")
+    assert current["crop_version"] == CROP_VERSION
+    with caplog.at_level("WARNING", logger="ichscan.infer.inputs"):
+        InputSpec.from_bundle(current)
+        assert not caplog.records
+        old = {**current, "crop_version": None}  # bundles from before versions were kept
+        assert InputSpec.from_bundle(old).crop == "brain"
+    assert "head crop version 1" in caplog.text and "retrain" in caplog.text
+
+
 def load_like(hu: np.ndarray):
     from ichscan.scan import Scan
 

@@ -56,6 +56,19 @@ def test_train_writes_a_complete_bundle(png_set: Path, tmp_path: Path) -> None:
     assert "validation" in summary["metrics"]
 
 
+def test_bundle_from_a_cropped_cache_crops_at_predict_time(png_set: Path, tmp_path: Path) -> None:
+    from ichscan.cli import main
+    from ichscan.preprocess.head_crop import CROP_VERSION
+
+    cache = tmp_path / "cache"
+    args = ["prepare", str(png_set), "--out", str(cache), "--size", "32", "--crop", "brain"]
+    assert main([*args, "--workers", "1"]) == 0
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(cache), out=str(out), **{**FAST, "epochs": 1, "folds": 5}))
+    spec = load_bundle(out).input
+    assert (spec["crop"], spec["crop_version"]) == ("brain", CROP_VERSION)
+
+
 def test_resume_continues_where_it_stopped(png_set: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
     train(TrainConfig(data=str(png_set), out=str(out), **FAST))

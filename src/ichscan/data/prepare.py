@@ -64,7 +64,7 @@ from ichscan.errors import InputError
 from ichscan.io.dicom import check_ct_slice, decode_stored, header_from_dataset, read_dataset
 from ichscan.io.image import read_grey
 from ichscan.labels import LabelSet, detect_label_set, get_label_set
-from ichscan.preprocess.head_crop import CROPS, crop_slice
+from ichscan.preprocess.head_crop import CROP_VERSION, CROPS, crop_slice
 from ichscan.preprocess.resize import resize_slice
 from ichscan.preprocess.slice_input import dicom_to_input, fused_table, stored_to_input
 from ichscan.preprocess.window import (
@@ -111,12 +111,15 @@ class Params:
         return len(self.windows)
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "windows": [w._asdict() for w in self.windows],
             "size": self.size,
             "mode": self.mode,
             "crop": self.crop,
         }
+        if self.crop != "none":  # part of the shards' key: a new crop redoes them
+            out["crop_version"] = CROP_VERSION
+        return out
 
 
 @dataclass(frozen=True)

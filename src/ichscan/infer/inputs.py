@@ -20,6 +20,7 @@ previous, current and next slice of the first window (the slice itself at either
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ichscan.errors import InputError
-from ichscan.preprocess.head_crop import CROPS, crop_slice
+from ichscan.preprocess.head_crop import CROP_VERSION, CROPS, crop_slice
 from ichscan.preprocess.resize import resize_slice, resize_slices
 from ichscan.preprocess.window import (
     Window,
@@ -37,6 +38,8 @@ from ichscan.preprocess.window import (
     window_lut,
 )
 from ichscan.scan import Scan
+
+log = logging.getLogger(__name__)
 
 __all__ = ["InputSpec", "scan_to_model_input"]
 
@@ -68,6 +71,15 @@ class InputSpec:
         crop = str(spec.get("crop", "none"))
         if crop not in CROPS:
             raise ValueError(f"bundle input crop {crop!r} is not one of {CROPS}")
+        version = spec.get("crop_version") or 1
+        if crop != "none" and int(version) != CROP_VERSION:
+            log.warning(
+                "this bundle was trained on slices cut by head crop version %s; this ichscan "
+                "cuts with version %s, so its probabilities can shift a little (retrain to "
+                "match)",
+                version,
+                CROP_VERSION,
+            )
         return cls(
             kind, windows, str(spec.get("mode", "linear")), int(spec["size"]), source, crop
         )

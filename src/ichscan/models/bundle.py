@@ -96,10 +96,16 @@ def input_spec(
     source_window: str | None = None,
     tta: tuple[str, ...] = ("identity",),
     crop: str = "none",
+    crop_version: int | None = None,
 ) -> dict[str, Any]:
     """The `input` section of bundle.json: how a slice becomes the model's input. `windows`
     are Window tuples, names, or {name, center, width} dicts; `crop` a preprocess.head_crop
-    mode applied at full resolution before the resize."""
+    mode applied at full resolution before the resize, `crop_version` the head_crop version
+    the training slices were cut with (the current one when omitted)."""
+    if crop_version is None:
+        from ichscan.preprocess.head_crop import CROP_VERSION
+
+        crop_version = CROP_VERSION
     return_windows = [_window_dict(w) for w in windows]
     return {
         "kind": kind,
@@ -107,6 +113,7 @@ def input_spec(
         "mode": mode,
         "size": int(size),
         "crop": crop,
+        "crop_version": crop_version if crop != "none" else None,
         "channels": 3,
         "source_window": source_window,
         "normalisation": {"mean": list(map(float, mean)), "std": list(map(float, std))},

@@ -20,9 +20,18 @@ import numpy as np
 from scipy import ndimage as ndi
 
 CROPS = ("none", "head", "brain")
+# Bumped whenever the masks change, so prepared caches are redone and a bundle trained on
+# another version says so. 2: tissue and bone levels follow the image (grey figure pages,
+# unsaturated skulls); bright seams between a bleed and the skull are sealed.
+CROP_VERSION = 2
 
 _HEAD_MIN = 30  # grey level above which a pixel is tissue, in a brain window
-_BONE = 245  # grey level from which a pixel is taken for bone (saturated in a brain window)
+_ABOVE_BACKGROUND = 20  # tissue must be this much brighter than a grey figure background
+_BONE = 245  # the highest bone level (a saturated skull in a true brain window)
+_BELOW_SKULL = 15  # an unsaturated skull: bone from this far below its brightest level
+_BONE_FLOOR = 200  # never lower: acute blood (60-80 HU) lies at 190-255 in a brain window
+_ERODE = 3  # px the soft-tissue mask is eroded by, to part the brain from the scalp
+_SEAL = 0.01  # the brain mask's closing radius beyond the erosion, as a share of the extent
 _MARGIN = 0.04  # each side of the square box, as a share of the head's extent
 
 
@@ -34,10 +43,25 @@ def _largest_component(mask: np.ndarray) -> np.ndarray | None:
     return labels == (1 + int(np.argmax(sizes)))
 
 
+def tissue_level(grey: np.ndarray) -> float:
+    """Grey level above which a pixel is tissue. Figures cut from papers (the Kaggle head_ct
+    set) often sit on a grey background of 35-60 rather than black: the background, the
+    image's darkest 5%, must not count as head."""
+    return max(_HEAD_MIN, float(np.percentile(grey, 5)) + _ABOVE_BACKGROUND)
+
+
+def bone_level(grey: np.ndarray, head: np.ndarray) -> float:
+    """Grey level from which a pixel of the head is bone. In a true brain window the skull
+    saturates; images re-encoded for figures often put it at 225-245 instead, so the level
+    follows the head's brightest percentile, never below where acute blood lies."""
+    top = float(np.percentile(grey[head], 99)) if head.any() else 255.0
+    return min(_BONE, max(_BONE_FLOOR, top - _BELOW_SKULL))
+
+
 def head_mask(grey: np.ndarray) -> np.ndarray | None:
     """The head in a brain-window slice: the largest tissue component with its holes filled
     (None when the slice shows no tissue). The opening detaches table arcs and letters."""
-    tissue = ndi.binary_opening(grey > _HEAD_MIN, iterations=2)
+    tissue = ndi.binary_opening(grey > tissue_level(grey), iterations=2)
     head = _largest_component(tissue)
     if head is None:
         return None
@@ -47,10 +71,19 @@ def head_mask(grey: np.ndarray) -> np.ndarray | None:
 def brain_mask(grey: np.ndarray, head: np.ndarray) -> np.ndarray:
     """The inside of the skull: non-bone tissue within the head, eroded apart from the scalp,
     largest component, holes filled (which puts back saturated blood inside the brain)."""
-    soft = ndi.binary_erosion(head & (grey < _BONE) & (grey > 5), iterations=3)
+    bone = bone_level(grey, head)
+    soft = ndi.binary_erosion(head & (grey < bone) & (grey > 5), iterations=_ERODE)
     brain = _largest_component(soft)
     if brain is None:
         return head
+    # A bleed as bright as bone that touches the skull through a thin bright seam is no hole:
+    # the closing seals seams (widened by the erosion) so the fill puts the bleed back.
+    rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
+    extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+    seal = _ERODE + round(_SEAL * extent)
+    yy, xx = np.mgrid[-seal : seal + 1, -seal : seal + 1]
+    disk = yy**2 + xx**2 <= seal**2  # round: iterated crosses leave short seams open
+    brain = ndi.binary_closing(np.pad(brain, seal), structure=disk)[seal:-seal, seal:-seal]
     return ndi.binary_dilation(ndi.binary_fill_holes(brain), iterations=2) & head
 
 

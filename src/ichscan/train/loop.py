@@ -601,6 +601,8 @@ def _write_bundle(
         source_window=data.source_window,
         mean=model.mean.flatten().tolist(),
         std=model.std.flatten().tolist(),
+        crop=cache.crop,  # a cache prepared with --crop: predict must cut the same square
+        crop_version=cache.crop_version,
     )
     bundle = new_config(
         architecture=config.architecture,

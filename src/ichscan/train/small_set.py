@@ -525,6 +525,7 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         std=[1.0, 1.0, 1.0],
         tta=("identity", "hflip"),
         crop=cache.crop,
+        crop_version=cache.crop_version,
     )
     bundle = new_config(
         architecture=SmallSetModel.architecture,
