@@ -301,15 +301,25 @@ def test_slice_requests_that_cannot_be_answered(done_scan) -> None:
     assert client.get(f"/api/scans/{'f' * 32}/slices/0.png").status_code == 404
 
 
-def test_slices_of_an_unfinished_scan_are_409(make_client, series_dir: Path, monkeypatch) -> None:
-    release = threading.Event()
+@pytest.fixture
+def held_analysis(monkeypatch: pytest.MonkeyPatch):
+    """Analyses start, then wait (up to 30 s) until the test sets ``release``:
+    (started, release) events."""
+    started, release = threading.Event(), threading.Event()
     original = Processor.analyse
 
-    def slow(self, folder, job):
+    def held(self, folder, job):
+        started.set()
         release.wait(30)
         return original(self, folder, job)
 
-    monkeypatch.setattr(Processor, "analyse", slow)
+    monkeypatch.setattr(Processor, "analyse", held)
+    yield started, release
+    release.set()
+
+
+def test_slices_of_an_unfinished_scan_are_409(make_client, series_dir: Path, held_analysis) -> None:
+    _, release = held_analysis
     client = make_client(inline_wait_s=0.0)
     scan_id = client.post("/api/scans", files=dicom_files(series_dir)).json()["id"]
     try:
@@ -336,17 +346,9 @@ def test_ids_that_are_not_server_ids_are_404(make_client, scan_id: str) -> None:
 
 
 def test_health_and_other_users_are_answered_while_a_scan_is_processed(
-    make_client, series_dir: Path, monkeypatch
+    make_client, series_dir: Path, held_analysis
 ) -> None:
-    started, release = threading.Event(), threading.Event()
-    original = Processor.analyse
-
-    def blocking(self, folder, job):
-        started.set()
-        release.wait(30)
-        return original(self, folder, job)
-
-    monkeypatch.setattr(Processor, "analyse", blocking)
+    started, release = held_analysis
     client = make_client(inline_wait_s=0.0)
     first = client.post("/api/scans", files=dicom_files(series_dir)).json()
     assert started.wait(10)
@@ -444,15 +446,8 @@ def test_a_thin_series_is_shown_as_the_slabs_the_model_read(
     assert client.get(f"/api/scans/{record['id']}/slices/3.png?overlay=1").status_code == 200
 
 
-def test_waiting_for_a_result_in_one_request(make_client, series_dir: Path, monkeypatch) -> None:
-    release = threading.Event()
-    original = Processor.analyse
-
-    def slow(self, folder, job):
-        release.wait(30)
-        return original(self, folder, job)
-
-    monkeypatch.setattr(Processor, "analyse", slow)
+def test_waiting_for_a_result_in_one_request(make_client, series_dir: Path, held_analysis) -> None:
+    _, release = held_analysis
     client = make_client(inline_wait_s=0.0)
     scan_id = client.post("/api/scans", files=dicom_files(series_dir)).json()["id"]
     t0 = time.perf_counter()
