@@ -25,6 +25,7 @@ from ichscan import __version__
 from ichscan.errors import IchscanError, InputError
 from ichscan.labels import LabelSet, get_label_set
 from ichscan.models.slice_model import SliceModel
+from ichscan.preprocess.head_crop import CROP_VERSION
 
 FORMAT = "ichscan-bundle"
 FORMAT_VERSION = 1
@@ -103,8 +104,6 @@ def input_spec(
     mode applied at full resolution before the resize, `crop_version` the head_crop version
     the training slices were cut with (the current one when omitted)."""
     if crop_version is None:
-        from ichscan.preprocess.head_crop import CROP_VERSION
-
         crop_version = CROP_VERSION
     return_windows = [_window_dict(w) for w in windows]
     return {
