@@ -24,6 +24,7 @@ from ichscan.labels import BINARY, RSNA, LabelSet
 from ichscan.models.bundle import new_config, save_bundle
 from ichscan.models.slice_model import SliceModel
 from ichscan.models.study import build_study_model
+from ichscan.threads import torch_threads
 
 LABELS = list(RSNA.labels)
 HU_INPUT = {
@@ -45,10 +46,8 @@ HU_INPUT = {
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     # Tiny tensors on a loaded 2-core machine: a second OpenMP thread only adds waiting.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _bundle(root: Path, label_set: LabelSet = RSNA, *, study: bool = False) -> Path:

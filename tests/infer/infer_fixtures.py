@@ -26,6 +26,7 @@ from torch import nn
 from ichscan.data.synth import write_synthetic
 from ichscan.models.bundle import load_bundle, save_bundle
 from ichscan.models.study import build_study_model
+from ichscan.threads import torch_threads
 
 FAST = dict(
     architecture="resnet18",
@@ -59,14 +60,8 @@ class BleedDetector(nn.Module):
         return self.act(self.conv(x)).mean(dim=(2, 3))
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def one_thread() -> contextlib.AbstractContextManager[None]:
+    return torch_threads(1)
 
 
 @pytest.fixture

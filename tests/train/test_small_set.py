@@ -14,6 +14,7 @@ import torch
 
 from ichscan.data.synth import write_synthetic
 from ichscan.labels import BINARY, RSNA
+from ichscan.threads import torch_threads
 from ichscan.train.data import DataError, _auto_small_set, _small_set_applies
 from ichscan.train.loop import TrainConfig, train
 
@@ -30,9 +31,7 @@ def png_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(png_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("small-model")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         summary = train(
             TrainConfig(
                 data=str(png_set),
@@ -44,8 +43,6 @@ def trained(png_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
                 tensorboard=False,
             )
         )
-    finally:
-        torch.set_num_threads(before)
     return root / "model", root / "features", summary
 
 

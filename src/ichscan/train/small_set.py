@@ -25,12 +25,10 @@ Steps (ichscan.models.small_set describes the model):
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +57,7 @@ from ichscan.models.small_set import (
     pooled_features,
     small_set_config,
 )
+from ichscan.threads import torch_threads
 
 if TYPE_CHECKING:
     from ichscan.train.data import TrainingData
@@ -240,22 +239,10 @@ def fit_mil(
     settings: MILSettings = MILSettings(),
 ) -> MILEnsemble:
     ensemble = MILEnsemble(sources, settings.heads)
-    with _one_thread():
+    with torch_threads(1):  # a batch is a few MB: one thread is faster
         for j in range(settings.heads):
             ensemble.heads[j] = _fit_mil(maps, rows, y, source, sources, seed + 7919 * j, settings)
     return ensemble.eval()
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """The MIL head's tensors are small (a batch is a few MB): OpenMP's second thread costs
-    more in hand-offs than it computes, 4x on a busy 2-core machine (measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _fit_mil(
