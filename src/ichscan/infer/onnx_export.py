@@ -190,6 +190,15 @@ def export_onnx(model_dir: str | Path, out_path: str | Path | None = None) -> Pa
     return the slice model's path (``MODEL_DIR/model.onnx`` when ``out_path`` is None).
     Each file is checked against PyTorch with onnxruntime before it is kept."""
     model_dir = Path(model_dir)
+    if read_config(model_dir).get("recipe") == "small-set":
+        # Its density forest reads blob measurements (scipy connected components) that no
+        # ONNX operator expresses; the backbones and MIL heads alone would predict otherwise.
+        raise ExportError(
+            model_dir,
+            "a small-set bundle cannot be exported to ONNX (its density features are computed "
+            "in NumPy/SciPy); predict with the PyTorch backend, or export a --recipe finetune "
+            "model",
+        )
     bundle: Bundle = load_bundle(model_dir, "cpu")
     out = Path(out_path) if out_path is not None else model_dir / DEFAULT_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
