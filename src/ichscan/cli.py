@@ -532,8 +532,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=["loss", "auc"], default="loss")
     p.add_argument(
         "--threshold",
-        default="youden",
-        help="youden or sensitivity:0.95 (chosen on the validation fold)",
+        default="auto",
+        help="how the decision threshold is chosen: youden, calibrated (where a logistic "
+        "calibration of the scores crosses 0.5) or sensitivity:0.95; auto (default): "
+        "calibrated for the small-set recipe (on its inner CV), youden for finetune (on the "
+        "validation fold)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--workers", type=int, help="DataLoader workers")
@@ -552,8 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=["auto", "small-set", "finetune"],
         default="auto",
-        help="small-set: frozen EfficientNet-Lite0 maps of head-cropped brain-window slices + "
-        "MIL head, pooled logistic regression and density forest (for a binary label and at "
+        help="small-set: frozen EfficientNet-Lite0 and Lite1 maps of head-cropped brain-window "
+        "slices + MIL heads, pooled logistic regressions and a density forest (for a binary "
+        "label and at "
         "most 1,000 slices); finetune: train --arch end to end with the options above; "
         "auto (default): small-set when it applies, else finetune",
     )

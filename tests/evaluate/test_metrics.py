@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from ichscan.evaluate.metrics import (
     bootstrap_ci,
+    calibrated_threshold,
     operating_point,
     roc_auc,
     threshold_for_sensitivity,
@@ -30,8 +31,14 @@ def test_weighted_log_loss_by_hand() -> None:
     expected = float((per * w).sum() / 14)
     assert weighted_log_loss(y, p, RSNA.weights) == pytest.approx(expected, rel=1e-12)
     # Hand arithmetic of the same figure, so the formula itself is pinned.
-    by_hand = (2 * -math.log(0.9) + -math.log(0.9) + -math.log(0.8) + 3 * -math.log(0.9)
-               + 2 * -math.log(0.8) + 5 * -math.log(0.9)) / 14
+    by_hand = (
+        2 * -math.log(0.9)
+        + -math.log(0.9)
+        + -math.log(0.8)
+        + 3 * -math.log(0.9)
+        + 2 * -math.log(0.8)
+        + 5 * -math.log(0.9)
+    ) / 14
     assert weighted_log_loss(y, p, RSNA.weights) == pytest.approx(by_hand, rel=1e-12)
 
 
@@ -39,8 +46,9 @@ def test_weighted_log_loss_equals_weighted_mean_of_label_losses() -> None:
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, (50, 6))
     p = rng.uniform(0.01, 0.99, (50, 6))
-    per_label = [-(y[:, j] * np.log(p[:, j]) + (1 - y[:, j]) * np.log(1 - p[:, j])).mean()
-                 for j in range(6)]
+    per_label = [
+        -(y[:, j] * np.log(p[:, j]) + (1 - y[:, j]) * np.log(1 - p[:, j])).mean() for j in range(6)
+    ]
     expected = np.dot(RSNA.weights, per_label) / sum(RSNA.weights)
     assert weighted_log_loss(y, p, RSNA.weights) == pytest.approx(expected)
 
@@ -79,6 +87,43 @@ def test_youden_separates_perfectly_separable_scores() -> None:
     t = youden_threshold(y, p)
     assert 0.3 < t <= 0.7
     assert operating_point(y, p, t)["accuracy"] == 1.0
+
+
+def test_calibrated_threshold_cuts_between_separable_classes() -> None:
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.05, 0.1, 0.3, 0.6, 0.9, 0.95])
+    t = calibrated_threshold(y, p)
+    assert 0.3 < t < 0.6
+    assert operating_point(y, p, t)["accuracy"] == 1.0
+
+
+def test_calibrated_threshold_sits_where_the_classes_are_equally_likely() -> None:
+    # Equal-variance logits at -1 and +1, balanced: the posterior is 0.5 at logit 0. Youden's
+    # cut on the same scores is decided by the few that sit at it.
+    rng = np.random.default_rng(0)
+    z = np.concatenate([rng.normal(-1, 1, 3000), rng.normal(1, 1, 3000)])
+    y = np.repeat([0, 1], 3000)
+    assert calibrated_threshold(y, 1 / (1 + np.exp(-z))) == pytest.approx(0.5, abs=0.03)
+    # with three negatives to each positive the cut moves up: accuracy, not balanced accuracy
+    z3 = np.concatenate([rng.normal(-1, 1, 9000), rng.normal(1, 1, 3000)])
+    y3 = np.repeat([0, 1], [9000, 3000])
+    assert calibrated_threshold(y3, 1 / (1 + np.exp(-z3))) > 0.6
+
+
+def test_calibrated_threshold_is_defined_for_degenerate_scores() -> None:
+    assert calibrated_threshold(np.array([1, 1, 1]), np.array([0.2, 0.5, 0.9])) == 0.5
+    # scores that rank backwards fall back to Youden's cut instead of an inverted one
+    y = np.array([0, 0, 1, 1])
+    p = np.array([0.9, 0.8, 0.2, 0.1])
+    assert calibrated_threshold(y, p) == youden_threshold(y, p)
+
+
+@given(st.lists(st.floats(0, 1), min_size=4, max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_calibrated_threshold_is_a_probability(scores: list[float]) -> None:
+    p = np.array(scores)
+    y = (np.arange(len(p)) % 2).astype(int)
+    assert 0.0 <= calibrated_threshold(y, p) <= 1.0
 
 
 @given(st.lists(st.floats(0, 1), min_size=4, max_size=40), st.floats(0.05, 1.0))

@@ -54,6 +54,22 @@ def test_train_writes_a_complete_bundle(png_set: Path, tmp_path: Path) -> None:
     assert (out / "training_curves.png").stat().st_size > 1000
     assert (out / "checkpoints" / "last.pt").exists()
     assert "validation" in summary["metrics"]
+    # fine-tuning keeps Youden's J on the validation fold unless told otherwise
+    assert bundle.config["threshold_method"] == "youden on the validation fold"
+
+
+def test_threshold_rule_is_checked_before_any_work(png_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="--threshold must be"):
+        train(TrainConfig(data=str(png_set), out=str(tmp_path / "m"), threshold="best", **FAST))
+    assert not (tmp_path / "m").exists()
+
+
+def test_resolve_threshold_defaults_per_recipe() -> None:
+    from ichscan.train.loop import resolve_threshold
+
+    assert resolve_threshold("auto", "small-set") == "calibrated"
+    assert resolve_threshold("auto", "finetune") == "youden"
+    assert resolve_threshold("sensitivity:0.9", "small-set") == "sensitivity:0.9"
 
 
 def test_bundle_from_a_cropped_cache_crops_at_predict_time(png_set: Path, tmp_path: Path) -> None:

@@ -63,9 +63,13 @@ def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
     assert config["input"]["size"] == 320
     assert config["input"]["tta"] == ["identity", "hflip"]
     assert 0 < config["thresholds"]["hemorrhage"] < 1
-    assert "inner" in config["threshold_method"]
-    assert config["training"]["feature_maps_computed"] == 16
-    assert len(list(features.rglob("*.npz"))) == 16
+    assert config["threshold_method"] == "calibrated on 4-fold inner CV of the training slices"
+    # 16 slices through each of the two backbones, each cached under its own key
+    assert config["small_set"]["backbones"] == ["efficientnet_lite0", "efficientnet_lite1"]
+    assert config["architecture"] == "efficientnet_lite0+efficientnet_lite1"
+    assert len(config["small_set"]["member_weights"]) == 5
+    assert config["training"]["feature_maps_computed"] == 32
+    assert len(list(features.rglob("*.npz"))) == 32
     assert summary["metrics"]["validation_slices"] == 4
 
 
@@ -151,3 +155,62 @@ def test_forced_small_set_on_a_large_set_is_refused(
                 tensorboard=False,
             )
         )
+
+
+def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_path: Path) -> None:
+    """Lite0-only bundles (no "backbones" in bundle.json, one module where there is now a
+    list) load as a one-backbone ensemble and predict what they did."""
+    from ichscan.models.bundle import load_bundle
+    from ichscan.models.small_set import SmallSetModel
+
+    model, _, _ = trained
+    config = json.loads((model / "bundle.json").read_text())
+    new = load_bundle(model).members[0]
+    lite0 = SmallSetModel(
+        new.mil[0].sources, 0, tuple(new.forest.left.shape), backbones=["efficientnet_lite0"]
+    )
+    lite0.maps[0] = new.maps[0]
+    lite0.mil[0], lite0.logistic[0], lite0.forest = new.mil[0], new.logistic[0], new.forest
+    old_layout = {
+        k.replace("maps.0.", "maps.")
+        .replace("mil.0.", "mil.")
+        .replace("logistic.0.", "logistic."): v
+        for k, v in lite0.state_dict().items()
+    }
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(old_layout, old / config["members"][0])
+    del config["small_set"]["backbones"]
+    config["small_set"]["member_weights"] = [0.5, 0.25, 0.25]
+    (old / "bundle.json").write_text(json.dumps(config))
+    loaded = load_bundle(old).members[0]
+    assert loaded.backbones == ("efficientnet_lite0",)
+    x = torch.randint(0, 255, (2, 3, 320, 320), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), lite0.eval()(x), atol=1e-5)
+
+
+def test_small_set_refuses_a_weights_file(png_set: Path, tmp_path: Path) -> None:
+    from ichscan.train.small_set import SmallSetError
+
+    with pytest.raises(SmallSetError, match="--pretrained PATH is for --recipe finetune"):
+        train(
+            TrainConfig(
+                data=str(png_set),
+                out=str(tmp_path / "m"),
+                labels="binary",
+                pretrained=str(tmp_path / "weights.pt"),
+                feature_cache="none",
+                progress=False,
+                tensorboard=False,
+            )
+        )
+
+
+def test_onnx_export_of_a_small_set_bundle_is_refused_clearly(trained, tmp_path: Path) -> None:
+    from ichscan.infer.onnx_export import ExportError, export_onnx
+
+    model, _, _ = trained
+    with pytest.raises(ExportError, match="small-set bundle cannot be exported to ONNX"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

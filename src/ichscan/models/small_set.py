@@ -1,24 +1,30 @@
 """The small-set ensemble: what `ichscan train` builds by default for a small binary set of
 brain-window slices (see ichscan.train.small_set for the training and the reasons).
 
-Three members read one brain-cropped slice (uint8, 320 px, the brain only):
+Its members read one brain-cropped slice (uint8, 320 px, the brain only):
 
-- a frozen ImageNet EfficientNet-Lite0 at 256 px gives feature maps at two scales (block 10:
-  112 ch at 16×16; block 14 + the conv head: 1472 ch at 8×8);
-- **MIL head**: per-scale 1×1 convolutions to a 16×16 map of hemorrhage logits, pooled by
-  log-sum-exp (a bleed is a small region: the pooling lets a few locations decide), with one
-  learned bias per training source (each dataset has its own base rate and look);
-- **pooled logistic regression** on the average- and max-pooled maps (3168 features);
-- **density forest**: a random forest on 29 hand-made density features
+- two frozen ImageNet networks, EfficientNet-Lite0 and Lite1, at 256 px, each give feature
+  maps at two scales (the last stride-16 block: 112 ch at 16×16; the last 8×8 block before
+  the 320-channel one, with the conv head: 1472 ch at 8×8). Two networks, because their
+  errors differ: together they rank the real slices better than either alone;
+- per network, a **MIL head**: per-scale 1×1 convolutions to a 16×16 map of hemorrhage
+  logits, pooled by log-sum-exp (a bleed is a small region: the pooling lets a few locations
+  decide), with one learned bias per training source (each dataset has its own base rate
+  and look);
+- per network, a **pooled logistic regression** on the average- and max-pooled maps;
+- one **density forest**: a random forest on 29 hand-made density features
   (ichscan.models.density), stored as tensors (ichscan.models.forest).
 
-``embed`` returns the three members' logits per slice and ``head`` is their fixed weighted
-sum, so the ensemble plugs into the same predictor as a fine-tuned network (flip TTA
-included). ``hemorrhage_map`` is the MIL head's logit map: where the model thinks the bleed is.
+``embed`` returns the members' logits per slice (the MIL heads, then the regressions, then
+the forest) and ``head`` is their fixed weighted sum, so the ensemble plugs into the same
+predictor as a fine-tuned network (flip TTA included). ``hemorrhage_map`` is the MIL heads'
+mean logit map: where the model thinks the bleed is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,22 +37,57 @@ from ichscan.models.density import N_FEATURES, density_features
 from ichscan.models.forest import ForestModule
 
 RECIPE = "small-set"
-BACKBONE = "efficientnet_lite0"
 CROP_SIZE = 320  # the cached, cropped slice
-NET_SIZE = 256  # what the backbone reads
-MAP_BLOCK, DEEP_BLOCK = 10, 14
-FINE_CHANNELS, DEEP_CHANNELS = 112, 192 + 1280
-POOLED_FEATURES = 2 * (FINE_CHANNELS + DEEP_CHANNELS)
-MEMBER_WEIGHTS = (0.5, 0.25, 0.25)  # MIL, pooled LR, density forest (logit weights)
+NET_SIZE = 256  # what the backbones read
+HEAD_CHANNELS = 1280  # every Lite variant's conv head
+
+
+@dataclass(frozen=True)
+class MapSource:
+    """Where one frozen Lite variant's two maps are read: its last block at stride 16, and
+    its last 8×8 block before the 320-channel one (concatenated with the conv head)."""
+
+    backbone: str
+    fine_block: int
+    deep_block: int
+    fine_channels: int
+    deep_channels: int  # the deep block's channels + HEAD_CHANNELS
+
+    @property
+    def pooled_features(self) -> int:
+        return 2 * (self.fine_channels + self.deep_channels)
+
+
+MAP_SOURCES = {
+    m.backbone: m
+    for m in (
+        MapSource("efficientnet_lite0", 10, 14, 112, 192 + HEAD_CHANNELS),
+        MapSource("efficientnet_lite1", 14, 19, 112, 192 + HEAD_CHANNELS),
+    )
+}
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1")  # what a new model uses
+# Logit weights of the MIL heads, the pooled regressions and the forest: each kind's share
+# is split evenly between the backbones.
+MIL_WEIGHT, POOLED_WEIGHT, FOREST_WEIGHT = 0.5, 0.25, 0.25
 _CLIP = 1e-4
 
 
-class LiteMaps(nn.Module):
-    """Frozen EfficientNet-Lite0 → (fine [N,112,16,16], deep [N,1472,8,8]) feature maps."""
+def member_weights(backbones: int) -> list[float]:
+    """Logit weight of each member, in ``embed``'s order (MIL heads, regressions, forest)."""
+    return (
+        [MIL_WEIGHT / backbones] * backbones
+        + [POOLED_WEIGHT / backbones] * backbones
+        + [FOREST_WEIGHT]
+    )
 
-    def __init__(self, pretrained: str = "imagenet") -> None:
+
+class LiteMaps(nn.Module):
+    """A frozen Lite variant → (fine [N, C, 16, 16], deep [N, C', 8, 8]) feature maps."""
+
+    def __init__(self, backbone: str = BACKBONES[0], pretrained: str = "imagenet") -> None:
         super().__init__()
-        self.net, _, self.provenance = build_backbone(BACKBONE, pretrained)
+        self.source = MAP_SOURCES[backbone]
+        self.net, _, self.provenance = build_backbone(backbone, pretrained)
         self.net.eval()
         for p in self.net.parameters():
             p.requires_grad = False
@@ -70,9 +111,9 @@ class LiteMaps(nn.Module):
         fine = deep = x
         for i, block in enumerate(m._blocks):
             x = block(x)
-            if i == MAP_BLOCK:
+            if i == self.source.fine_block:
                 fine = x
-            elif i == DEEP_BLOCK:
+            elif i == self.source.deep_block:
                 deep = x
         head = m._swish(m._bn1(m._conv_head(x)))
         return fine.float(), torch.cat([deep, head], dim=1).float()
@@ -81,17 +122,24 @@ class LiteMaps(nn.Module):
 class MILHead(nn.Module):
     """Two-scale 1×1 convolutions → 16×16 logit map → log-sum-exp pooling (+ source bias)."""
 
-    def __init__(self, sources: int = 1, hidden: int = 64, dropout: float = 0.3, r: float = 5.0):
+    def __init__(
+        self,
+        maps: MapSource,
+        sources: int = 1,
+        hidden: int = 64,
+        dropout: float = 0.3,
+        r: float = 5.0,
+    ) -> None:
         super().__init__()
         self.fine = nn.Sequential(
-            nn.BatchNorm2d(FINE_CHANNELS),
+            nn.BatchNorm2d(maps.fine_channels),
             nn.Dropout2d(dropout),
-            nn.Conv2d(FINE_CHANNELS, hidden, 1),
+            nn.Conv2d(maps.fine_channels, hidden, 1),
         )
         self.deep = nn.Sequential(
-            nn.BatchNorm2d(DEEP_CHANNELS),
+            nn.BatchNorm2d(maps.deep_channels),
             nn.Dropout2d(dropout),
-            nn.Conv2d(DEEP_CHANNELS, hidden, 1),
+            nn.Conv2d(maps.deep_channels, hidden, 1),
         )
         self.out = nn.Sequential(nn.ReLU(), nn.Dropout(0.2), nn.Conv2d(hidden, 1, 1))
         self.source_bias = nn.Parameter(torch.zeros(sources))
@@ -112,9 +160,9 @@ class MILEnsemble(nn.Module):
     """MIL heads trained from different seeds, averaged in logit space: the head is the
     ensemble's noisiest member on a few hundred slices."""
 
-    def __init__(self, sources: int = 1, heads: int = 1) -> None:
+    def __init__(self, maps: MapSource, sources: int = 1, heads: int = 1) -> None:
         super().__init__()
-        self.heads = nn.ModuleList(MILHead(sources) for _ in range(heads))
+        self.heads = nn.ModuleList(MILHead(maps, sources) for _ in range(heads))
 
     @property
     def sources(self) -> int:
@@ -128,7 +176,7 @@ class MILEnsemble(nn.Module):
 
 
 def pooled_features(fine: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
-    """[N, 3168]: average and max of every channel of both maps."""
+    """[N, 2·(C + C')]: average and max of every channel of both maps."""
     return torch.cat(
         [fine.mean((2, 3)), fine.amax((2, 3)), deep.mean((2, 3)), deep.amax((2, 3))], dim=1
     )
@@ -137,7 +185,7 @@ def pooled_features(fine: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
 class PooledLogistic(nn.Module):
     """A standardised logistic regression (fitted by sklearn), as buffers."""
 
-    def __init__(self, features: int = POOLED_FEATURES) -> None:
+    def __init__(self, features: int) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(features))
         self.register_buffer("scale", torch.ones(features))
@@ -161,31 +209,30 @@ def clipped_logit(p: torch.Tensor) -> torch.Tensor:
     return torch.logit(p.clamp(_CLIP, 1 - _CLIP))
 
 
+Maps = tuple[torch.Tensor, torch.Tensor]  # (fine, deep) of one backbone
+
+
 def member_logits(
-    mil: MILEnsemble,
-    logistic: PooledLogistic,
+    mil: Sequence[MILEnsemble],
+    logistic: Sequence[PooledLogistic],
     forest: ForestModule,
-    fine: torch.Tensor,
-    deep: torch.Tensor,
+    maps: Sequence[Maps],
     density: torch.Tensor,
     source: torch.Tensor,
 ) -> torch.Tensor:
-    """[N, 3] logits of the MIL head, the pooled LR and the density forest: what training
-    scores and what SmallSetModel.embed returns."""
+    """[N, 2·B + 1] logits of the B MIL heads, the B pooled regressions (one of each per
+    backbone, ``maps`` in the same order) and the density forest: what training scores and
+    what SmallSetModel.embed returns."""
     return torch.stack(
-        [
-            mil(fine, deep, source),
-            logistic(pooled_features(fine, deep)),
-            clipped_logit(forest(density).float()),
-        ],
+        [m(fine, deep, source) for m, (fine, deep) in zip(mil, maps, strict=True)]
+        + [lr(pooled_features(*m)) for lr, m in zip(logistic, maps, strict=True)]
+        + [clipped_logit(forest(density).float())],
         dim=1,
     )
 
 
 class SmallSetModel(nn.Module):
     """The ensemble, predicting source ``source`` (the dataset the bundle was trained for)."""
-
-    architecture = BACKBONE
 
     def __init__(
         self,
@@ -194,63 +241,84 @@ class SmallSetModel(nn.Module):
         forest_shape: tuple[int, int] = (1, 1),
         pretrained: str = "none",
         mil_heads: int = 1,
+        backbones: Sequence[str] = BACKBONES,
     ) -> None:
         super().__init__()
-        self.maps = LiteMaps(pretrained)
-        self.mil = MILEnsemble(sources, mil_heads)
-        self.logistic = PooledLogistic()
+        self.backbones = tuple(backbones)
+        specs = [MAP_SOURCES[b] for b in self.backbones]
+        self.maps = nn.ModuleList(LiteMaps(b, pretrained) for b in self.backbones)
+        self.mil = nn.ModuleList(MILEnsemble(m, sources, mil_heads) for m in specs)
+        self.logistic = nn.ModuleList(PooledLogistic(m.pooled_features) for m in specs)
         self.forest = ForestModule(*forest_shape)
         self.source = source
-        self.embed_dim = len(MEMBER_WEIGHTS)
+        weights = member_weights(len(self.backbones))
+        self.embed_dim = len(weights)
         self.head = nn.Linear(self.embed_dim, 1)
         with torch.no_grad():
-            self.head.weight.copy_(torch.tensor([MEMBER_WEIGHTS]))
+            self.head.weight.copy_(torch.tensor([weights]))
             self.head.bias.zero_()
         self.head.requires_grad_(False)
+        self._register_load_state_dict_pre_hook(_one_backbone_layout)
+
+    @property
+    def architecture(self) -> str:
+        return "+".join(self.backbones)
 
     @property
     def provenance(self) -> str:
-        return self.maps.provenance
+        return "; ".join(
+            f"{b}: {m.provenance}" for b, m in zip(self.backbones, self.maps, strict=True)
+        )
 
     @staticmethod
     def grey(x: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, H, W] (channels all the brain window) → float [N, 1, H, W] in [0, 1]."""
         return x[:, :1].float() / 255.0 if x.dtype == torch.uint8 else x[:, :1].float()
 
-    def member_logits(
-        self, fine: torch.Tensor, deep: torch.Tensor, density: torch.Tensor, source: torch.Tensor
-    ) -> torch.Tensor:
-        return member_logits(self.mil, self.logistic, self.forest, fine, deep, density, source)
+    def feature_maps(self, grey: torch.Tensor) -> list[Maps]:
+        return [m(grey) for m in self.maps]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         grey = self.grey(x)
-        fine, deep = self.maps(grey)
         density = torch.from_numpy(
             np.stack([density_features(g) for g in (grey[:, 0] * 255).round().byte().cpu().numpy()])
         ).to(x.device)
         source = torch.full((len(x),), self.source, dtype=torch.long, device=x.device)
-        return self.member_logits(fine, deep, density, source)
+        return member_logits(
+            self.mil, self.logistic, self.forest, self.feature_maps(grey), density, source
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
 
     @torch.no_grad()
     def hemorrhage_map(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, 16, 16] MIL logits per location of the 320 px crop."""
-        fine, deep = self.maps(self.grey(x))
-        return self.mil.logit_map(fine, deep)
+        """[N, 16, 16] MIL logits per location of the 320 px crop (mean over backbones)."""
+        maps = self.feature_maps(self.grey(x))
+        return torch.stack([m.logit_map(*f) for m, f in zip(self.mil, maps, strict=True)]).mean(0)
+
+
+def _one_backbone_layout(state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Bundles from before the second backbone hold one module where there is now a list
+    (``maps.net.*`` for ``maps.0.net.*``): renamed on load, so they still predict."""
+    for key in list(state):
+        for part in ("maps.", "mil.", "logistic."):
+            name = prefix + part
+            if key.startswith(name) and not key[len(name)].isdigit():
+                state[name + "0." + key[len(name) :]] = state.pop(key)
 
 
 def small_set_config(model: SmallSetModel) -> dict[str, Any]:
     """What bundle.json must hold to rebuild the module before loading its weights."""
     return {
-        "sources": model.mil.sources,
-        "mil_heads": len(model.mil.heads),
+        "backbones": list(model.backbones),
+        "sources": model.mil[0].sources,
+        "mil_heads": len(model.mil[0].heads),
         "source": int(model.source),
         "forest_shape": list(model.forest.left.shape),
-        "member_weights": list(MEMBER_WEIGHTS),
+        "member_weights": member_weights(len(model.backbones)),
         "density_features": N_FEATURES,
-        "pooled_features": POOLED_FEATURES,
+        "pooled_features": [lr.coef.numel() for lr in model.logistic],
     }
 
 
@@ -261,4 +329,6 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
         source=int(spec["source"]),
         forest_shape=tuple(spec["forest_shape"]),  # type: ignore[arg-type]
         mil_heads=int(spec.get("mil_heads", 1)),
+        # bundles from before the second backbone name none: they were Lite0 alone
+        backbones=spec.get("backbones", ["efficientnet_lite0"]),
     )

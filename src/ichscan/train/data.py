@@ -133,9 +133,12 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
                 f"--recipe small-set needs a cache prepared with --crop brain at "
                 f"{SMALL_SET_SIZE} px; this one has crop={cache.crop!r} at {cache.size} px",
             )
-        recipe = "small-set" if config.recipe == "small-set" or (
-            config.recipe == "auto" and fits and _auto_small_set(config, len(cache), label_set)
-        ) else "finetune"
+        recipe = (
+            "small-set"
+            if config.recipe == "small-set"
+            or (config.recipe == "auto" and fits and _auto_small_set(config, len(cache), label_set))
+            else "finetune"
+        )
         return TrainingData(
             data,
             label_set,
@@ -213,14 +216,14 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
 
 
 SMALL_SET_SIZE = 320
-# The small-set fits hold ~2 MB of float16 feature maps per slice in memory (2 GB at 1,000);
+# The small-set fits hold ~4 MB of float16 feature maps per slice in memory (4 GB at 1,000);
 # above that, fine-tuning is affordable and streams from the cache instead.
 SMALL_SET_MAX_SLICES = 1000
 
 
 def _auto_small_set(config: TrainConfig, slices: int, label_set: LabelSet) -> bool:
     """`--recipe auto`: the small-set ensemble, unless the user chose another network (its
-    backbone is Lite0: a model asked for by name is fine-tuned as asked)."""
+    backbones are Lite0 and Lite1: a model asked for by name is fine-tuned as asked)."""
     from ichscan.train.loop import DEFAULT_ARCHITECTURE
 
     return config.architecture == DEFAULT_ARCHITECTURE and _small_set_applies(slices, label_set)

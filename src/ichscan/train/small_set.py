@@ -11,16 +11,21 @@ Steps (ichscan.models.small_set describes the model):
 1. Every slice is windowed (brain), cropped to the head with the skull zeroed and resized to
    320 px once, by `prepare` (the crop is recorded in the bundle: predict does the same).
 2. Eight views per slice (identity, mirror, six random flips/rotations/scalings/shifts and
-   gamma/contrast/brightness changes) go through the frozen Lite0. The maps are cached under
-   ``--feature-cache`` (default ~/.cache/ichscan/features), keyed by the slice's pixels: the
-   backbone never sees labels, so cross-validation folds and later runs reuse them.
-3. The MIL head trains on all training slices, including ``--extra-train`` sets, each source
-   with its own bias: one random view per slice per epoch, label smoothing, AdamW, one-cycle.
-   The pooled logistic regression (all eight views) and the density forest train on the main
-   set's slices only: their features differ in scale between sources.
+   gamma/contrast/brightness changes) go through the frozen Lite0 and Lite1. The maps are
+   cached under
+   ``--feature-cache`` (default ~/.cache/ichscan/features), keyed by the network and the
+   slice's pixels: the backbones never see labels, so cross-validation folds and later runs
+   reuse them.
+3. Per backbone, a MIL head trains on all training slices, including ``--extra-train`` sets,
+   each source with its own bias: one random view per slice per epoch, label smoothing,
+   AdamW, one-cycle. Per backbone, a pooled logistic regression (all eight views), and one
+   density forest, train on the main set's slices only: their features differ in scale
+   between sources.
 4. The decision threshold comes from inner cross-validation on the training slices (the
-   ensemble refitted without each inner fold and scored on it): the validation fold stays
-   untouched for the metrics in bundle.json.
+   ensemble refitted without each inner fold and scored on it): by default where a logistic
+   calibration of those scores crosses 0.5 (``--threshold calibrated``), which beat Youden's
+   J on every real split measured (README). The validation fold stays untouched for the
+   metrics in bundle.json.
 """
 
 from __future__ import annotations
@@ -45,15 +50,17 @@ from ichscan.models.bundle import input_spec, new_config, save_bundle
 from ichscan.models.density import density_features
 from ichscan.models.forest import ForestModule
 from ichscan.models.small_set import (
+    BACKBONES,
     CROP_SIZE,
-    MEMBER_WEIGHTS,
     RECIPE,
     LiteMaps,
+    MapSource,
     MILEnsemble,
     MILHead,
     PooledLogistic,
     SmallSetModel,
     member_logits,
+    member_weights,
     pooled_features,
     small_set_config,
 )
@@ -66,9 +73,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 N_VIEWS = 8
-FEATURE_VERSION = "lite0-b10-b14-head-256-v1"
+# Part of each cached map's key: a change to how a backbone's maps are made gets a new one.
+FEATURE_VERSIONS = {
+    "efficientnet_lite0": "lite0-b10-b14-head-256-v1",
+    "efficientnet_lite1": "lite1-b14-b19-head-256-v1",
+}
 INNER_FOLDS = 4
-HARD_MAX_SLICES = 4000  # ~8 GB of float16 maps held in memory (--recipe small-set forced)
+HARD_MAX_SLICES = 2000  # ~8 GB of float16 maps held in memory (--recipe small-set forced)
 MIL_HEADS = 1  # 3 seeds were tried: no better (see README), 2.7x the fit time
 
 
@@ -124,16 +135,16 @@ def views_of(grey: np.ndarray, key: str) -> torch.Tensor:
     return torch.cat(out)
 
 
-def slice_key(grey: np.ndarray) -> str:
-    return hashlib.sha1(FEATURE_VERSION.encode() + grey.tobytes()).hexdigest()
+def slice_key(grey: np.ndarray, backbone: str = BACKBONES[0]) -> str:
+    return hashlib.sha1(FEATURE_VERSIONS[backbone].encode() + grey.tobytes()).hexdigest()
 
 
 class FeatureMaps:
-    """The cached maps of every training slice, float16, in memory for the fits:
+    """One backbone's cached maps of every training slice, float16, in memory for the fits:
     fine [V, N, 112, 16, 16] and deep [V, N, 1472, 8, 8] (about 2 MB per slice)."""
 
-    def __init__(self, fine: torch.Tensor, deep: torch.Tensor) -> None:
-        self.fine, self.deep = fine, deep
+    def __init__(self, source: MapSource, fine: torch.Tensor, deep: torch.Tensor) -> None:
+        self.source, self.fine, self.deep = source, fine, deep
 
     @classmethod
     def compute(
@@ -148,7 +159,7 @@ class FeatureMaps:
         n = len(greys)
         fine = deep = None
         computed = 0
-        keys = [slice_key(g) for g in greys]
+        keys = [slice_key(g, extractor.source.backbone) for g in greys]
         todo: list[int] = []
         for i, key in enumerate(keys):
             hit = _read_cached(cache_dir, key)
@@ -156,7 +167,8 @@ class FeatureMaps:
                 todo.append(i)
                 continue
             fine, deep = _place(fine, deep, i, n, *hit)
-        bar = tqdm(total=len(todo), unit="slice", desc="feature maps", disable=not progress)
+        name = extractor.source.backbone.removeprefix("efficientnet_")
+        bar = tqdm(total=len(todo), unit="slice", desc=f"{name} maps", disable=not progress)
         with bar:
             for start in range(0, len(todo), batch):
                 chunk = todo[start : start + batch]
@@ -170,9 +182,11 @@ class FeatureMaps:
                 computed += len(chunk)
                 bar.update(len(chunk))
         assert fine is not None and deep is not None
-        return cls(fine, deep), computed
+        return cls(extractor.source, fine, deep), computed
 
-    def take(self, rows: np.ndarray, views: np.ndarray | int | slice) -> tuple[torch.Tensor, ...]:
+    def take(
+        self, rows: np.ndarray, views: np.ndarray | int | slice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 (fine, deep) of ``rows`` in ``views`` (one view per row when an array)."""
         idx = torch.as_tensor(rows)
         if isinstance(views, np.ndarray):
@@ -238,7 +252,7 @@ def fit_mil(
     seed: int,
     settings: MILSettings = MILSettings(),
 ) -> MILEnsemble:
-    ensemble = MILEnsemble(sources, settings.heads)
+    ensemble = MILEnsemble(maps.source, sources, settings.heads)
     with torch_threads(1):  # a batch is a few MB: one thread is faster
         for j in range(settings.heads):
             ensemble.heads[j] = _fit_mil(maps, rows, y, source, sources, seed + 7919 * j, settings)
@@ -256,7 +270,7 @@ def _fit_mil(
 ) -> MILHead:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    head = MILHead(sources)
+    head = MILHead(maps.source, sources)
     opt = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     bs = settings.batch_size
     steps = settings.epochs * -(-len(rows) // bs)
@@ -281,7 +295,7 @@ def _fit_mil(
 
 
 def pooled_views(maps: FeatureMaps, batch: int = 64) -> torch.Tensor:
-    """float32 [V, N, 3168] pooled features of every view."""
+    """float32 [V, N, 2·(C + C')] pooled features of every view."""
     n = maps.fine.shape[1]
     out = torch.empty((N_VIEWS, n, 2 * (maps.fine.shape[2] + maps.deep.shape[2])))
     for v in range(N_VIEWS):
@@ -313,10 +327,10 @@ def fit_forest(density: np.ndarray, rows: np.ndarray, y: np.ndarray, seed: int) 
 
 @dataclass
 class TrainingFeatures:
-    """Everything the three learners read, per slice of the run (train and validation)."""
+    """Everything the learners read, per slice of the run (train and validation)."""
 
-    maps: FeatureMaps
-    pooled: torch.Tensor  # [V, N, 3168]
+    maps: list[FeatureMaps]  # one per backbone
+    pooled: list[torch.Tensor]  # [V, N, 2·(C + C')] per backbone
     density: np.ndarray  # [N, 29]
     y: np.ndarray  # [N] 0/1
     source: np.ndarray  # [N] 0 main, 1.. --extra-train sets
@@ -325,8 +339,8 @@ class TrainingFeatures:
 
 @dataclass
 class Members:
-    mil: MILEnsemble
-    logistic: PooledLogistic
+    mil: list[MILEnsemble]  # one per backbone
+    logistic: list[PooledLogistic]  # one per backbone
     forest: ForestModule
 
 
@@ -335,32 +349,30 @@ def fit_members(
 ) -> Members:
     main = rows[data.source[rows] == 0]
     return Members(
-        fit_mil(data.maps, rows, data.y, data.source, data.sources, seed, settings),
-        fit_logistic(data.pooled, main, data.y),
+        [fit_mil(m, rows, data.y, data.source, data.sources, seed, settings) for m in data.maps],
+        [fit_logistic(pooled, main, data.y) for pooled in data.pooled],
         fit_forest(data.density, main, data.y, seed),
     )
 
 
 @torch.no_grad()
 def members_logits(members: Members, data: TrainingFeatures, rows: np.ndarray) -> np.ndarray:
-    """float [2, N, 3]: the three members' logits of ``rows`` (source 0) in the identity and
-    the mirrored view, as the predictor computes them."""
+    """float [2, N, M]: the members' logits of ``rows`` (source 0) in the identity and the
+    mirrored view, as the predictor computes them."""
     density = torch.from_numpy(data.density[rows])
     source = torch.zeros(len(rows), dtype=torch.long)
     out = []
     for view in (0, 1):
-        fine, deep = data.maps.take(rows, view)
-        logits = member_logits(
-            members.mil, members.logistic, members.forest, fine, deep, density, source
-        )
+        maps = [m.take(rows, view) for m in data.maps]
+        logits = member_logits(members.mil, members.logistic, members.forest, maps, density, source)
         out.append(logits.numpy())
     return np.stack(out)
 
 
 def combine(logits: np.ndarray) -> np.ndarray:
-    """[V, N, 3] member logits → [N] probability: the fixed weighted sum per view, sigmoid,
+    """[V, N, M] member logits → [N] probability: the fixed weighted sum per view, sigmoid,
     mean over views (what SmallSetModel.head and the predictor's TTA do)."""
-    z = logits @ np.asarray(MEMBER_WEIGHTS)
+    z = logits @ np.asarray(member_weights((logits.shape[-1] - 1) // 2))
     return (1.0 / (1.0 + np.exp(-z))).mean(axis=0)
 
 
@@ -371,14 +383,14 @@ def inner_oof(
     folds: int = INNER_FOLDS,
     settings: MILSettings = MILSettings(),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(main rows, their out-of-fold member logits [2, N, 3]) by ``folds``-fold inner CV
+    """(main rows, their out-of-fold member logits [2, N, M]) by ``folds``-fold inner CV
     (NaN when a class has fewer than two training slices)."""
     from sklearn.model_selection import StratifiedKFold
 
     main = rows[data.source[rows] == 0]
     extra = rows[data.source[rows] != 0]
     k = min(folds, int(np.bincount(data.y[main], minlength=2).min()))
-    oof = np.zeros((2, len(main), len(MEMBER_WEIGHTS)))
+    oof = np.zeros((2, len(main), 2 * len(data.maps) + 1))
     if k < 2:
         return main, np.full(oof.shape, np.nan)
     split = StratifiedKFold(k, shuffle=True, random_state=seed).split(main, data.y[main])
@@ -419,7 +431,12 @@ def source_ids(cache: PreparedCache) -> tuple[np.ndarray, list[str]]:
 
 def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     from ichscan.evaluate.metrics import operating_point, roc_auc
-    from ichscan.train.loop import choose_thresholds, evaluate_rows, seed_everything
+    from ichscan.train.loop import (
+        choose_thresholds,
+        evaluate_rows,
+        resolve_threshold,
+        seed_everything,
+    )
 
     started = time.monotonic()
     seed_everything(config.seed)
@@ -460,13 +477,23 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         if config.feature_cache == "none"
         else Path(config.feature_cache or default_feature_cache())
     )
-    extractor = LiteMaps(config.pretrained if config.pretrained != "none" else "none")
+    if config.pretrained not in ("imagenet", "none"):
+        raise SmallSetError(
+            config.pretrained,
+            "the small-set recipe reads ImageNet EfficientNet-Lite0 and Lite1 (from their pip "
+            "packages): --pretrained PATH is for --recipe finetune",
+        )
+    extractors = [LiteMaps(b, config.pretrained) for b in BACKBONES]
     t0 = time.monotonic()
-    maps, computed = FeatureMaps.compute(greys, feature_cache, extractor, config.progress)
+    maps, computed = [], 0
+    for extractor in extractors:
+        m, n = FeatureMaps.compute(greys, feature_cache, extractor, config.progress)
+        maps.append(m)
+        computed += n
     feature_seconds = time.monotonic() - t0
     features = TrainingFeatures(
         maps,
-        pooled_views(maps),
+        [pooled_views(m) for m in maps],
         np.stack([density_features(g) for g in greys]),
         y,
         src,
@@ -482,18 +509,19 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     oof = np.full(len(main_rows), np.nan)
     if np.isfinite(oof_logits).all():
         oof = combine(oof_logits)
-        thresholds = choose_thresholds(
-            oof[:, None], y[main_rows][:, None], label_set, config.threshold
-        )
-        method = f"{config.threshold} on {INNER_FOLDS}-fold inner CV of the training slices"
+        rule = resolve_threshold(config.threshold, RECIPE)
+        thresholds = choose_thresholds(oof[:, None], y[main_rows][:, None], label_set, rule)
+        method = f"{rule} on {INNER_FOLDS}-fold inner CV of the training slices"
     else:
         thresholds, method = {name: 0.5}, "default 0.5 (too few training slices for inner CV)"
 
     model = SmallSetModel(
-        features.sources, 0, tuple(final.forest.left.shape), mil_heads=len(final.mil.heads)
+        features.sources, 0, tuple(final.forest.left.shape), mil_heads=len(final.mil[0].heads)
     )
-    model.maps = extractor
-    model.mil, model.logistic, model.forest = final.mil, final.logistic, final.forest
+    model.maps = torch.nn.ModuleList(extractors)
+    model.mil = torch.nn.ModuleList(final.mil)
+    model.logistic = torch.nn.ModuleList(final.logistic)
+    model.forest = final.forest
     metrics: dict[str, Any] = {"validation_slices": len(va)}
     if len(va):
         p_val = combine(members_logits(final, features, va))
@@ -515,8 +543,8 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         crop_version=cache.crop_version,
     )
     bundle = new_config(
-        architecture=SmallSetModel.architecture,
-        weights_provenance=extractor.provenance + ", frozen",
+        architecture=model.architecture,
+        weights_provenance=model.provenance + " (frozen)",
         label_set=label_set,
         input_spec=spec,
         dropout=0.0,
