@@ -12,15 +12,14 @@ Steps (ichscan.models.small_set describes the model):
    320 px once, by `prepare` (the crop is recorded in the bundle: predict does the same).
 2. Eight views per slice (identity, mirror, six random flips/rotations/scalings/shifts and
    gamma/contrast/brightness changes) go through the frozen Lite0 and Lite1. The maps are
-   cached under
-   ``--feature-cache`` (default ~/.cache/ichscan/features), keyed by the network and the
-   slice's pixels: the backbones never see labels, so cross-validation folds and later runs
-   reuse them.
+   cached under ``--feature-cache`` (default ~/.cache/ichscan/features), keyed by the network
+   and the slice's pixels: the backbones never see labels, so cross-validation folds and
+   later runs reuse them.
 3. Per backbone, a MIL head trains on all training slices, including ``--extra-train`` sets,
    each source with its own bias: one random view per slice per epoch, label smoothing,
-   AdamW, one-cycle. Per backbone, a pooled logistic regression (all eight views), and one
-   density forest, train on the main set's slices only: their features differ in scale
-   between sources.
+   AdamW, one-cycle. The pooled logistic regressions (one per backbone, all eight views)
+   and the density forest train on the main set's slices only: their features differ in
+   scale between sources.
 4. The decision threshold comes from inner cross-validation on the training slices (the
    ensemble refitted without each inner fold and scored on it): by default where a logistic
    calibration of those scores crosses 0.5 (``--threshold calibrated``), which beat Youden's
@@ -390,7 +389,7 @@ def inner_oof(
     main = rows[data.source[rows] == 0]
     extra = rows[data.source[rows] != 0]
     k = min(folds, int(np.bincount(data.y[main], minlength=2).min()))
-    oof = np.zeros((2, len(main), 2 * len(data.maps) + 1))
+    oof = np.zeros((2, len(main), len(member_weights(len(data.maps)))))
     if k < 2:
         return main, np.full(oof.shape, np.nan)
     split = StratifiedKFold(k, shuffle=True, random_state=seed).split(main, data.y[main])
