@@ -44,7 +44,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from ichscan.data.cache import (
     CACHE_FORMAT,
@@ -76,6 +75,7 @@ from ichscan.preprocess.window import (
     stack_windows,
     window_lut,
 )
+from ichscan.progress import progress_bar
 
 __all__ = ["PrepareResult", "prepare", "read_row"]
 
@@ -657,7 +657,7 @@ def prepare(
         workers = min(workers, n_shards)  # one shard is one job: more processes would idle
 
     outcomes: dict[int, ShardOutcome] = {}
-    bar = tqdm(total=len(df), unit="slice", desc="prepare", disable=not progress)
+    bar = progress_bar(total=len(df), unit="slice", desc="prepare", disable=not progress)
 
     def todo() -> Iterator[ShardJob]:
         for job in _jobs(df, root, params, shard_size):

@@ -383,9 +383,8 @@ def run_evaluate(
     scan predictions (CSV), plots/ and report.html into ``out_dir``; return the metrics.
     ``plots=False`` leaves out the figures (the report then has tables only). Prints
     nothing unless ``progress``."""
-    from tqdm import tqdm
-
     from ichscan.evaluate.plots import plot_all
+    from ichscan.progress import progress_bar
     from ichscan.train.dataset import SliceDataset
 
     data, out_dir = Path(data), Path(out_dir)
@@ -403,7 +402,7 @@ def run_evaluate(
     scan_ids: list[str] = []
     scan_p, scan_y, scan_n = [], [], []
     groups = list(_scan_rows(cache))
-    for scan_id, rows in tqdm(groups, unit="scan", desc="evaluate", disable=not progress):
+    for scan_id, rows in progress_bar(groups, unit="scan", desc="evaluate", disable=not progress):
         x = np.stack([dataset.image(int(r)) for r in rows]).transpose(0, 3, 1, 2)
         probs, scan_probs, _ = predictor.predict_inputs(np.ascontiguousarray(x))
         slice_p[rows] = probs

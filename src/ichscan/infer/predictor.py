@@ -447,9 +447,8 @@ def run_predict(
     nothing at all could be predicted. Raises IchscanError when the run cannot start (bad
     model folder, unknown format, Kaggle format for a non-RSNA model).
     """
-    from tqdm import tqdm
-
     from ichscan.infer.writers import check_format, open_writer
+    from ichscan.progress import progress_bar
 
     errors = errors if errors is not None else sys.stderr
     fmt = check_format(fmt, out)
@@ -462,7 +461,9 @@ def run_predict(
     n_ok = n_bad = 0
     writer = open_writer(fmt, out, predictor)
     try:
-        bar = tqdm(inputs, unit="input", desc="predict", disable=not progress, file=sys.stderr)
+        bar = progress_bar(
+            inputs, unit="input", desc="predict", disable=not progress, file=sys.stderr
+        )
         for path in bar:
             for item in predict_paths([path], predictor, workers=workers):
                 if isinstance(item, ScanPrediction):

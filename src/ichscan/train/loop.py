@@ -520,12 +520,12 @@ def _train_epoch(
     epoch: int,
     show: bool,
 ) -> float:
-    from tqdm import tqdm
+    from ichscan.progress import progress_bar
 
     model.train()
     total, count = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(
+    bar = progress_bar(
         loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (show and config.progress)
     )
     for step, (x, y) in enumerate(bar):

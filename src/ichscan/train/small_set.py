@@ -41,7 +41,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from tqdm import tqdm
 
 from ichscan.data.cache import PreparedCache
 from ichscan.errors import IchscanError
@@ -63,6 +62,7 @@ from ichscan.models.small_set import (
     pooled_features,
     small_set_config,
 )
+from ichscan.progress import progress_bar
 from ichscan.threads import torch_threads
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class FeatureMaps:
                 continue
             fine, deep = _place(fine, deep, i, n, *hit)
         name = extractor.source.backbone.removeprefix("efficientnet_")
-        bar = tqdm(total=len(todo), unit="slice", desc=f"{name} maps", disable=not progress)
+        bar = progress_bar(total=len(todo), unit="slice", desc=f"{name} maps", disable=not progress)
         with bar:
             for start in range(0, len(todo), batch):
                 chunk = todo[start : start + batch]
