@@ -2,7 +2,7 @@
 threshold rule: pooled AUC, accuracy at each fold's own inner-CV threshold, the errors.
 
     .venv/bin/python research/recipe_lab/score_members.py RUN.npz [RUN2.npz ...]
-        [--weights 0.5,0.25,0.25] [--threshold youden|half|platt]
+        [--weights W1,W2,...] [--threshold youden|youden-mid|half|platt] [--views N]
 
 A run given as A.npz+B.npz joins the member logits of runs on the same folds (another
 backbone): the weights apply to each and are shared between them, unless given for all.
@@ -15,6 +15,7 @@ import argparse
 import numpy as np
 
 from ichscan.evaluate.metrics import roc_auc, youden_threshold
+from ichscan.models.small_set import member_weights
 
 
 def combine(logits: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -59,12 +60,15 @@ def load(spec: str) -> dict[str, np.ndarray]:
     return out
 
 
-def score(path: str, w: np.ndarray, rule: str, views: int = 0) -> tuple[int, int, float]:
+def score(path: str, w: np.ndarray | None, rule: str, views: int = 0) -> tuple[int, int, float]:
     run = load(path)
     if views:  # TTA over the first `views` saved views only
         run = {k: v[:views] if k.startswith("val_logits_") else v for k, v in run.items()}
     members = run["val_logits_0"].shape[-1]
-    if len(w) != members:  # the same weights for each joined run, shared between them
+    joined = path.count("+") + 1
+    if w is None:  # the shipped weights of each run's layout, shared between joined runs
+        w = np.tile(member_weights((members // joined - 1) // 2), joined) / joined
+    elif len(w) != members:  # the same weights for each joined run, shared between them
         w = np.tile(w, members // len(w)) / (members // len(w))
     y = run["y"]
     folds = sorted({int(k.rsplit("_", 1)[1]) for k in run if k.startswith("val_rows_")})
@@ -73,7 +77,11 @@ def score(path: str, w: np.ndarray, rule: str, views: int = 0) -> tuple[int, int
         va = run[f"val_rows_{f}"]
         p = combine(run[f"val_logits_{f}"], w)
         inner = combine(run[f"inner_logits_{f}"], w) if run[f"inner_logits_{f}"].size else None
-        t = 0.5 if inner is None else threshold(rule, y[run[f"inner_rows_{f}"]], run[f"inner_logits_{f}"], inner, w)
+        t = (
+            0.5
+            if inner is None
+            else threshold(rule, y[run[f"inner_rows_{f}"]], run[f"inner_logits_{f}"], inner, w)
+        )
         ys.append(y[va])
         ps.append(p)
         ds.append((p >= t).astype(int))
@@ -92,11 +100,13 @@ def score(path: str, w: np.ndarray, rule: str, views: int = 0) -> tuple[int, int
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("runs", nargs="+")
-    parser.add_argument("--weights", default="0.5,0.25,0.25")
-    parser.add_argument("--threshold", default="youden", choices=["youden", "youden-mid", "half", "platt"])
+    parser.add_argument("--weights", help="logit weights (default: the shipped ones)")
+    parser.add_argument(
+        "--threshold", default="youden", choices=["youden", "youden-mid", "half", "platt"]
+    )
     parser.add_argument("--views", type=int, default=0, help="use the first N saved views")
     args = parser.parse_args()
-    w = np.array([float(v) for v in args.weights.split(",")])
+    w = np.array([float(v) for v in args.weights.split(",")]) if args.weights else None
     total = [score(r, w, args.threshold, args.views) for r in args.runs]
     if len(total) > 1:
         k, n = sum(t[0] for t in total), sum(t[1] for t in total)

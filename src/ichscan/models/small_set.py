@@ -242,11 +242,13 @@ class SmallSetModel(nn.Module):
         pretrained: str = "none",
         mil_heads: int = 1,
         backbones: Sequence[str] = BACKBONES,
+        maps: Sequence[LiteMaps] | None = None,
     ) -> None:
+        """``maps``: extractors already built (training has them), else built here."""
         super().__init__()
-        self.backbones = tuple(backbones)
+        self.backbones = tuple(m.source.backbone for m in maps) if maps else tuple(backbones)
         specs = [MAP_SOURCES[b] for b in self.backbones]
-        self.maps = nn.ModuleList(LiteMaps(b, pretrained) for b in self.backbones)
+        self.maps = nn.ModuleList(maps or (LiteMaps(b, pretrained) for b in self.backbones))
         self.mil = nn.ModuleList(MILEnsemble(m, sources, mil_heads) for m in specs)
         self.logistic = nn.ModuleList(PooledLogistic(m.pooled_features) for m in specs)
         self.forest = ForestModule(*forest_shape)

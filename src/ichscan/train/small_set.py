@@ -33,6 +33,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -355,13 +356,15 @@ def fit_members(
 
 
 @torch.no_grad()
-def members_logits(members: Members, data: TrainingFeatures, rows: np.ndarray) -> np.ndarray:
-    """float [2, N, M]: the members' logits of ``rows`` (source 0) in the identity and the
-    mirrored view, as the predictor computes them."""
+def members_logits(
+    members: Members, data: TrainingFeatures, rows: np.ndarray, views: Sequence[int] = (0, 1)
+) -> np.ndarray:
+    """float [V, N, M]: the members' logits of ``rows`` (source 0) in ``views`` of the cached
+    ones; by default the identity and the mirror, as the predictor computes them."""
     density = torch.from_numpy(data.density[rows])
     source = torch.zeros(len(rows), dtype=torch.long)
     out = []
-    for view in (0, 1):
+    for view in views:
         maps = [m.take(rows, view) for m in data.maps]
         logits = member_logits(members.mil, members.logistic, members.forest, maps, density, source)
         out.append(logits.numpy())
@@ -515,9 +518,12 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         thresholds, method = {name: 0.5}, "default 0.5 (too few training slices for inner CV)"
 
     model = SmallSetModel(
-        features.sources, 0, tuple(final.forest.left.shape), mil_heads=len(final.mil[0].heads)
+        features.sources,
+        0,
+        tuple(final.forest.left.shape),
+        mil_heads=len(final.mil[0].heads),
+        maps=extractors,
     )
-    model.maps = torch.nn.ModuleList(extractors)
     model.mil = torch.nn.ModuleList(final.mil)
     model.logistic = torch.nn.ModuleList(final.logistic)
     model.forest = final.forest
