@@ -9,7 +9,8 @@ bundle. Out-of-fold predictions of all five folds are pooled and scored:
 - accuracy at each fold model's own threshold (what `predict` decides; the small-set recipe
   picks it by inner CV on its training slices), at a threshold chosen without the fold's
   labels (Youden on the other folds' out-of-fold predictions) and at 0.5, with Wilson 95% CIs,
-- training wall time per model.
+- training wall time per model;
+and writes every out-of-fold prediction to OUT/<dataset>_predictions.csv.
 The sets are small (150 and 100 images): the figures carry wide intervals and say so.
 
 rsna_png is trained with --labels binary (hemorrhage = `any`); head_ct is binary already.
@@ -38,6 +39,19 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def write_predictions(path: Path, cv: dict) -> None:
+    """One row per image: its fold, label, out-of-fold probability and the decision of its
+    fold's model at that model's own threshold."""
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "fold", "label", "probability", "decision"])
+        columns = (cv["image_id"], cv["fold"], cv["y"], cv["p"], cv["bundle_decision"])
+        for i, fold, y, p, d in zip(*columns, strict=True):
+            w.writerow([i, int(fold), int(y), f"{float(p):.6f}", int(d)])
 
 
 def main() -> None:
@@ -91,6 +105,7 @@ def main() -> None:
             "fold_aucs": cv["fold_aucs"],
             "extra_training_data": extra,
         }
+        write_predictions(out / f"{name}_predictions.csv", cv)
         r = results[name]
         print(
             f"{name}: {n} images ({r['positives']} positive), {args.folds}-fold CV, "
@@ -116,6 +131,8 @@ def main() -> None:
             + ", ".join(f"{m:.1f}" for m in cv["minutes"])
             + " min (2-core CPU)"
         )
+        wrong = cv["image_id"][own != y]
+        print(f"  wrong at the model's own threshold: {', '.join(wrong.tolist()) or 'none'}")
     (out / "real_data.json").write_text(json.dumps(results, indent=2, default=float))
     print(f"wrote {out / 'real_data.json'}")
 

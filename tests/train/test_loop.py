@@ -258,4 +258,6 @@ def test_cross_validation_pools_out_of_fold_predictions(png_set: Path, tmp_path:
     )
     assert len(cv["y"]) == len(cv["p"]) == 18
     assert sorted(set(cv["fold"].tolist())) == [0, 1, 2]
+    # every image scored once, named as in the cache
+    assert len(set(cv["image_id"].tolist())) == 18
     assert len(cv["minutes"]) == 3

@@ -46,11 +46,11 @@ def cross_validate(
     """Train one model per fold with the default recipe (plus `overrides`); return pooled
     out-of-fold labels `y`, probabilities `p` and decisions (first label) at each bundle's
     own threshold and at a Youden threshold of the other folds, the per-fold AUCs and
-    training minutes."""
+    training minutes; `image_id` names each prediction's image."""
     from ichscan.evaluate.metrics import roc_auc
 
     device = pick_device(overrides.get("device", "auto"))
-    ys, ps, fold_ids, minutes, aucs, own = [], [], [], [], [], []
+    ys, ps, fold_ids, minutes, aucs, own, ids = [], [], [], [], [], [], []
     cache_dir = None
     for fold in range(folds):
         config = replace(
@@ -72,6 +72,7 @@ def cross_validate(
         rows = np.flatnonzero((folds_col == fold) & cache.ok)
         p = bundle_probabilities(config.out, cache, rows, device)[:, 0]
         y = cache.labels()[rows, 0]
+        ids.append(cache.index["image_id"].to_numpy()[rows].astype(str))
         threshold = float(next(iter(summary["thresholds"].values())))
         own.append((p >= threshold).astype(int))
         ys.append(y)
@@ -84,6 +85,7 @@ def cross_validate(
         "y": y,
         "p": p,
         "fold": fold_id,
+        "image_id": np.concatenate(ids),
         "decision": held_out_decisions(y, p, fold_id),
         # what each fold's bundle decides at its own threshold (what `predict` prints)
         "bundle_decision": np.concatenate(own),
