@@ -7,7 +7,7 @@ prepared cache made by benchmarks/real_data.py --with-other (main set + the othe
 extra training data, folds in the cache index).
 
     .venv/bin/python research/recipe_lab/cv_members.py CACHE OUT.npz [--fold-seed S]
-        [--net-size N] [--backbones lite0,lite1] [--views 8] [--no-inner]
+        [--net-size N] [--backbones lite0,lite1,lite2] [--views 8] [--no-inner] [--windows]
 
 --fold-seed 0 reuses the cache's folds (those of the benchmark); other seeds re-split the
 main set's slices 5-fold stratified, so a change can be checked on fresh splits.
@@ -19,22 +19,30 @@ import argparse
 import time
 
 import numpy as np
+import torch
 
 from ichscan.data.cache import PreparedCache
 from ichscan.models import small_set as model
 from ichscan.models.density import density_features
-from ichscan.models.small_set import HEAD_CHANNELS, LiteMaps, MapSource
+from ichscan.models.small_set import LiteMaps
 from ichscan.train import small_set as ss
 
-# Lite2 is not in the shipped recipe; the lab can still try it (its last stride-16 block and
-# its last 8x8 block before the 320-channel one)
-model.MAP_SOURCES.setdefault(
-    "efficientnet_lite2", MapSource("efficientnet_lite2", 14, 19, 120, 208 + HEAD_CHANNELS)
-)
-ss.FEATURE_VERSIONS.setdefault("efficientnet_lite2", "lite2-b14-b19-head-256-v1")
+
+class WindowedLiteMaps(LiteMaps):
+    """The brain-window grey as three channels: itself, a narrow 20–60 HU window and a 40–80
+    HU 'blood' window, both stretched from the 0–80 HU grey (windows as channels, from a
+    brain-window image)."""
+
+    @torch.no_grad()
+    def forward(self, grey: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        narrow = ((grey - 0.25) / 0.5).clamp(0, 1)
+        blood = ((grey - 0.5) / 0.5).clamp(0, 1)
+        return super().forward(torch.cat([grey, narrow, blood], dim=1))
 
 
-def load(cache_dir: str, backbones: list[str]) -> tuple[ss.TrainingFeatures, np.ndarray]:
+def load(
+    cache_dir: str, backbones: list[str], windows: bool = False
+) -> tuple[ss.TrainingFeatures, np.ndarray]:
     cache = PreparedCache(cache_dir)
     rows = np.flatnonzero(cache.ok)
     greys = np.stack([np.asarray(cache[int(r)])[..., 0] for r in rows])
@@ -43,7 +51,10 @@ def load(cache_dir: str, backbones: list[str]) -> tuple[ss.TrainingFeatures, np.
     maps = []
     for backbone in backbones:
         m, computed = ss.FeatureMaps.compute(
-            greys, ss.default_feature_cache(), LiteMaps(backbone), progress=False
+            greys,
+            ss.default_feature_cache(),
+            (WindowedLiteMaps if windows else LiteMaps)(backbone),
+            progress=False,
         )
         maps.append(m)
         print(f"{backbone}: {len(rows)} slices, {computed} maps computed, sources {names}")
@@ -89,13 +100,19 @@ def main() -> None:
         default=",".join(b.removeprefix("efficientnet_") for b in model.BACKBONES),
         help="frozen feature networks, comma-separated: lite0, lite1, lite2 (default: shipped)",
     )
+    parser.add_argument(
+        "--windows", action="store_true", help="grey + 20–60 HU + 40–80 HU channels"
+    )
     args = parser.parse_args()
     backbones = [f"efficientnet_{b}" for b in args.backbones.split(",")]
     if args.net_size:
         model.NET_SIZE = args.net_size
         for b in backbones:
             ss.FEATURE_VERSIONS[b] += f"-net{args.net_size}"
-    data, folds = load(args.cache, backbones)
+    if args.windows:
+        for b in backbones:
+            ss.FEATURE_VERSIONS[b] += "-windows"
+    data, folds = load(args.cache, backbones, args.windows)
     folds = split(data, folds, args.fold_seed)
     result: dict[str, np.ndarray] = {"y": data.y, "folds": folds, "source": data.source}
     for fold in sorted(set(folds[folds >= 0])):

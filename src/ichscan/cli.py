@@ -555,10 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=["auto", "small-set", "finetune"],
         default="auto",
-        help="small-set: frozen EfficientNet-Lite0 and Lite1 maps of head-cropped brain-window "
-        "slices + MIL heads, pooled logistic regressions and a density forest (for a binary "
-        "label and at "
-        "most 1,000 slices); finetune: train --arch end to end with the options above; "
+        help="small-set: frozen EfficientNet-Lite0, Lite1 and Lite2 maps of head-cropped "
+        "brain-window slices + MIL heads, pooled logistic regressions and a density forest "
+        "(for a binary label and at most 1,000 slices); finetune: train --arch end to end "
+        "with the options above; "
         "auto (default): small-set when it applies, else finetune",
     )
     p.add_argument(

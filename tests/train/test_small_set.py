@@ -64,12 +64,13 @@ def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
     assert config["input"]["tta"] == ["identity", "hflip"]
     assert 0 < config["thresholds"]["hemorrhage"] < 1
     assert config["threshold_method"] == "calibrated on 4-fold inner CV of the training slices"
-    # 16 slices through each of the two backbones, each cached under its own key
-    assert config["small_set"]["backbones"] == ["efficientnet_lite0", "efficientnet_lite1"]
-    assert config["architecture"] == "efficientnet_lite0+efficientnet_lite1"
-    assert len(config["small_set"]["member_weights"]) == 5
-    assert config["training"]["feature_maps_computed"] == 32
-    assert len(list(features.rglob("*.npz"))) == 32
+    # 16 slices through each of the three backbones, each cached under its own key
+    lites = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert config["small_set"]["backbones"] == lites
+    assert config["architecture"] == "+".join(lites)
+    assert len(config["small_set"]["member_weights"]) == 7
+    assert config["training"]["feature_maps_computed"] == 48
+    assert len(list(features.rglob("*.npz"))) == 48
     assert summary["metrics"]["validation_slices"] == 4
 
 
@@ -144,7 +145,7 @@ def test_forced_small_set_on_a_large_set_is_refused(
     from ichscan.train import small_set
 
     monkeypatch.setattr(small_set, "HARD_MAX_SLICES", 10)
-    with pytest.raises(small_set.SmallSetError, match="use --recipe finetune"):
+    with pytest.raises(small_set.SmallSetError, match=r"about 0\.1 GB .*use --recipe finetune"):
         train(
             TrainConfig(
                 data=str(png_set),
@@ -188,6 +189,41 @@ def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_pa
     x = torch.randint(0, 255, (2, 3, 320, 320), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(loaded(x), lite0.eval()(x), atol=1e-5)
+
+
+def test_a_two_backbone_bundle_still_predicts(trained, tmp_path: Path) -> None:
+    """Lite0 + Lite1 bundles (session 4, before Lite2) load with their own two networks and
+    member weights, and predict what that two-network ensemble does."""
+    from ichscan.models.bundle import load_bundle
+    from ichscan.models.small_set import SmallSetModel, member_weights
+
+    model, _, _ = trained
+    config = json.loads((model / "bundle.json").read_text())
+    three = load_bundle(model).members[0]
+    pair = ["efficientnet_lite0", "efficientnet_lite1"]
+    two = SmallSetModel(
+        three.mil[0].sources,
+        0,
+        tuple(three.forest.left.shape),
+        backbones=pair,
+        maps=list(three.maps[:2]),
+    )
+    for i in range(2):
+        two.mil[i], two.logistic[i] = three.mil[i], three.logistic[i]
+    two.forest = three.forest
+    old = tmp_path / "two"
+    old.mkdir()
+    torch.save(two.state_dict(), old / config["members"][0])
+    config["small_set"]["backbones"] = pair
+    config["small_set"]["member_weights"] = member_weights(2)
+    (old / "bundle.json").write_text(json.dumps(config))
+    loaded = load_bundle(old).members[0]
+    assert loaded.backbones == tuple(pair)
+    x = torch.randint(0, 255, (2, 3, 320, 320), dtype=torch.uint8)
+    with torch.no_grad():
+        assert loaded(x).shape == three(x).shape
+        assert torch.allclose(loaded(x), two.eval()(x), atol=1e-5)
+        assert not torch.allclose(loaded(x), three(x), atol=1e-3)
 
 
 def test_small_set_refuses_a_weights_file(png_set: Path, tmp_path: Path) -> None:

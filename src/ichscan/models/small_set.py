@@ -3,10 +3,10 @@ brain-window slices (see ichscan.train.small_set for the training and the reason
 
 Its members read one brain-cropped slice (uint8, 320 px, the brain only):
 
-- two frozen ImageNet networks, EfficientNet-Lite0 and Lite1, at 256 px, each give feature
-  maps at two scales (the last stride-16 block: 112 ch at 16×16; the last 8×8 block before
-  the 320-channel one, with the conv head: 1472 ch at 8×8). Two networks, because their
-  errors differ: together they rank the real slices better than either alone;
+- three frozen ImageNet networks, EfficientNet-Lite0, Lite1 and Lite2, at 256 px, each give
+  feature maps at two scales (the last stride-16 block: 112 or 120 ch at 16×16; the last 8×8
+  block before the last one, with the conv head: 1472 or 1488 ch at 8×8). Several networks,
+  because their errors differ: together they rank the real slices better than any one alone;
 - per network, a **MIL head**: per-scale 1×1 convolutions to a 16×16 map of hemorrhage
   logits, pooled by log-sum-exp (a bleed is a small region: the pooling lets a few locations
   decide), with one learned bias per training source (each dataset has its own base rate
@@ -63,9 +63,11 @@ MAP_SOURCES = {
     for m in (
         MapSource("efficientnet_lite0", 10, 14, 112, 192 + HEAD_CHANNELS),
         MapSource("efficientnet_lite1", 14, 19, 112, 192 + HEAD_CHANNELS),
+        MapSource("efficientnet_lite2", 14, 19, 120, 208 + HEAD_CHANNELS),
     )
 }
-BACKBONES = ("efficientnet_lite0", "efficientnet_lite1")  # what a new model uses
+# What a new model uses. Bundles record theirs: older ones (Lite0, or Lite0 + Lite1) still load.
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # Logit weights of the MIL heads, the pooled regressions and the forest: each kind's share
 # is split evenly between the backbones.
 MIL_WEIGHT, POOLED_WEIGHT, FOREST_WEIGHT = 0.5, 0.25, 0.25

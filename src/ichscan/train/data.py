@@ -223,7 +223,7 @@ SMALL_SET_MAX_SLICES = 1000
 
 def _auto_small_set(config: TrainConfig, slices: int, label_set: LabelSet) -> bool:
     """`--recipe auto`: the small-set ensemble, unless the user chose another network (its
-    backbones are Lite0 and Lite1: a model asked for by name is fine-tuned as asked)."""
+    backbones are Lite0, Lite1 and Lite2: a model asked for by name is fine-tuned as asked)."""
     from ichscan.train.loop import DEFAULT_ARCHITECTURE
 
     return config.architecture == DEFAULT_ARCHITECTURE and _small_set_applies(slices, label_set)

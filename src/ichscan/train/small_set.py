@@ -11,7 +11,7 @@ Steps (ichscan.models.small_set describes the model):
 1. Every slice is windowed (brain), cropped to the head with the skull zeroed and resized to
    320 px once, by `prepare` (the crop is recorded in the bundle: predict does the same).
 2. Eight views per slice (identity, mirror, six random flips/rotations/scalings/shifts and
-   gamma/contrast/brightness changes) go through the frozen Lite0 and Lite1. The maps are
+   gamma/contrast/brightness changes) go through the frozen Lite0, Lite1 and Lite2. The maps are
    cached under ``--feature-cache`` (default ~/.cache/ichscan/features), keyed by the network
    and the slice's pixels: the backbones never see labels, so cross-validation folds and
    later runs reuse them.
@@ -51,6 +51,7 @@ from ichscan.models.forest import ForestModule
 from ichscan.models.small_set import (
     BACKBONES,
     CROP_SIZE,
+    MAP_SOURCES,
     RECIPE,
     LiteMaps,
     MapSource,
@@ -77,14 +78,26 @@ N_VIEWS = 8
 FEATURE_VERSIONS = {
     "efficientnet_lite0": "lite0-b10-b14-head-256-v1",
     "efficientnet_lite1": "lite1-b14-b19-head-256-v1",
+    "efficientnet_lite2": "lite2-b14-b19-head-256-v1",
 }
 INNER_FOLDS = 4
-HARD_MAX_SLICES = 2000  # ~8 GB of float16 maps held in memory (--recipe small-set forced)
+HARD_MAX_SLICES = 1300  # ~7 GB of maps with three backbones (--recipe small-set forced)
 MIL_HEADS = 1  # 3 seeds were tried: no better (see README), 2.7x the fit time
 
 
 class SmallSetError(IchscanError):
     pass
+
+
+def map_bytes_per_slice(backbones: Sequence[str]) -> int:
+    """The float16 maps of one slice's eight views that the fits hold in memory (about 2 MB
+    per backbone)."""
+    return sum(
+        N_VIEWS
+        * 2
+        * (MAP_SOURCES[b].fine_channels * 16 * 16 + MAP_SOURCES[b].deep_channels * 8 * 8)
+        for b in backbones
+    )
 
 
 @dataclass(frozen=True)
@@ -464,8 +477,8 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         raise SmallSetError(
             config.data,
             f"{len(rows)} slices: the small-set fits would hold about "
-            f"{len(rows) * 2 / 1024:.0f} GB of feature maps in memory (limit "
-            f"{HARD_MAX_SLICES}); use --recipe finetune",
+            f"{len(rows) * map_bytes_per_slice(BACKBONES) / 2**30:.1f} GB of feature "
+            f"maps in memory (limit {HARD_MAX_SLICES}); use --recipe finetune",
         )
     greys = np.stack([np.asarray(cache[int(r)])[..., 0] for r in rows])
     local = {int(r): i for i, r in enumerate(rows)}
@@ -482,8 +495,8 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     if config.pretrained not in ("imagenet", "none"):
         raise SmallSetError(
             config.pretrained,
-            "the small-set recipe reads ImageNet EfficientNet-Lite0 and Lite1 (from their pip "
-            "packages): --pretrained PATH is for --recipe finetune",
+            "the small-set recipe reads ImageNet EfficientNet-Lite0, Lite1 and Lite2 (from their "
+            "pip packages): --pretrained PATH is for --recipe finetune",
         )
     extractors = [LiteMaps(b, config.pretrained) for b in BACKBONES]
     t0 = time.monotonic()
