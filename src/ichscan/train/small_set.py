@@ -52,6 +52,7 @@ from ichscan.models.small_set import (
     BACKBONES,
     CROP_SIZE,
     MAP_SOURCES,
+    NET_SIZE,
     RECIPE,
     LiteMaps,
     MapSource,
@@ -91,11 +92,12 @@ class SmallSetError(IchscanError):
 
 def map_bytes_per_slice(backbones: Sequence[str]) -> int:
     """The float16 maps of one slice's eight views that the fits hold in memory (about 2 MB
-    per backbone)."""
+    per backbone): the fine map at stride 16, the deep one at stride 32."""
+    fine_px, deep_px = (NET_SIZE // 16) ** 2, (NET_SIZE // 32) ** 2
     return sum(
         N_VIEWS
         * 2
-        * (MAP_SOURCES[b].fine_channels * 16 * 16 + MAP_SOURCES[b].deep_channels * 8 * 8)
+        * (MAP_SOURCES[b].fine_channels * fine_px + MAP_SOURCES[b].deep_channels * deep_px)
         for b in backbones
     )
 
