@@ -57,6 +57,13 @@ class MapSource:
     def pooled_features(self) -> int:
         return 2 * (self.fine_channels + self.deep_channels)
 
+    @property
+    def map_values(self) -> int:
+        """Values in one view's two maps: the fine one at stride 16, the deep one at 32."""
+        return (
+            self.fine_channels * (NET_SIZE // 16) ** 2 + self.deep_channels * (NET_SIZE // 32) ** 2
+        )
+
 
 MAP_SOURCES = {
     m.backbone: m

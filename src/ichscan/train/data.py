@@ -216,7 +216,8 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
 
 
 SMALL_SET_SIZE = 320
-# The small-set fits hold ~4 MB of float16 feature maps per slice in memory (4 GB at 1,000);
+# The small-set fits hold ~6 MB of float16 feature maps per slice in memory (6 GB at 1,000,
+# ichscan.train.small_set.map_bytes_per_slice);
 # above that, fine-tuning is affordable and streams from the cache instead.
 SMALL_SET_MAX_SLICES = 1000
 

@@ -216,8 +216,9 @@ def evaluate_rows(probs: np.ndarray, labels: np.ndarray, label_set: LabelSet) ->
 
 
 def resolve_threshold(method: str, recipe: str) -> str:
-    """`--threshold auto`: calibrated for the small-set recipe, where it was measured to beat
-    Youden on every real split (README), Youden for fine-tuning, the field's usual choice."""
+    """`--threshold auto`: calibrated for the small-set recipe, where it was measured as good
+    as Youden or better on the real splits (README), Youden for fine-tuning, the field's
+    usual choice."""
     if method != "auto":
         return method
     return "calibrated" if recipe == "small-set" else "youden"
