@@ -232,6 +232,37 @@ def test_train_study_adds_a_sequence_model(tmp_path: Path) -> None:
     assert bundle.config["study_model"]["kind"] == "gru"
     assert result["validation_scans"] >= 1
     assert {"slice_mean_auc", "scan_mean_auc"} <= set(result["validation"])
+    assert not list(out.glob(".study-embeddings-*")), "the embeddings file outlived training"
+
+
+def test_train_study_refuses_a_full_disk_before_embedding(
+    png_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from ichscan.train import study
+    from ichscan.train.study import StudyConfig, StudyTrainingError, train_study
+
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(png_set), out=str(out), **FAST))
+    monkeypatch.setattr(study.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 0))
+    with pytest.raises(StudyTrainingError, match="MB free, the slice embeddings need"):
+        train_study(StudyConfig(model=str(out), epochs=1, progress=False))
+    assert not list(out.glob(".study-embeddings-*"))
+
+
+def test_study_embeddings_on_disk_equal_those_in_memory(png_set: Path, tmp_path: Path) -> None:
+    from ichscan.data.cache import PreparedCache
+    from ichscan.train.study import embed_cache
+
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(png_set), out=str(out), **FAST))
+    bundle, cache = load_bundle(out), PreparedCache(out / "cache")
+    in_memory = embed_cache(bundle, cache, torch.device("cpu"))
+    mapped = embed_cache(bundle, cache, torch.device("cpu"), path=tmp_path / "e.npy")
+    assert isinstance(mapped, np.memmap)
+    assert mapped.shape == (len(cache), bundle.members[0].embed_dim)
+    np.testing.assert_array_equal(mapped, in_memory)
 
 
 def test_extra_training_data_is_never_validated(png_set: Path, tmp_path: Path) -> None:

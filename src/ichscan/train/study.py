@@ -1,15 +1,20 @@
 """`ichscan train-study`: fit the study-level sequence model on the frozen slice model's
 embeddings of every scan, and add it to the bundle.
 
-Embeddings are computed once (no augmentation) and kept as float16; the sequence model then
-trains in seconds per epoch. Slice labels supervise the per-slice outputs where the dataset
-has them (RSNA); scan labels (any slice positive, or CQ500's scan-level reads) supervise
-the scan output.
+Embeddings are computed once (no augmentation) into a float16 file beside the bundle, read
+through a memory map and removed at the end. The RSNA training set's 750,000 slices give
+2-3 GB of embeddings; mapped, they are file pages the kernel can drop and re-read, not
+memory the process must hold, so a large dataset does not need that much free RAM. The
+sequence model then trains in seconds per epoch. Slice labels supervise the per-slice
+outputs where the dataset has them (RSNA); scan labels (any slice positive, or CQ500's
+scan-level reads) supervise the scan output.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,19 +52,33 @@ class StudyConfig:
 
 @torch.no_grad()
 def embed_cache(
-    bundle: Bundle, cache: PreparedCache, device: torch.device, batch_size: int = 64
+    bundle: Bundle,
+    cache: PreparedCache,
+    device: torch.device,
+    batch_size: int = 64,
+    path: Path | None = None,
 ) -> np.ndarray:
-    """float16 [N, D] embeddings of every cache row by the bundle's first slice model."""
+    """float16 [N, D] embeddings of every cache row by the bundle's first slice model; in
+    memory, or written to the .npy file ``path`` and returned as its read-only memory map."""
     model = bundle.members[0].to(device).eval()
     dataset = SliceDataset(cache, np.arange(len(cache)), input_kind=bundle.input["kind"])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    out = np.empty((len(cache), model.embed_dim), dtype=np.float16)
+    shape = (len(cache), model.embed_dim)
+    out = (
+        np.empty(shape, dtype=np.float16)
+        if path is None
+        else np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+    )
     i = 0
     for x, _ in loader:
         e = model.embed(x.to(device)).float().cpu().numpy()
         out[i : i + len(e)] = e
         i += len(e)
-    return out
+    if path is None:
+        return out
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
 
 
 def scan_groups(cache: PreparedCache) -> list[np.ndarray]:
@@ -110,7 +129,37 @@ def train_study(config: StudyConfig) -> dict[str, Any]:
     # that every slice of a bleeding scan bleeds.
     slice_level = cache.facts.get("manifest", {}).get("label_level", "slice") != "scan"
     started = time.monotonic()
-    emb = embed_cache(bundle, cache, device)
+    _check_disk(Path(config.model), len(cache) * bundle.members[0].embed_dim * 2)
+    with tempfile.TemporaryDirectory(dir=config.model, prefix=".study-embeddings-") as tmp:
+        emb = embed_cache(bundle, cache, device, path=Path(tmp) / "embeddings.npy")
+        model, study_config = _fit_study(config, bundle, cache, emb, labels, slice_level, device)
+        del emb  # the memory map, before its file goes
+    study_config["seconds"] = round(time.monotonic() - started, 1)
+    save_bundle(config.model, bundle.config, bundle.members, model.cpu(), study_config)
+    return study_config
+
+
+def _check_disk(folder: Path, embedding_bytes: int) -> None:
+    need = embedding_bytes + 50_000_000  # and the bundle saved again
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise StudyTrainingError(
+            folder,
+            f"only {free / 1e6:.0f} MB free, the slice embeddings need about "
+            f"{need / 1e6:.0f} MB here while the study model trains",
+        )
+
+
+def _fit_study(
+    config: StudyConfig,
+    bundle: Bundle,
+    cache: PreparedCache,
+    emb: np.ndarray,
+    labels: np.ndarray,
+    slice_level: bool,
+    device: torch.device,
+) -> tuple[StudyModel, dict[str, Any]]:
+    cache_root = cache.root
     groups = [g[cache.ok[g]] for g in scan_groups(cache) if cache.ok[g].any()]
     fold = int(bundle.config.get("training", {}).get("fold", 0))
     folds = cache.index["fold"].to_numpy()
@@ -167,11 +216,9 @@ def train_study(config: StudyConfig) -> dict[str, Any]:
         "validation": final,
         "validation_scans": len(val_groups),
         "train_scans": len(train_groups),
-        "seconds": round(time.monotonic() - started, 1),
         "note": "trained on the frozen slice model's embeddings of the same training folds",
     }
-    save_bundle(config.model, bundle.config, bundle.members, model.cpu(), study_config)
-    return study_config
+    return model, study_config
 
 
 def _labels_for(bundle: Bundle, cache: PreparedCache) -> np.ndarray:
