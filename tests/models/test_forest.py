@@ -20,6 +20,9 @@ def test_tensor_forest_equals_sklearn(leaf: int) -> None:
     test = rng.normal(size=(40, 9)).astype(np.float32)
     got = module(torch.from_numpy(test)).numpy()
     np.testing.assert_allclose(got, forest.predict_proba(test)[:, 1], atol=1e-12)
+    assert module.depth() == max(e.get_depth() for e in forest.estimators_)
+    fixed = module(torch.from_numpy(test), steps=module.depth()).numpy()
+    np.testing.assert_array_equal(fixed, got)
 
 
 def test_forest_survives_a_state_dict_round_trip(tmp_path) -> None:

@@ -243,10 +243,41 @@ def test_small_set_refuses_a_weights_file(png_set: Path, tmp_path: Path) -> None
         )
 
 
-def test_onnx_export_of_a_small_set_bundle_is_refused_clearly(trained, tmp_path: Path) -> None:
-    from ichscan.infer.onnx_export import ExportError, export_onnx
+def test_onnx_export_of_a_small_set_bundle_predicts_what_torch_does(
+    trained, tmp_path: Path
+) -> None:
+    """The default recipe's bundle exports: onnxruntime, fed the density features by
+    OnnxPredictor, gives the PyTorch probabilities on real-shaped slices, at a batch size
+    the export never saw, and through the ordinary predictor."""
+    import shutil
+
+    import onnx
+
+    from ichscan.data.cache import PreparedCache
+    from ichscan.infer.onnx_export import OnnxPredictor, export_onnx
+    from ichscan.infer.predictor import Predictor
+    from ichscan.io.load import load
+    from ichscan.models.bundle import load_bundle
 
     model, _, _ = trained
-    with pytest.raises(ExportError, match="small-set bundle cannot be exported to ONNX"):
-        export_onnx(model, tmp_path / "m.onnx")
-    assert not (tmp_path / "m.onnx").exists()
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("cache", "*.onnx"))
+    path = export_onnx(copy)
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["image", "density"]
+    assert not any(n.op_type in ("Loop", "If") for n in graph.node)
+
+    cache = PreparedCache(model / "cache")
+    # The predictor's input: the cached brain-window grey in all three channels.
+    x = np.stack([np.asarray(cache[i]) for i in range(3)]).transpose(0, 3, 1, 2).repeat(3, 1)
+    with torch.no_grad():
+        want = torch.sigmoid(load_bundle(copy).members[0](torch.from_numpy(x))).numpy()
+    got, embedding = OnnxPredictor(path, tta=False, batch_size=3).slices(x)
+    assert embedding.shape == (3, 7)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+    image = Path(cache.index["path"].iloc[3])
+    scan = load(image, image_window="brain")
+    via_torch = Predictor(copy, "cpu").predict_scan(scan).scan_probs
+    via_onnx = Predictor(copy, backend="onnx").predict_scan(scan).scan_probs
+    np.testing.assert_allclose(via_onnx, via_torch, atol=1e-4)

@@ -11,6 +11,11 @@ Files (``export_onnx(MODEL_DIR, OUT)``, by default ``MODEL_DIR/model.onnx``):
                          averaged over members (the ensemble averages in probability);
            ``embedding`` float32 ``[batch, D]``: the first member's embedding, which the study
                          model reads.
+    A small-set bundle's graph has a second input, ``density`` float32 ``[batch, 29]``:
+    the density features of each image's grey (channel 0), which are NumPy/SciPy code
+    (:func:`ichscan.models.density.batch_density`); `OnnxPredictor` computes them. Inside
+    the graph the backbones' antialiased resize is a pair of fixed matrices and the forest
+    walks a fixed number of levels, so the graph has no data-dependent control flow.
 ``OUT`` with ``.study.onnx`` for ``.onnx`` (when the bundle has a study model).
     input  ``embeddings`` float32 ``[batch, slices, D]``, ``mask`` bool ``[batch, slices]``;
     output ``slice_probs`` ``[batch, slices, labels]``, ``scan_probs`` ``[batch, labels]``.
@@ -38,13 +43,18 @@ from torch import nn
 
 from ichscan.errors import IchscanError
 from ichscan.models.bundle import Bundle, BundleError, load_bundle, read_config
+from ichscan.models.density import batch_density
+from ichscan.models.small_set import ResizeMatrix, SmallSetModel
 
 __all__ = ["OnnxPredictor", "export_onnx", "study_onnx_path", "weights_sha256"]
 
 OPSET = 18
 DEFAULT_NAME = "model.onnx"
 META_WEIGHTS = "ichscan_weights_sha256"
-# Largest |torch - onnxruntime| tolerated on the export check before the file is refused.
+# Largest |torch - onnxruntime| tolerated on the export check before the file is refused,
+# relative to the value where it exceeds 1: an embedding may hold logits in the hundreds
+# (a small-set regression on a near-constant feature), where float32 rounding alone
+# differs by 1e-3; a probability is held to it absolutely.
 VERIFY_TOLERANCE = 1e-3
 
 
@@ -64,6 +74,28 @@ class _SliceEnsemble(nn.Module):
         for member in self.members[1:]:
             probs = probs + torch.sigmoid(member(image))
         return probs / len(self.members), embedding
+
+
+class _SmallSetSlices(nn.Module):
+    """The small-set ensemble with its density features as an input (see module notes)."""
+
+    def __init__(self, model: SmallSetModel, size: int) -> None:
+        super().__init__()
+        self.model = model
+        self.resize = ResizeMatrix(size)
+        self.steps = model.forest.depth()
+
+    def forward(
+        self, image: torch.Tensor, density: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.model.embed_with(self.model.grey(image), density, self.resize, self.steps)
+        return torch.sigmoid(self.model.head(embedding)), embedding
+
+
+def _graph_inputs(image: torch.Tensor, small_set: bool) -> tuple[torch.Tensor, ...]:
+    if not small_set:
+        return (image,)
+    return image, torch.from_numpy(batch_density(image[:, 0].numpy()))
 
 
 class _StudyProbs(nn.Module):
@@ -176,7 +208,10 @@ def _verify(
     got = session.run(None, {n: a.numpy() for n, a in zip(inputs, args, strict=True)})
     with torch.inference_mode():
         want = module(*args)
-    diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want, strict=True))
+    diff = max(
+        float((np.abs(g - w.numpy()) / np.maximum(1.0, np.abs(w.numpy()))).max())
+        for g, w in zip(got, want, strict=True)
+    )
     if not diff <= VERIFY_TOLERANCE:
         path.unlink(missing_ok=True)
         raise ExportError(
@@ -190,16 +225,8 @@ def export_onnx(model_dir: str | Path, out_path: str | Path | None = None) -> Pa
     return the slice model's path (``MODEL_DIR/model.onnx`` when ``out_path`` is None).
     Each file is checked against PyTorch with onnxruntime before it is kept."""
     model_dir = Path(model_dir)
-    if read_config(model_dir).get("recipe") == "small-set":
-        # Its density forest reads blob measurements (scipy connected components) that no
-        # ONNX operator expresses; the backbones and MIL heads alone would predict otherwise.
-        raise ExportError(
-            model_dir,
-            "a small-set bundle cannot be exported to ONNX (its density features are computed "
-            "in NumPy/SciPy); predict with the PyTorch backend, or export a --recipe finetune "
-            "model",
-        )
     bundle: Bundle = load_bundle(model_dir, "cpu")
+    small_set = bundle.config.get("recipe") == "small-set"
     out = Path(out_path) if out_path is not None else model_dir / DEFAULT_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     size = int(bundle.input["size"])
@@ -207,22 +234,30 @@ def export_onnx(model_dir: str | Path, out_path: str | Path | None = None) -> Pa
         META_WEIGHTS: weights_sha256(model_dir, bundle.config),
         "ichscan_labels": json.dumps(bundle.labels),
         "ichscan_input": json.dumps(bundle.input),
-        "ichscan_note": "uint8 image [batch, 3, size, size] in, probabilities out; "
-        "research software, not a medical device",
+        "ichscan_note": "uint8 image [batch, 3, size, size] in"
+        + (", with its float32 density features [batch, 29]" if small_set else "")
+        + ", probabilities out; research software, not a medical device",
     }
     # Batch 2 in the example: a size-1 axis would be specialised away by torch.export.
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=generator)
-    slice_model = _SliceEnsemble(bundle.members).eval()
-    names = (["image"], ["probs", "embedding"])
-    dynamic = {"image": {0: "batch"}, "probs": {0: "batch"}, "embedding": {0: "batch"}}
-    _torch_export(slice_model, (image,), out, names, dynamic)
-    _verify(out, slice_model, (image,), names[0])
+    if small_set:
+        (member,) = bundle.members
+        slice_model: nn.Module = _SmallSetSlices(member, size).eval()  # type: ignore[arg-type]
+        inputs = ["image", "density"]
+    else:
+        slice_model = _SliceEnsemble(bundle.members).eval()
+        inputs = ["image"]
+    names = (inputs, ["probs", "embedding"])
+    dynamic = {name: {0: "batch"} for name in [*inputs, "probs", "embedding"]}
+    args = _graph_inputs(image, small_set)
+    _torch_export(slice_model, args, out, names, dynamic)
+    _verify(out, slice_model, args, names[0])
     _add_metadata(out, meta)
     if bundle.study is not None:
         study = _StudyProbs(bundle.study).eval()
         with torch.inference_mode():
-            _, emb = slice_model(torch.cat([image, image.flip(3)]))
+            _, emb = slice_model(*_graph_inputs(torch.cat([image, image.flip(3)]), small_set))
         emb = emb.reshape(2, 2, -1).clone()
         mask = torch.ones(2, 2, dtype=torch.bool)
         study_path = study_onnx_path(out)
@@ -256,6 +291,8 @@ class OnnxPredictor:
         if not self.path.is_file():
             raise BundleError(self.path, "ONNX model not found; run `ichscan export MODEL_DIR`")
         self.session = _session(self.path, threads)
+        # A small-set graph takes the density features beside the image (module notes).
+        self.needs_density = "density" in {i.name for i in self.session.get_inputs()}
         self.study_session = _session(Path(study_path), threads) if study_path else None
         self.batch_size = batch_size
         self.tta = tta
@@ -299,7 +336,10 @@ class OnnxPredictor:
             batch = np.ascontiguousarray(x[start : start + self.batch_size], dtype=np.uint8)
             n = len(batch)
             views = np.concatenate([batch, batch[..., ::-1]]) if self.tta else batch
-            p, emb = self.session.run(None, {"image": views})
+            feed = {"image": np.ascontiguousarray(views)}
+            if self.needs_density:
+                feed["density"] = batch_density(views[:, 0])
+            p, emb = self.session.run(None, feed)
             probs.append(p.reshape(-1, n, p.shape[-1]).mean(0))
             embs.append(emb[:n])
         return np.concatenate(probs), np.concatenate(embs)

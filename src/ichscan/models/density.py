@@ -73,3 +73,10 @@ def density_features(grey: np.ndarray) -> np.ndarray:
         f += _blob_features(g, inner, med, above)
     f += _asymmetry(g, inner)
     return np.asarray(f, dtype=np.float32)
+
+
+def batch_density(greys: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W] → float32 [N, 29]: :func:`density_features` of every slice."""
+    if len(greys) == 0:
+        return np.zeros((0, N_FEATURES), dtype=np.float32)
+    return np.stack([density_features(g) for g in greys])

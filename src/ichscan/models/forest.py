@@ -71,20 +71,39 @@ class ForestModule(nn.Module):
             getattr(module, name).copy_(torch.from_numpy(array))
         return module
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """[N, F] → [N] probability (the mean of the trees' leaf fractions, as sklearn)."""
+    def depth(self) -> int:
+        """Splits on the longest root-to-leaf path: how many steps reach every leaf."""
+        left, right = self.left.cpu().numpy(), self.right.cpu().numpy()
+        depth = np.zeros(left.shape, dtype=np.int64)
+        trees = np.arange(left.shape[0])
+        # sklearn numbers a node's children after the node, so one pass in order suffices.
+        for node in range(left.shape[1]):
+            inner = left[:, node] != _LEAF
+            child_depth = depth[inner, node] + 1
+            depth[trees[inner], left[inner, node]] = child_depth
+            depth[trees[inner], right[inner, node]] = child_depth
+        return int(depth.max())
+
+    def forward(self, features: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """[N, F] → [N] probability (the mean of the trees' leaf fractions, as sklearn).
+        ``steps``: walk exactly that many levels (at least ``depth()``) instead of stopping
+        when every row sits on a leaf: a graph without data-dependent control flow, which
+        is what ONNX export needs; the result is the same."""
         x = features.to(torch.float64)
         # sklearn compares float32 features (X is cast to float32 before the trees see it).
         x = x.to(torch.float32).to(torch.float64)
-        n, trees = x.shape[0], self.left.shape[0]
-        rows = torch.arange(trees, device=x.device).expand(n, trees)
-        node = torch.zeros((n, trees), dtype=torch.int64, device=x.device)
-        while True:
+        trees = self.left.shape[0]
+        # Built from x's own shape so that an exported graph keeps a dynamic batch axis.
+        node = torch.zeros_like(x[:, :1], dtype=torch.int64).expand(-1, trees)
+        rows = torch.arange(trees, device=x.device).unsqueeze(0) + node
+        level = 0
+        while steps is None or level < steps:
             left = self.left[rows, node]
             inner = left != _LEAF
-            if not bool(inner.any()):
+            if steps is None and not bool(inner.any()):
                 break
             goes_left = x.gather(1, self.feature[rows, node]) <= self.threshold[rows, node]
             step = torch.where(goes_left, left, self.right[rows, node])
             node = torch.where(inner, step, node)
+            level += 1
         return self.value[rows, node].mean(dim=1)

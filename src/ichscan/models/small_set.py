@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ichscan.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from ichscan.models.density import N_FEATURES, density_features
+from ichscan.models.density import N_FEATURES, batch_density
 from ichscan.models.forest import ForestModule
 
 RECIPE = "small-set"
@@ -109,9 +109,15 @@ class LiteMaps(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, grey: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """grey: float [N, 1, H, W] in [0, 1] (any H, W; resized to 256)."""
-        x = F.interpolate(grey, size=(NET_SIZE, NET_SIZE), mode="bilinear", antialias=True)
+    def forward(
+        self, grey: torch.Tensor, resize: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """grey: float [N, 1, H, W] in [0, 1] (any H, W; resized to 256, by ``resize`` when
+        given: the ONNX export's fixed-size :class:`ResizeMatrix`)."""
+        if resize is None:
+            x = F.interpolate(grey, size=(NET_SIZE, NET_SIZE), mode="bilinear", antialias=True)
+        else:
+            x = resize(grey)
         x = ((x.expand(-1, 3, -1, -1) - self.mean) / self.std).contiguous(
             memory_format=torch.channels_last
         )
@@ -126,6 +132,20 @@ class LiteMaps(nn.Module):
                 deep = x
         head = m._swish(m._bn1(m._conv_head(x)))
         return fine.float(), torch.cat([deep, head], dim=1).float()
+
+
+class ResizeMatrix(nn.Module):
+    """LiteMaps' antialiased bilinear resize from one fixed size, as the matrices it is
+    (``R @ image @ R.T``): the same numbers, in operators every ONNX runtime has."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        basis = torch.eye(size).view(size, 1, size, 1).expand(size, 1, size, 2)
+        rows = F.interpolate(basis, size=(NET_SIZE, 2), mode="bilinear", antialias=True)
+        self.register_buffer("matrix", rows[:, 0, :, 0].T.contiguous())  # [NET_SIZE, size]
+
+    def forward(self, grey: torch.Tensor) -> torch.Tensor:
+        return self.matrix @ grey @ self.matrix.T
 
 
 class MILHead(nn.Module):
@@ -228,6 +248,7 @@ def member_logits(
     maps: Sequence[Maps],
     density: torch.Tensor,
     source: torch.Tensor,
+    forest_steps: int | None = None,
 ) -> torch.Tensor:
     """[N, 2·B + 1] logits of the B MIL heads, the B pooled regressions (one of each per
     backbone, ``maps`` in the same order) and the density forest: what training scores and
@@ -235,7 +256,7 @@ def member_logits(
     return torch.stack(
         [m(fine, deep, source) for m, (fine, deep) in zip(mil, maps, strict=True)]
         + [lr(pooled_features(*m)) for lr, m in zip(logistic, maps, strict=True)]
-        + [clipped_logit(forest(density).float())],
+        + [clipped_logit(forest(density, forest_steps).float())],
         dim=1,
     )
 
@@ -286,17 +307,29 @@ class SmallSetModel(nn.Module):
         """uint8 [N, 3, H, W] (channels all the brain window) → float [N, 1, H, W] in [0, 1]."""
         return x[:, :1].float() / 255.0 if x.dtype == torch.uint8 else x[:, :1].float()
 
-    def feature_maps(self, grey: torch.Tensor) -> list[Maps]:
-        return [m(grey) for m in self.maps]
+    def feature_maps(self, grey: torch.Tensor, resize: nn.Module | None = None) -> list[Maps]:
+        return [m(grey, resize) for m in self.maps]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         grey = self.grey(x)
         density = torch.from_numpy(
-            np.stack([density_features(g) for g in (grey[:, 0] * 255).round().byte().cpu().numpy()])
+            batch_density((grey[:, 0] * 255).round().byte().cpu().numpy())
         ).to(x.device)
-        source = torch.full((len(x),), self.source, dtype=torch.long, device=x.device)
+        return self.embed_with(grey, density)
+
+    def embed_with(
+        self,
+        grey: torch.Tensor,
+        density: torch.Tensor,
+        resize: nn.Module | None = None,
+        forest_steps: int | None = None,
+    ) -> torch.Tensor:
+        """``embed`` from the grey and its density features computed elsewhere (in NumPy,
+        outside an ONNX graph); ``resize`` and ``forest_steps`` make it exportable."""
+        source = torch.full_like(density[:, 0], self.source, dtype=torch.long)
+        maps = self.feature_maps(grey, resize)
         return member_logits(
-            self.mil, self.logistic, self.forest, self.feature_maps(grey), density, source
+            self.mil, self.logistic, self.forest, maps, density, source, forest_steps
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
