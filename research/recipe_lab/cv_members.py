@@ -8,6 +8,10 @@ extra training data, folds in the cache index).
 
     .venv/bin/python research/recipe_lab/cv_members.py CACHE OUT.npz [--fold-seed S]
         [--net-size N] [--backbones lite0,lite1,lite2] [--views 8] [--no-inner] [--windows]
+        [--crop head]
+
+--crop head re-reads every slice from its source file with the head crop (skull and scalp
+kept) instead of the cache's brain crop, same rows and folds.
 
 --fold-seed 0 reuses the cache's folds (those of the benchmark); other seeds re-split the
 main set's slices 5-fold stratified, so a change can be checked on fresh splits.
@@ -41,11 +45,21 @@ class WindowedLiteMaps(LiteMaps):
 
 
 def load(
-    cache_dir: str, backbones: list[str], windows: bool = False
+    cache_dir: str, backbones: list[str], windows: bool = False, crop: str = "brain"
 ) -> tuple[ss.TrainingFeatures, np.ndarray]:
     cache = PreparedCache(cache_dir)
     rows = np.flatnonzero(cache.ok)
-    greys = np.stack([np.asarray(cache[int(r)])[..., 0] for r in rows])
+    if crop == "brain":
+        greys = np.stack([np.asarray(cache[int(r)])[..., 0] for r in rows])
+    else:
+        from ichscan.data.prepare import read_row
+
+        greys = np.stack(
+            [
+                read_row(cache.index.iloc[int(r)], "brain", cache.size, crop=crop)[..., 0]
+                for r in rows
+            ]
+        )
     y = cache.labels()[rows, 0].astype(np.int64)
     source, names = ss.source_ids(cache)
     maps = []
@@ -103,6 +117,7 @@ def main() -> None:
     parser.add_argument(
         "--windows", action="store_true", help="grey + 20–60 HU + 40–80 HU channels"
     )
+    parser.add_argument("--crop", default="brain", choices=["brain", "head"])
     args = parser.parse_args()
     backbones = [f"efficientnet_{b}" for b in args.backbones.split(",")]
     if args.net_size:
@@ -112,7 +127,10 @@ def main() -> None:
     if args.windows:
         for b in backbones:
             ss.FEATURE_VERSIONS[b] += "-windows"
-    data, folds = load(args.cache, backbones, args.windows)
+    if args.crop != "brain":
+        for b in backbones:
+            ss.FEATURE_VERSIONS[b] += f"-{args.crop}crop"
+    data, folds = load(args.cache, backbones, args.windows, args.crop)
     folds = split(data, folds, args.fold_seed)
     result: dict[str, np.ndarray] = {"y": data.y, "folds": folds, "source": data.source}
     for fold in sorted(set(folds[folds >= 0])):
