@@ -336,7 +336,7 @@ class OnnxPredictor:
             batch = np.ascontiguousarray(x[start : start + self.batch_size], dtype=np.uint8)
             n = len(batch)
             views = np.concatenate([batch, batch[..., ::-1]]) if self.tta else batch
-            feed = {"image": np.ascontiguousarray(views)}
+            feed = {"image": views}
             if self.needs_density:
                 feed["density"] = batch_density(views[:, 0])
             p, emb = self.session.run(None, feed)
