@@ -134,6 +134,24 @@ class LiteMaps(nn.Module):
         return fine.float(), torch.cat([deep, head], dim=1).float()
 
 
+Maps = tuple[torch.Tensor, torch.Tensor]  # (fine, deep) of one backbone
+
+# Images per backbone pass on a CPU. The three Lite networks read 4 images at a time 2.4-2.8x
+# faster than 32 (2-core CPU, 320 px in, measured session 6): a few images' activations
+# stay in the CPU cache. A GPU takes the batch whole.
+CPU_CHUNK = 4
+
+
+def chunked_maps(extractor: LiteMaps, grey: torch.Tensor, resize: nn.Module | None = None) -> Maps:
+    """``extractor(grey, resize)``, run CPU_CHUNK images at a time on a CPU (not while a
+    graph is being traced for export, where the batch axis must stay symbolic)."""
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if tracing or grey.device.type != "cpu" or grey.shape[0] <= CPU_CHUNK:
+        return extractor(grey, resize)
+    parts = [extractor(part, resize) for part in grey.split(CPU_CHUNK)]
+    return torch.cat([f for f, _ in parts]), torch.cat([d for _, d in parts])
+
+
 class ResizeMatrix(nn.Module):
     """LiteMaps' antialiased bilinear resize from one fixed size, as the matrices it is
     (``R @ image @ R.T``): the same numbers, in operators every ONNX runtime has."""
@@ -238,9 +256,6 @@ def clipped_logit(p: torch.Tensor) -> torch.Tensor:
     return torch.logit(p.clamp(_CLIP, 1 - _CLIP))
 
 
-Maps = tuple[torch.Tensor, torch.Tensor]  # (fine, deep) of one backbone
-
-
 def member_logits(
     mil: Sequence[MILEnsemble],
     logistic: Sequence[PooledLogistic],
@@ -308,7 +323,7 @@ class SmallSetModel(nn.Module):
         return x[:, :1].float() / 255.0 if x.dtype == torch.uint8 else x[:, :1].float()
 
     def feature_maps(self, grey: torch.Tensor, resize: nn.Module | None = None) -> list[Maps]:
-        return [m(grey, resize) for m in self.maps]
+        return [chunked_maps(m, grey, resize) for m in self.maps]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         grey = self.grey(x)

@@ -60,6 +60,7 @@ from ichscan.models.small_set import (
     MILHead,
     PooledLogistic,
     SmallSetModel,
+    chunked_maps,
     member_logits,
     member_weights,
     pooled_features,
@@ -182,7 +183,7 @@ class FeatureMaps:
             for start in range(0, len(todo), batch):
                 chunk = todo[start : start + batch]
                 views = torch.cat([views_of(greys[i], keys[i]) for i in chunk])
-                f, d = extractor(views)
+                f, d = chunked_maps(extractor, views)
                 f = f.half().view(len(chunk), N_VIEWS, *f.shape[1:])
                 d = d.half().view(len(chunk), N_VIEWS, *d.shape[1:])
                 for j, i in enumerate(chunk):

@@ -1,0 +1,31 @@
+"""The small-set networks' feature maps: computed a few images at a time on a CPU (for
+speed), with the numbers of one whole-batch pass, and resized for ONNX export by a
+fixed matrix that equals the antialiased resize."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ichscan.models.small_set import CPU_CHUNK, NET_SIZE, LiteMaps, ResizeMatrix, chunked_maps
+
+
+def test_chunked_maps_equal_one_pass_and_keep_each_pass_small() -> None:
+    torch.manual_seed(0)
+    extractor = LiteMaps("efficientnet_lite0", pretrained="none")
+    grey = torch.rand(2 * CPU_CHUNK + 1, 1, 64, 64)
+    seen: list[int] = []
+    extractor.register_forward_pre_hook(lambda _, args: seen.append(len(args[0])))
+    whole = extractor(grey)
+    seen.clear()
+    fine, deep = chunked_maps(extractor, grey)
+    assert seen == [CPU_CHUNK, CPU_CHUNK, 1]
+    # Equal up to float32 rounding: a convolution may sum in another order per batch size.
+    torch.testing.assert_close(fine, whole[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(deep, whole[1], rtol=1e-4, atol=1e-6)
+
+
+def test_resize_matrix_is_the_antialiased_resize() -> None:
+    grey = torch.rand(3, 1, 320, 320)
+    want = F.interpolate(grey, size=(NET_SIZE, NET_SIZE), mode="bilinear", antialias=True)
+    assert torch.allclose(ResizeMatrix(320)(grey), want, atol=1e-5)
