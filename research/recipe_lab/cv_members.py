@@ -8,10 +8,12 @@ extra training data, folds in the cache index).
 
     .venv/bin/python research/recipe_lab/cv_members.py CACHE OUT.npz [--fold-seed S]
         [--net-size N] [--backbones lite0,lite1,lite2] [--views 8] [--no-inner] [--windows]
-        [--crop head]
+        [--crop head] [--train-views 16] [--use-views 4]
 
 --crop head re-reads every slice from its source file with the head crop (skull and scalp
-kept) instead of the cache's brain crop, same rows and folds.
+kept) instead of the cache's brain crop, same rows and folds. --train-views N caches and
+trains on N views per slice instead of 8 (the first 8 are the shipped ones); --use-views N
+trains on the first N of the cached 8 (identity, mirror, N - 2 augmented).
 
 --fold-seed 0 reuses the cache's folds (those of the benchmark); other seeds re-split the
 main set's slices 5-fold stratified, so a change can be checked on fresh splits.
@@ -118,6 +120,8 @@ def main() -> None:
         "--windows", action="store_true", help="grey + 20–60 HU + 40–80 HU channels"
     )
     parser.add_argument("--crop", default="brain", choices=["brain", "head"])
+    parser.add_argument("--train-views", type=int, default=ss.N_VIEWS)
+    parser.add_argument("--use-views", type=int, default=0)
     args = parser.parse_args()
     backbones = [f"efficientnet_{b}" for b in args.backbones.split(",")]
     if args.net_size:
@@ -127,11 +131,18 @@ def main() -> None:
     if args.windows:
         for b in backbones:
             ss.FEATURE_VERSIONS[b] += "-windows"
+    if args.train_views != ss.N_VIEWS:
+        ss.N_VIEWS = args.train_views
+        for b in backbones:
+            ss.FEATURE_VERSIONS[b] += f"-views{args.train_views}"
     if args.crop != "brain":
         for b in backbones:
             ss.FEATURE_VERSIONS[b] += f"-{args.crop}crop"
     data, folds = load(args.cache, backbones, args.windows, args.crop)
     folds = split(data, folds, args.fold_seed)
+    if args.use_views:  # the maps keep all views; the fits read the first N
+        ss.N_VIEWS = args.use_views
+        data.pooled = [p[: args.use_views] for p in data.pooled]
     result: dict[str, np.ndarray] = {"y": data.y, "folds": folds, "source": data.source}
     for fold in sorted(set(folds[folds >= 0])):
         t0 = time.monotonic()
