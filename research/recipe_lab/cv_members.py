@@ -29,7 +29,7 @@ import torch
 
 from ichscan.data.cache import PreparedCache
 from ichscan.models import small_set as model
-from ichscan.models.density import density_features
+from ichscan.models.density import batch_density
 from ichscan.models.small_set import LiteMaps
 from ichscan.train import small_set as ss
 
@@ -77,7 +77,7 @@ def load(
     data = ss.TrainingFeatures(
         maps,
         [ss.pooled_views(m) for m in maps],
-        np.stack([density_features(g) for g in greys]),
+        batch_density(greys),
         y,
         source[rows],
         len(names),

@@ -47,7 +47,7 @@ import torchvision.transforms.v2.functional as TF
 from ichscan.data.cache import PreparedCache
 from ichscan.errors import IchscanError
 from ichscan.models.bundle import input_spec, new_config, save_bundle
-from ichscan.models.density import density_features
+from ichscan.models.density import batch_density
 from ichscan.models.forest import ForestModule
 from ichscan.models.small_set import (
     BACKBONES,
@@ -506,7 +506,7 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     features = TrainingFeatures(
         maps,
         [pooled_views(m) for m in maps],
-        np.stack([density_features(g) for g in greys]),
+        batch_density(greys),
         y,
         src,
         len(source_names),

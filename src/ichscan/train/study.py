@@ -31,6 +31,8 @@ from ichscan.models.study import StudyModel
 from ichscan.train.dataset import SliceDataset
 from ichscan.train.loop import masked_bce, pick_device, seed_everything
 
+EMBEDDING_DTYPE = np.float16  # what embed_cache stores, and what the disk check counts
+
 
 class StudyTrainingError(IchscanError):
     pass
@@ -65,9 +67,9 @@ def embed_cache(
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     shape = (len(cache), model.embed_dim)
     out = (
-        np.empty(shape, dtype=np.float16)
+        np.empty(shape, dtype=EMBEDDING_DTYPE)
         if path is None
-        else np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=shape)
+        else np.lib.format.open_memmap(path, mode="w+", dtype=EMBEDDING_DTYPE, shape=shape)
     )
     i = 0
     for x, _ in loader:
@@ -129,7 +131,8 @@ def train_study(config: StudyConfig) -> dict[str, Any]:
     # that every slice of a bleeding scan bleeds.
     slice_level = cache.facts.get("manifest", {}).get("label_level", "slice") != "scan"
     started = time.monotonic()
-    _check_disk(Path(config.model), len(cache) * bundle.members[0].embed_dim * 2)
+    row_bytes = bundle.members[0].embed_dim * np.dtype(EMBEDDING_DTYPE).itemsize
+    _check_disk(Path(config.model), len(cache) * row_bytes)
     with tempfile.TemporaryDirectory(dir=config.model, prefix=".study-embeddings-") as tmp:
         emb = embed_cache(bundle, cache, device, path=Path(tmp) / "embeddings.npy")
         model, study_config = _fit_study(config, bundle, cache, emb, labels, slice_level, device)
