@@ -117,11 +117,13 @@ def main() -> None:
     runtime = OnnxPredictor(onnx_path, batch_size=10**6, tta=False, threads=threads)
     if args.cache:
         from ichscan.data.cache import PreparedCache
+        from ichscan.infer.inputs import InputSpec, model_channels
 
         cache = PreparedCache(args.cache)
         rows = range(min(args.slices, len(cache)))
-        grey = np.stack([np.asarray(cache[i])[..., 0] for i in rows])
-        x = np.repeat(grey[:, None], channels, axis=1)
+        planes = np.stack([np.asarray(cache[i]) for i in rows])
+        spec = InputSpec.from_bundle(bundle.input)
+        x = np.ascontiguousarray(model_channels(planes, spec).transpose(0, 3, 1, 2))
     else:
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (args.slices, channels, size, size), dtype=np.uint8)

@@ -16,7 +16,7 @@ The sets are small (150 and 100 images): the figures carry wide intervals and sa
 rsna_png is trained with --labels binary (hemorrhage = `any`); head_ct is binary already.
 
 Run:  .venv/bin/python benchmarks/real_data.py [--datasets head_ct rsna_png] [--folds 5]
-      [--with-other]
+      [--with-other] [--seed S] [--head-reader]
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument(
         "--with-other", action="store_true", help="also train on all images of the other dataset"
     )
+    parser.add_argument(
+        "--head-reader", action="store_true", help="train with ichscan train --head-reader"
+    )
     parser.add_argument("--out", default="bench_out/real_data")
     args = parser.parse_args()
     out = Path(args.out)
@@ -82,6 +85,7 @@ def main() -> None:
             seed=args.seed,
             extra_train=extra,
             labels=LABELS_ARG[name],
+            head_reader=args.head_reader,
         )
         y, p, thr_pred, own = cv["y"], cv["p"], cv["decision"], cv["bundle_decision"]
         auc = roc_auc(y, p)

@@ -253,6 +253,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         extra_train=tuple(args.extra_train or ()),
         recipe=args.recipe,
         feature_cache=args.feature_cache,
+        head_reader=args.head_reader,
     )
     summary = train(config)
     if summary.get("recipe") == "small-set" and summary["metrics"].get("validation"):
@@ -475,10 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=256)
     p.add_argument(
         "--crop",
-        choices=["none", "head", "brain"],
+        choices=["none", "head", "brain", "brain+head"],  # preprocess.head_crop.CROPS
         default="none",
-        help="crop each slice to a square around the head first (brain: skull zeroed too); "
-        "the first window must be brain. The small-set recipe reads --crop brain --size 320",
+        help="crop each slice to a square around the head first (brain: skull zeroed too; "
+        "brain+head: the brain crop, then the head crop of the brain window as one more "
+        "plane); the first window must be brain. The small-set recipe reads --windows brain "
+        "--crop brain --size 320 (brain+head with train --head-reader)",
     )
     p.add_argument("--labels", choices=["rsna", "cq500", "binary"])
     p.add_argument("--folds", type=int, default=5)
@@ -555,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=["auto", "small-set", "finetune"],
         default="auto",
-        help="small-set: frozen EfficientNet-Lite0, Lite1 and Lite2 maps of head-cropped "
+        help="small-set: frozen EfficientNet-Lite0, Lite1 and Lite2 maps of brain-cropped "
         "brain-window slices + MIL heads, pooled logistic regressions and a density forest "
         "(for a binary label and at most 1,000 slices); finetune: train --arch end to end "
         "with the options above; "
@@ -565,6 +568,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--feature-cache",
         help="folder for the small-set recipe's cached feature maps (default "
         "~/.cache/ichscan/features; 'none' to keep nothing)",
+    )
+    p.add_argument(
+        "--head-reader",
+        action="store_true",
+        help="small-set: add Lite0 reading the head crop (skull kept) as a fourth reader. "
+        "Measured on the real sets: RSNA slices AUC +0.005 to +0.009, head_ct accuracy 2-3 "
+        "slices of 150 lower, +1.5 min per model (README); a prepared cache must then come "
+        "from --crop brain+head",
     )
     p.set_defaults(func=cmd_train)
 

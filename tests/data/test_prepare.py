@@ -130,6 +130,33 @@ def test_png_rows_are_resized_and_repeated_in_every_channel(
     assert "cannot give a bone window" in cache.facts["input_note"]
 
 
+def test_a_brain_and_head_cache_holds_both_crops(dicoms: list[Path], tmp_path: Path) -> None:
+    """``--crop brain+head`` stores each slice's brain crop and, as one more plane, its head
+    crop: the very pixels a brain cache and a head cache hold, for DICOM and PNG rows; and
+    the predictor gives a bundle of that crop the same planes."""
+    from ichscan.infer.inputs import scan_to_model_input
+    from ichscan.io.load import load
+    from ichscan.models.bundle import input_spec
+
+    png = tmp_path / "slice.png"
+    Image.fromarray(dicom_to_input(dicoms[2], ("brain",), None)[..., 0]).save(png)
+    rows = [*dicom_rows(dicoms[:2]), {"path": str(png), "kind": "image", "window": "brain"}]
+    caches = {}
+    for crop in ("brain", "head", "brain+head"):
+        run(manifest(rows), tmp_path / crop, windows=("brain",), crop=crop)
+        caches[crop] = PreparedCache(tmp_path / crop)
+    both = caches["brain+head"]
+    assert (both.crop, both.channels) == ("brain+head", 2)
+    for i in range(len(rows)):
+        np.testing.assert_array_equal(both[i][..., 0], caches["brain"][i][..., 0])
+        np.testing.assert_array_equal(both[i][..., 1], caches["head"][i][..., 0])
+    spec = input_spec(
+        ("brain",), SIZE, mean=[0.0] * 3, std=[1.0] * 3, source_window="brain", crop="brain+head"
+    )
+    x = scan_to_model_input(load(png, image_window="brain"), spec)[0]
+    np.testing.assert_array_equal(x, both[2][..., [0, 1, 0]].transpose(2, 0, 1))
+
+
 def test_nifti_rows_are_slice_k_of_read_nifti(tmp_path: Path) -> None:
     hu, _ = make_head_phantom((5, 48, 40), (5.0, 4.0, 4.0), seed=2)
     # Stored [y, z, x] with z and x running backwards: not RAS, not even slices-last, so the
@@ -193,6 +220,8 @@ def test_bad_arguments_fail_before_any_work(dicoms: list[Path], tmp_path: Path) 
         run(df, tmp_path / "c", windows="brain,lung")
     with pytest.raises(ValueError, match="at most 3"):
         run(df, tmp_path / "c", windows="brain,subdural,bone,soft")
+    with pytest.raises(ValueError, match="adds a plane: at most 2 windows"):
+        run(df, tmp_path / "c", windows="brain,subdural,bone", crop="brain+head")
     with pytest.raises(InputError, match="no rows"):
         run(df.iloc[:0], tmp_path / "c")
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ichscan.data.phantom import make_phantom
-from ichscan.preprocess.head_crop import crop_box, crop_slice
+from ichscan.preprocess.head_crop import crop_box, crop_slice, extra_planes
 from ichscan.preprocess.window import apply_window
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -94,6 +94,18 @@ def test_bleed_as_bright_as_bone_next_to_the_skull_is_kept() -> None:
     assert (brain == 255).sum() < 1.3 * bleed.sum()  # and the skull is gone
 
 
+def test_brain_and_head_crops_side_by_side() -> None:
+    """``brain+head`` is the brain crop's planes and then the head crop of the brain window,
+    pixel for pixel, in one square (what the small-set ensemble's readers take)."""
+    grey = with_clutter(brain_slice(seed=1))
+    planes = np.stack([grey, 255 - grey], axis=2)  # a second window, cropped as the first
+    both = crop_slice(planes, "brain+head")
+    assert both.shape[2] == 3
+    np.testing.assert_array_equal(both[..., :2], crop_slice(planes, "brain"))
+    np.testing.assert_array_equal(both[..., 2], crop_slice(planes, "head")[..., 0])
+    assert (both[..., 2] > 0).sum() > (both[..., 0] > 0).sum()  # the skull is kept
+
+
 def test_blank_slice_is_only_padded() -> None:
     blank = np.zeros((40, 60, 3), dtype=np.uint8)
     out = crop_slice(blank, "brain")
@@ -125,14 +137,15 @@ def test_unknown_crop_and_bad_shape_are_refused() -> None:
     rows=st.integers(8, 80),
     cols=st.integers(8, 80),
     seed=st.integers(0, 2**16),
-    crop=st.sampled_from(["head", "brain"]),
+    crop=st.sampled_from(["head", "brain", "brain+head"]),
 )
 def test_any_slice_gives_a_square_without_new_values(
     rows: int, cols: int, seed: int, crop: str
 ) -> None:
     grey = np.random.default_rng(seed).integers(0, 256, (rows, cols, 2), dtype=np.uint8)
     out = crop_slice(grey, crop)
-    assert out.ndim == 3 and out.shape[0] == out.shape[1] and out.shape[2] == 2
+    assert out.ndim == 3 and out.shape[0] == out.shape[1]
+    assert out.shape[2] == 2 + extra_planes(crop)
     # Cropping only keeps or zeroes pixels: every value comes from the input.
     assert set(np.unique(out)) <= set(np.unique(grey)) | {0}
 

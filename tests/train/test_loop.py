@@ -85,6 +85,26 @@ def test_bundle_from_a_cropped_cache_crops_at_predict_time(png_set: Path, tmp_pa
     assert (spec["crop"], spec["crop_version"]) == ("brain", CROP_VERSION)
 
 
+def test_each_recipe_refuses_the_other_ones_crop(png_set: Path, tmp_path: Path) -> None:
+    """A brain-only cache lacks the head plane --head-reader reads; a brain+head cache holds
+    a plane a fine-tuned network would take for a window. Both are refused up front."""
+    from ichscan.cli import main
+    from ichscan.train.data import DataError
+
+    for crop in ("brain", "brain+head"):
+        args = ["prepare", str(png_set), "--out", str(tmp_path / crop), "--size", "320"]
+        assert main([*args, "--crop", crop, "--workers", "1"]) == 0
+    head_reader = {"recipe": "small-set", "head_reader": True}
+    with pytest.raises(DataError, match="--head-reader needs a cache prepared with --crop brain"):
+        train(TrainConfig(data=str(tmp_path / "brain"), out=str(tmp_path / "a"), **head_reader))
+    with pytest.raises(DataError, match="prepare another with --crop brain for --recipe finetune"):
+        train(
+            TrainConfig(
+                data=str(tmp_path / "brain+head"), out=str(tmp_path / "b"), recipe="finetune"
+            )
+        )
+
+
 def test_resume_continues_where_it_stopped(png_set: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
     train(TrainConfig(data=str(png_set), out=str(out), **FAST))

@@ -46,6 +46,27 @@ def trained(png_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     return root / "model", root / "features", summary
 
 
+@pytest.fixture(scope="module")
+def trained_head(trained, png_set: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The same set with --head-reader, sharing the default model's feature cache."""
+    _, features, _ = trained
+    root = tmp_path_factory.mktemp("small-model-head")
+    with torch_threads(1):
+        summary = train(
+            TrainConfig(
+                data=str(png_set),
+                out=str(root / "model"),
+                labels="binary",
+                folds=4,
+                feature_cache=str(features),
+                head_reader=True,
+                progress=False,
+                tensorboard=False,
+            )
+        )
+    return root / "model", features, summary
+
+
 def test_auto_picks_small_set_for_small_binary_sets_only() -> None:
     assert _small_set_applies(150, BINARY)
     assert not _small_set_applies(150, RSNA)
@@ -56,7 +77,7 @@ def test_auto_picks_small_set_for_small_binary_sets_only() -> None:
 
 
 def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
-    model, features, summary = trained
+    model, _, summary = trained
     config = json.loads((model / "bundle.json").read_text())
     assert config["recipe"] == "small-set"
     assert config["input"]["crop"] == "brain"
@@ -67,11 +88,29 @@ def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
     # 16 slices through each of the three backbones, each cached under its own key
     lites = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert config["small_set"]["backbones"] == lites
+    assert config["small_set"]["readers"] == [{"backbone": b, "crop": "brain"} for b in lites]
     assert config["architecture"] == "+".join(lites)
     assert len(config["small_set"]["member_weights"]) == 7
     assert config["training"]["feature_maps_computed"] == 48
-    assert len(list(features.rglob("*.npz"))) == 48
     assert summary["metrics"]["validation_slices"] == 4
+
+
+def test_head_reader_adds_lite0_on_the_head_crop(trained_head) -> None:
+    """--head-reader cuts the head crop beside the brain crop and trains a fourth reader on
+    it; the brain readers' maps come from the cache the default model filled."""
+    model, features, _ = trained_head
+    config = json.loads((model / "bundle.json").read_text())
+    assert config["input"]["crop"] == "brain+head"
+    lites = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+    assert config["small_set"]["backbones"] == lites
+    assert config["small_set"]["readers"] == [
+        *({"backbone": b, "crop": "brain"} for b in lites),
+        {"backbone": "efficientnet_lite0", "crop": "head"},
+    ]
+    assert config["architecture"] == "+".join(lites) + "+efficientnet_lite0@head"
+    assert len(config["small_set"]["member_weights"]) == 9
+    assert config["training"]["feature_maps_computed"] == 16
+    assert len(list(features.rglob("*.npz"))) == 64
 
 
 def test_a_second_fold_reuses_the_cached_feature_maps(trained, tmp_path: Path) -> None:
@@ -91,13 +130,16 @@ def test_a_second_fold_reuses_the_cached_feature_maps(trained, tmp_path: Path) -
     assert summary["training"]["feature_maps_computed"] == 0
 
 
-def test_predict_gives_what_cross_validation_scored(trained, png_set: Path) -> None:
+@pytest.mark.parametrize("fixture", ["trained", "trained_head"])
+def test_predict_gives_what_cross_validation_scored(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
     from ichscan.data.cache import PreparedCache
     from ichscan.infer.predictor import Predictor
     from ichscan.io.load import load
     from ichscan.train.cv import bundle_probabilities
 
-    model, _, _ = trained
+    model, _, _ = request.getfixturevalue(fixture)
     cache = PreparedCache(model / "cache")
     row = 3
     image = Path(cache.index["path"].iloc[row])
@@ -162,15 +204,18 @@ def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_pa
     """Lite0-only bundles (no "backbones" in bundle.json, one module where there is now a
     list) load as a one-backbone ensemble and predict what they did."""
     from ichscan.models.bundle import load_bundle
-    from ichscan.models.small_set import SmallSetModel
+    from ichscan.models.small_set import Reader, SmallSetModel
 
     model, _, _ = trained
     config = json.loads((model / "bundle.json").read_text())
     new = load_bundle(model).members[0]
     lite0 = SmallSetModel(
-        new.mil[0].sources, 0, tuple(new.forest.left.shape), backbones=["efficientnet_lite0"]
+        new.mil[0].sources,
+        0,
+        tuple(new.forest.left.shape),
+        readers=[Reader("efficientnet_lite0")],
+        maps=[new.maps[0]],
     )
-    lite0.maps[0] = new.maps[0]
     lite0.mil[0], lite0.logistic[0], lite0.forest = new.mil[0], new.logistic[0], new.forest
     old_layout = {
         k.replace("maps.0.", "maps.")
@@ -181,7 +226,7 @@ def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_pa
     old = tmp_path / "old"
     old.mkdir()
     torch.save(old_layout, old / config["members"][0])
-    del config["small_set"]["backbones"]
+    del config["small_set"]["backbones"], config["small_set"]["readers"]
     config["small_set"]["member_weights"] = [0.5, 0.25, 0.25]
     (old / "bundle.json").write_text(json.dumps(config))
     loaded = load_bundle(old).members[0]
@@ -191,39 +236,68 @@ def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_pa
         assert torch.allclose(loaded(x), lite0.eval()(x), atol=1e-5)
 
 
-def test_a_two_backbone_bundle_still_predicts(trained, tmp_path: Path) -> None:
-    """Lite0 + Lite1 bundles (session 4, before Lite2) load with their own two networks and
-    member weights, and predict what that two-network ensemble does."""
+@pytest.mark.parametrize("networks", [2, 3])
+def test_a_bundle_from_before_readers_still_predicts(
+    trained, tmp_path: Path, networks: int
+) -> None:
+    """Lite0 + Lite1 bundles (session 4) and Lite0 + Lite1 + Lite2 bundles (sessions 5-6),
+    which list backbones but no readers, load with their own networks and member weights and
+    predict what that ensemble does."""
     from ichscan.models.bundle import load_bundle
-    from ichscan.models.small_set import SmallSetModel, member_weights
+    from ichscan.models.small_set import Reader, SmallSetModel, member_weights
 
     model, _, _ = trained
     config = json.loads((model / "bundle.json").read_text())
-    three = load_bundle(model).members[0]
-    pair = ["efficientnet_lite0", "efficientnet_lite1"]
-    two = SmallSetModel(
-        three.mil[0].sources,
+    full = load_bundle(model).members[0]
+    backbones = list(full.backbones[:networks])
+    old_model = SmallSetModel(
+        full.mil[0].sources,
         0,
-        tuple(three.forest.left.shape),
-        backbones=pair,
-        maps=list(three.maps[:2]),
+        tuple(full.forest.left.shape),
+        readers=[Reader(b) for b in backbones],
+        maps=list(full.maps[:networks]),
     )
-    for i in range(2):
-        two.mil[i], two.logistic[i] = three.mil[i], three.logistic[i]
-    two.forest = three.forest
-    old = tmp_path / "two"
+    for i in range(networks):
+        old_model.mil[i], old_model.logistic[i] = full.mil[i], full.logistic[i]
+    old_model.forest = full.forest
+    old = tmp_path / "old"
     old.mkdir()
-    torch.save(two.state_dict(), old / config["members"][0])
-    config["small_set"]["backbones"] = pair
-    config["small_set"]["member_weights"] = member_weights(2)
+    torch.save(old_model.state_dict(), old / config["members"][0])
+    config["small_set"]["backbones"] = backbones
+    del config["small_set"]["readers"]
+    config["small_set"]["member_weights"] = member_weights(networks)
     (old / "bundle.json").write_text(json.dumps(config))
     loaded = load_bundle(old).members[0]
-    assert loaded.backbones == tuple(pair)
-    x = torch.randint(0, 255, (2, 3, 320, 320), dtype=torch.uint8)
+    assert loaded.backbones == tuple(backbones)
+    assert loaded.readers == tuple(Reader(b) for b in backbones)
+    brain = torch.randint(0, 255, (2, 1, 320, 320), dtype=torch.uint8).expand(-1, 3, -1, -1)
     with torch.no_grad():
-        assert loaded(x).shape == three(x).shape
-        assert torch.allclose(loaded(x), two.eval()(x), atol=1e-5)
-        assert not torch.allclose(loaded(x), three(x), atol=1e-3)
+        assert torch.allclose(loaded(brain), old_model.eval()(brain), atol=1e-5)
+        if networks < len(full.readers):
+            assert not torch.allclose(loaded(brain), full(brain), atol=1e-3)
+
+
+def test_each_reader_takes_its_own_crop(trained_head) -> None:
+    """Channel 0 (the brain crop) feeds the three brain readers and the density forest,
+    channel 1 (the head crop) the head reader alone: a change to one plane moves only the
+    members that read it."""
+    from ichscan.models.bundle import load_bundle
+
+    model, _, _ = trained_head
+    ensemble = load_bundle(model).members[0]
+    assert [r.crop for r in ensemble.readers] == ["brain", "brain", "brain", "head"]
+    planes = torch.randint(0, 255, (2, 2, 320, 320), dtype=torch.uint8)
+    x = torch.cat([planes, planes[:, :1]], dim=1)  # what the predictor builds: brain, head, brain
+    other_head, other_brain = x.clone(), x.clone()
+    other_head[:, 1] = torch.randint(0, 255, (2, 320, 320), dtype=torch.uint8)
+    other_brain[:, [0, 2]] //= 2  # darker: the density features move too
+    head_members = [3, 7]  # its MIL head and its regression, in embed's order
+    with torch.no_grad():
+        base, moved_head, moved_brain = (ensemble.embed(v) for v in (x, other_head, other_brain))
+    changed_by_head = ~torch.isclose(base, moved_head, atol=1e-6).all(0)
+    changed_by_brain = ~torch.isclose(base, moved_brain, atol=1e-6).all(0)
+    assert torch.nonzero(changed_by_head).flatten().tolist() == head_members
+    assert sorted(set(range(9)) - set(head_members)) == [i for i in range(9) if changed_by_brain[i]]
 
 
 def test_small_set_refuses_a_weights_file(png_set: Path, tmp_path: Path) -> None:
@@ -243,8 +317,9 @@ def test_small_set_refuses_a_weights_file(png_set: Path, tmp_path: Path) -> None
         )
 
 
+@pytest.mark.parametrize(("fixture", "members"), [("trained", 7), ("trained_head", 9)])
 def test_onnx_export_of_a_small_set_bundle_predicts_what_torch_does(
-    trained, tmp_path: Path
+    fixture: str, members: int, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     """The default recipe's bundle exports: onnxruntime, fed the density features by
     OnnxPredictor, gives the PyTorch probabilities on real-shaped slices, at a batch size
@@ -259,7 +334,7 @@ def test_onnx_export_of_a_small_set_bundle_predicts_what_torch_does(
     from ichscan.io.load import load
     from ichscan.models.bundle import load_bundle
 
-    model, _, _ = trained
+    model, _, _ = request.getfixturevalue(fixture)
     copy = tmp_path / "model"
     shutil.copytree(model, copy, ignore=shutil.ignore_patterns("cache", "*.onnx"))
     path = export_onnx(copy)
@@ -268,12 +343,13 @@ def test_onnx_export_of_a_small_set_bundle_predicts_what_torch_does(
     assert not any(n.op_type in ("Loop", "If") for n in graph.node)
 
     cache = PreparedCache(model / "cache")
-    # The predictor's input: the cached brain-window grey in all three channels.
-    x = np.stack([np.asarray(cache[i]) for i in range(3)]).transpose(0, 3, 1, 2).repeat(3, 1)
+    # The predictor's input: the cached brain in every channel, or brain, head, brain.
+    planes = np.stack([np.asarray(cache[i]) for i in range(3)]).transpose(0, 3, 1, 2)
+    x = np.ascontiguousarray(np.concatenate([planes, planes[:, :1], planes[:, :1]], axis=1)[:, :3])
     with torch.no_grad():
         want = torch.sigmoid(load_bundle(copy).members[0](torch.from_numpy(x))).numpy()
     got, embedding = OnnxPredictor(path, tta=False, batch_size=3).slices(x)
-    assert embedding.shape == (3, 7)
+    assert embedding.shape == (3, members)
     np.testing.assert_allclose(got, want, atol=1e-4)
 
     image = Path(cache.index["path"].iloc[3])

@@ -63,7 +63,7 @@ from ichscan.errors import InputError
 from ichscan.io.dicom import check_ct_slice, decode_stored, header_from_dataset, read_dataset
 from ichscan.io.image import read_grey
 from ichscan.labels import LabelSet, detect_label_set, get_label_set
-from ichscan.preprocess.head_crop import CROP_VERSION, CROPS, crop_slice
+from ichscan.preprocess.head_crop import CROP_VERSION, CROPS, crop_slice, extra_planes
 from ichscan.preprocess.resize import resize_slice
 from ichscan.preprocess.slice_input import dicom_to_input, fused_table, stored_to_input
 from ichscan.preprocess.window import (
@@ -104,11 +104,18 @@ class Params:
     windows: tuple[Window, ...]
     size: int
     mode: str
-    crop: str = "none"  # preprocess.head_crop: "head"/"brain" crop at full resolution first
+    crop: str = "none"  # preprocess.head_crop: a crop at full resolution first
 
     @property
     def channels(self) -> int:
+        """The windows per slice."""
         return len(self.windows)
+
+    @property
+    def planes(self) -> int:
+        """What the cache stores per slice: the windows, and the head plane of a
+        ``brain+head`` crop."""
+        return self.channels + extra_planes(self.crop)
 
     def as_json(self) -> dict[str, Any]:
         out = {
@@ -290,12 +297,14 @@ class RowReader:
 
     def _image(self, row: RowRef) -> np.ndarray:
         grey = read_grey(row.path)
-        if self.params.crop != "none":
-            grey = _crop_resize(grey[..., np.newaxis], self.params)[..., 0]
+        p = self.params
+        if p.crop != "none":
+            small = _crop_resize(grey[..., np.newaxis], p)  # a brain+head crop adds a plane
         else:
-            grey = resize_slice(grey, self.params.size)
+            small = resize_slice(grey, p.size)[..., np.newaxis]
         # Display values in one window: the same grey in every channel (see cache.json).
-        return np.repeat(grey[..., np.newaxis], self.params.channels, axis=2)
+        windows = np.repeat(small[..., :1], p.channels, axis=2)
+        return np.concatenate([windows, small[..., 1:]], axis=2) if small.shape[2] > 1 else windows
 
     def _nifti_slice(self, row: RowRef) -> np.ndarray:
         if self._nifti is None or self._nifti.path != row.path:
@@ -362,9 +371,9 @@ def run_shard(job: ShardJob) -> ShardOutcome:
     p = job.params
     # No marker while the shard is being (re)made: only a finished shard has one.
     marker_path(job.root, job.shard).unlink(missing_ok=True)
-    writer = ShardWriter(shard_path(job.root, job.shard), len(job.rows), p.size, p.channels)
+    writer = ShardWriter(shard_path(job.root, job.shard), len(job.rows), p.size, p.planes)
     reader = RowReader(p)
-    blank = np.zeros((p.size, p.size, p.channels), dtype=np.uint8)
+    blank = np.zeros((p.size, p.size, p.planes), dtype=np.uint8)
     outcome = ShardOutcome(job.shard, ok=[])
     try:
         for row in job.rows:
@@ -425,7 +434,7 @@ def finished_outcome(job: ShardJob) -> ShardOutcome | None:
     except (OSError, ValueError):
         return None
     p = job.params
-    if done.get("key") != job.key or shape != (len(job.rows), p.size, p.size, p.channels):
+    if done.get("key") != job.key or shape != (len(job.rows), p.size, p.size, p.planes):
         return None
     return ShardOutcome(job.shard, ok=list(done["ok"]), bad=list(done["bad"]), skipped=True)
 
@@ -548,6 +557,8 @@ def _params(windows: WindowSpec, size: int, mode: str, crop: str = "none") -> Pa
         raise ValueError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     if crop != "none" and wins[0].name != "brain":
         raise ValueError(f"a {crop} crop finds the head in a brain window: list brain first")
+    if len(wins) + extra_planes(crop) > 3:
+        raise ValueError(f"a {crop} crop adds a plane: at most 2 windows with it")
     return Params(wins, int(size), mode, crop)
 
 
@@ -749,7 +760,7 @@ def _cache_facts(
         "format": CACHE_FORMAT,
         "format_version": CACHE_FORMAT_VERSION,
         **params.as_json(),
-        "channels": params.channels,
+        "channels": params.planes,
         "dtype": "uint8",
         "layout": {
             "shards": f"{SHARDS_DIR}/shard-{{shard:05d}}.npy",

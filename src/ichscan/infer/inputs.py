@@ -15,7 +15,9 @@ from a DICOM series gives the network the very pixels it would have seen in trai
 
 Channel assembly follows :class:`ichscan.train.dataset.SliceDataset`: one window is grey
 replicated to 3 channels, two windows repeat the first as the third, 2.5D stacks the
-previous, current and next slice of the first window (the slice itself at either end).
+previous, current and next slice of the first window (the slice itself at either end). A
+``brain+head`` crop (the small-set ensemble's) gives two planes of the one brain window, the
+brain and the whole head, which the same rule makes brain, head, brain.
 """
 
 from __future__ import annotations
@@ -133,8 +135,9 @@ def _windowed_planes(scan: Scan, spec: InputSpec) -> np.ndarray:
     return stack_windows(scan.hu, windows, mode=spec.mode)
 
 
-def _channels(planes: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """[S, h, w, C] → [S, h, w, 3] the way SliceDataset assembles a training sample."""
+def model_channels(planes: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """[S, h, w, C] → [S, h, w, 3] the way SliceDataset assembles a training sample (a
+    ``brain+head`` crop's two planes as brain, head, brain)."""
     if spec.kind == "2.5d":
         grey = planes[..., 0]
         n = grey.shape[0]
@@ -164,5 +167,5 @@ def scan_to_model_input(scan: Scan, bundle_input: dict[str, Any] | InputSpec) ->
         small = _resize_rgbx(planes, spec.size)
     else:
         small = resize_slices(planes, spec.size)
-    x = _channels(small, spec)
+    x = model_channels(small, spec)
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -1,24 +1,32 @@
 """The small-set ensemble: what `ichscan train` builds by default for a small binary set of
 brain-window slices (see ichscan.train.small_set for the training and the reasons).
 
-Its members read one brain-cropped slice (uint8, 320 px, the brain only):
+Its members read one brain-cropped slice (uint8, 320 px, the brain only, skull and scalp
+zeroed); with ``--head-reader``, the same square cropped to the whole head beside it (channel
+1, ``brain+head`` in ichscan.preprocess.head_crop):
 
-- three frozen ImageNet networks, EfficientNet-Lite0, Lite1 and Lite2, at 256 px, each give
-  feature maps at two scales (the last stride-16 block: 112 or 120 ch at 16×16; the last 8×8
-  block before the last one, with the conv head: 1472 or 1488 ch at 8×8). Several networks,
-  because their errors differ: together they rank the real slices better than any one alone;
-- per network, a **MIL head**: per-scale 1×1 convolutions to a 16×16 map of hemorrhage
+- **readers**, each a frozen ImageNet network on one of the crops: EfficientNet-Lite0, Lite1
+  and Lite2 on the brain, and optionally Lite0 again on the head. Each gives feature maps at
+  two scales, at 256 px (the last stride-16 block: 112 or 120 ch at 16×16; the last 8×8 block
+  before the last one, with the conv head: 1472 or 1488 ch at 8×8). Several readers, because
+  their errors differ: together they rank the real slices better than any one alone. The head
+  crop alone is the weakest of them, but it sees what the brain crop cut away with the skull
+  (on the real sets it raised the RSNA AUC and cost head_ct accuracy: README);
+- per reader, a **MIL head**: per-scale 1×1 convolutions to a 16×16 map of hemorrhage
   logits, pooled by log-sum-exp (a bleed is a small region: the pooling lets a few locations
   decide), with one learned bias per training source (each dataset has its own base rate
   and look);
-- per network, a **pooled logistic regression** on the average- and max-pooled maps;
-- one **density forest**: a random forest on 29 hand-made density features
+- per reader, a **pooled logistic regression** on the average- and max-pooled maps;
+- one **density forest** on the brain crop: a random forest on 29 hand-made density features
   (ichscan.models.density), stored as tensors (ichscan.models.forest).
 
 ``embed`` returns the members' logits per slice (the MIL heads, then the regressions, then
 the forest) and ``head`` is their fixed weighted sum, so the ensemble plugs into the same
 predictor as a fine-tuned network (flip TTA included). ``hemorrhage_map`` is the MIL heads'
 mean logit map: where the model thinks the bleed is.
+
+Bundles from before readers had crops list backbones only, all on the brain, and still load
+and predict as they did.
 """
 
 from __future__ import annotations
@@ -73,21 +81,48 @@ MAP_SOURCES = {
         MapSource("efficientnet_lite2", 14, 19, 120, 208 + HEAD_CHANNELS),
     )
 }
-# What a new model uses. Bundles record theirs: older ones (Lite0, or Lite0 + Lite1) still load.
-BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# The planes of a small-set input (uint8 [N, 3, H, W]: the brain in every channel, or from a
+# ``brain+head`` crop brain, head, brain again, see ichscan.infer.inputs) that each crop's
+# readers take.
+CROP_PLANES = {"brain": 0, "head": 1}
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One frozen network reading one crop of the slice."""
+
+    backbone: str
+    crop: str = "brain"
+
+    @property
+    def name(self) -> str:
+        short = self.backbone.removeprefix("efficientnet_")
+        return short if self.crop == "brain" else f"{short} ({self.crop} crop)"
+
+
+# What a new model uses. Bundles record theirs: older ones (Lite0 alone, Lite0 + Lite1) still
+# load.
+READERS = (Reader("efficientnet_lite0"), Reader("efficientnet_lite1"), Reader("efficientnet_lite2"))
+# --head-reader: not the default. Over two benchmark splits it raised the RSNA AUC (+0.005,
+# +0.009) and lowered head_ct accuracy (146 -> 143, 145 -> 143 of 150): research SESSION7.md.
+HEAD_READER = Reader("efficientnet_lite0", "head")
+BACKBONES = tuple(dict.fromkeys(r.backbone for r in READERS))  # each network once
+
+
+def readers_for(crop: str) -> tuple[Reader, ...]:
+    """The readers trained on a cache cut with ``crop`` (``brain+head``: the head one too)."""
+    return (*READERS, HEAD_READER) if crop == "brain+head" else READERS
+
+
 # Logit weights of the MIL heads, the pooled regressions and the forest: each kind's share
 # is split evenly between the backbones.
 MIL_WEIGHT, POOLED_WEIGHT, FOREST_WEIGHT = 0.5, 0.25, 0.25
 _CLIP = 1e-4
 
 
-def member_weights(backbones: int) -> list[float]:
+def member_weights(readers: int) -> list[float]:
     """Logit weight of each member, in ``embed``'s order (MIL heads, regressions, forest)."""
-    return (
-        [MIL_WEIGHT / backbones] * backbones
-        + [POOLED_WEIGHT / backbones] * backbones
-        + [FOREST_WEIGHT]
-    )
+    return [MIL_WEIGHT / readers] * readers + [POOLED_WEIGHT / readers] * readers + [FOREST_WEIGHT]
 
 
 class LiteMaps(nn.Module):
@@ -265,8 +300,8 @@ def member_logits(
     source: torch.Tensor,
     forest_steps: int | None = None,
 ) -> torch.Tensor:
-    """[N, 2·B + 1] logits of the B MIL heads, the B pooled regressions (one of each per
-    backbone, ``maps`` in the same order) and the density forest: what training scores and
+    """[N, 2·R + 1] logits of the R MIL heads, the R pooled regressions (one of each per
+    reader, ``maps`` in the same order) and the density forest: what training scores and
     what SmallSetModel.embed returns."""
     return torch.stack(
         [m(fine, deep, source) for m, (fine, deep) in zip(mil, maps, strict=True)]
@@ -286,19 +321,25 @@ class SmallSetModel(nn.Module):
         forest_shape: tuple[int, int] = (1, 1),
         pretrained: str = "none",
         mil_heads: int = 1,
-        backbones: Sequence[str] = BACKBONES,
+        readers: Sequence[Reader] = READERS,
         maps: Sequence[LiteMaps] | None = None,
     ) -> None:
-        """``maps``: extractors already built (training has them), else built here."""
+        """``maps``: one extractor per backbone of ``readers``, in order of first use, already
+        built (training has them); else built here."""
         super().__init__()
-        self.backbones = tuple(m.source.backbone for m in maps) if maps else tuple(backbones)
-        specs = [MAP_SOURCES[b] for b in self.backbones]
+        self.readers = tuple(readers)
+        self.backbones = tuple(dict.fromkeys(r.backbone for r in self.readers))
+        if maps is not None and tuple(m.source.backbone for m in maps) != self.backbones:
+            raise ValueError(f"give one extractor per backbone, for {self.backbones}")
+        # A network reading both crops is held once: its weights are the same frozen ones.
         self.maps = nn.ModuleList(maps or (LiteMaps(b, pretrained) for b in self.backbones))
+        self._extractor = [self.backbones.index(r.backbone) for r in self.readers]
+        specs = [MAP_SOURCES[r.backbone] for r in self.readers]
         self.mil = nn.ModuleList(MILEnsemble(m, sources, mil_heads) for m in specs)
         self.logistic = nn.ModuleList(PooledLogistic(m.pooled_features) for m in specs)
         self.forest = ForestModule(*forest_shape)
         self.source = source
-        weights = member_weights(len(self.backbones))
+        weights = member_weights(len(self.readers))
         self.embed_dim = len(weights)
         self.head = nn.Linear(self.embed_dim, 1)
         with torch.no_grad():
@@ -309,7 +350,9 @@ class SmallSetModel(nn.Module):
 
     @property
     def architecture(self) -> str:
-        return "+".join(self.backbones)
+        return "+".join(
+            r.backbone if r.crop == "brain" else f"{r.backbone}@{r.crop}" for r in self.readers
+        )
 
     @property
     def provenance(self) -> str:
@@ -319,11 +362,17 @@ class SmallSetModel(nn.Module):
 
     @staticmethod
     def grey(x: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] (channels all the brain window) → float [N, 1, H, W] in [0, 1]."""
-        return x[:, :1].float() / 255.0 if x.dtype == torch.uint8 else x[:, :1].float()
+        """uint8 [N, 3, H, W] → float [N, 2, H, W] in [0, 1]: the planes the readers take
+        (CROP_PLANES; a bundle from before the head reader has the brain in every channel
+        and reads only the first)."""
+        return x[:, :2].float() / 255.0 if x.dtype == torch.uint8 else x[:, :2].float()
 
     def feature_maps(self, grey: torch.Tensor, resize: nn.Module | None = None) -> list[Maps]:
-        return [chunked_maps(m, grey, resize) for m in self.maps]
+        """Per reader, its network's maps of its crop's plane of ``grey`` [N, 2, H, W]."""
+        return [
+            chunked_maps(self.maps[i], grey[:, CROP_PLANES[r.crop]][:, None], resize)
+            for r, i in zip(self.readers, self._extractor, strict=True)
+        ]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         grey = self.grey(x)
@@ -352,7 +401,7 @@ class SmallSetModel(nn.Module):
 
     @torch.no_grad()
     def hemorrhage_map(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, 16, 16] MIL logits per location of the 320 px crop (mean over backbones)."""
+        """[N, 16, 16] MIL logits per location of the 320 px crop (mean over readers)."""
         maps = self.feature_maps(self.grey(x))
         return torch.stack([m.logit_map(*f) for m, f in zip(self.mil, maps, strict=True)]).mean(0)
 
@@ -371,11 +420,12 @@ def small_set_config(model: SmallSetModel) -> dict[str, Any]:
     """What bundle.json must hold to rebuild the module before loading its weights."""
     return {
         "backbones": list(model.backbones),
+        "readers": [{"backbone": r.backbone, "crop": r.crop} for r in model.readers],
         "sources": model.mil[0].sources,
         "mil_heads": len(model.mil[0].heads),
         "source": int(model.source),
         "forest_shape": list(model.forest.left.shape),
-        "member_weights": member_weights(len(model.backbones)),
+        "member_weights": member_weights(len(model.readers)),
         "density_features": N_FEATURES,
         "pooled_features": [lr.coef.numel() for lr in model.logistic],
     }
@@ -388,6 +438,14 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
         source=int(spec["source"]),
         forest_shape=tuple(spec["forest_shape"]),  # type: ignore[arg-type]
         mil_heads=int(spec.get("mil_heads", 1)),
-        # bundles from before the second backbone name none: they were Lite0 alone
-        backbones=spec.get("backbones", ["efficientnet_lite0"]),
+        readers=bundle_readers(spec),
     )
+
+
+def bundle_readers(spec: dict[str, Any]) -> list[Reader]:
+    """The readers a bundle's ``small_set`` section names. Bundles from before the head reader
+    list backbones only, all reading the brain; from before the second backbone, none: they
+    were Lite0 alone."""
+    if "readers" in spec:
+        return [Reader(str(r["backbone"]), str(r["crop"])) for r in spec["readers"]]
+    return [Reader(str(b)) for b in spec.get("backbones", ["efficientnet_lite0"])]

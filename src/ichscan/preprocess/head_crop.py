@@ -7,7 +7,11 @@ differences instead of the bleed. Cropping every slice to a square around the he
 everything outside it zeroed, puts all sources on one scale; zeroing the skull and scalp as
 well (``brain``) removes the brightest structure, which otherwise dominates pooled features.
 On the real head_ct and RSNA PNGs the crop raised the frozen-feature AUC by 0.03–0.09 on RSNA
-(research/recipe_lab/RECIPE.md, experiments 1 and 5–6).
+(research/recipe_lab/RECIPE.md, experiments 1 and 5–6). ``brain+head`` gives both: the
+brain-only planes, then the first plane again with the skull kept, in the same square. The
+small-set ensemble reads each with its own networks: a bleed against the inner table, as
+bright as bone in a brain window, goes with the skull from the brain crop but not from the
+head crop (research/recipe_lab/SESSION6.md, section 3).
 
 The masks are computed on the first channel, which must be a brain window (40/80): air and
 fat are 0 there, bone saturates at 255, brain and blood lie between. Other channels (subdural,
@@ -19,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-CROPS = ("none", "head", "brain")
+CROPS = ("none", "head", "brain", "brain+head")
 # Bumped whenever the masks change, so prepared caches are redone and a bundle trained on
 # another version says so. 2: tissue and bone levels follow the image (grey figure pages,
 # unsaturated skulls); bright seams between a bleed and the skull are sealed.
@@ -119,11 +123,17 @@ def crop_box(grey: np.ndarray) -> tuple[int, int, int]:
     return _pad_box(grey.shape) if head is None else _square_box(head)
 
 
+def extra_planes(crop: str) -> int:
+    """Planes a crop adds to the C it is given: one for ``brain+head`` (the head plane)."""
+    return 1 if crop == "brain+head" else 0
+
+
 def crop_slice(planes: np.ndarray, crop: str) -> np.ndarray:
     """uint8 [H, W, C] (channel 0 a brain window) → uint8 [s, s, C], square.
 
     ``head``: everything outside the head zeroed, cropped to a square around it. ``brain``:
-    the skull and scalp zeroed too. A slice with no head in it (air, the vertex) is only
+    the skull and scalp zeroed too. ``brain+head``: [s, s, C + 1], the ``brain`` planes and
+    then channel 0 as ``head`` crops it. A slice with no head in it (air, the vertex) is only
     padded to a square, so every slice still gets an input.
     """
     if crop not in CROPS:
@@ -133,12 +143,16 @@ def crop_slice(planes: np.ndarray, crop: str) -> np.ndarray:
     if crop == "none":
         return planes
     grey = planes[..., 0]
+    if crop == "brain+head":
+        planes = np.concatenate([planes, planes[..., :1]], axis=2)
     head = head_mask(grey)
     if head is None:
         return _cut(planes, *_pad_box(planes.shape))
-    keep = brain_mask(grey, head) if crop == "brain" else head
+    keep = np.repeat(head[..., np.newaxis], planes.shape[2], axis=2)
+    if crop != "head":
+        keep[..., : planes.shape[2] - extra_planes(crop)] &= brain_mask(grey, head)[..., None]
     top, left, side = _square_box(head)
-    return _cut(planes * keep[..., np.newaxis], top, left, side)
+    return _cut(planes * keep, top, left, side)
 
 
 def brain_region(grey: np.ndarray) -> np.ndarray:

@@ -126,12 +126,20 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
             )
         windows = cache.index.loc[cache.index["kind"] == "image", "window"]
         source_window = str(windows.iloc[0]) if len(windows) and windows.iloc[0] else None
-        fits = cache.crop == "brain" and cache.size == SMALL_SET_SIZE
+        want = small_set_crop(config)
+        fits = cache.crop in (want, HEAD_READER_CROP) and cache.size == SMALL_SET_SIZE
         if config.recipe == "small-set" and not fits:
             raise DataError(
                 data,
-                f"--recipe small-set needs a cache prepared with --crop brain at "
-                f"{SMALL_SET_SIZE} px; this one has crop={cache.crop!r} at {cache.size} px",
+                f"--recipe small-set{' --head-reader' if config.head_reader else ''} needs a "
+                f"cache prepared with --crop {want} at {SMALL_SET_SIZE} px; this one has "
+                f"crop={cache.crop!r} at {cache.size} px",
+            )
+        if config.recipe == "finetune" and cache.crop == HEAD_READER_CROP:
+            raise DataError(
+                data,
+                f"a --crop {HEAD_READER_CROP} cache holds a head plane beside the windows, for "
+                "the small-set recipe; prepare another with --crop brain for --recipe finetune",
             )
         recipe = (
             "small-set"
@@ -180,8 +188,9 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
                 f"--recipe small-set trains one label; this is a {label_set.name} dataset "
                 "(add --labels binary for hemorrhage yes/no)",
             )
-        # The ensemble reads the brain window only, head-cropped at full resolution.
-        windows, size, crop = ("brain",), SMALL_SET_SIZE, "brain"
+        # The ensemble reads the brain window only, cropped at full resolution to the brain
+        # (and, beside it, to the head for --head-reader).
+        windows, size, crop = ("brain",), SMALL_SET_SIZE, small_set_crop(config)
     else:
         size, crop = config.size, "none"
     if main:
@@ -215,8 +224,19 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
     )
 
 
-SMALL_SET_SIZE = 320
-# The small-set fits hold ~6 MB of float16 feature maps per slice in memory (6 GB at 1,000,
+SMALL_SET_SIZE = 320  # ichscan.models.small_set.CROP_SIZE, without importing torch here
+# The small-set cache with the head crop beside the brain crop: what --head-reader reads. A
+# cache cut so also trains the head reader without the flag: it was prepared for it.
+HEAD_READER_CROP = "brain+head"
+
+
+def small_set_crop(config: TrainConfig) -> str:
+    """The crop prepare cuts for the small-set recipe (ichscan.models.small_set readers)."""
+    return HEAD_READER_CROP if config.head_reader else "brain"
+
+
+# The small-set fits hold ~6 MB of float16 feature maps per slice in memory (6 GB at 1,000;
+# 8 MB and 8 GB with --head-reader,
 # ichscan.train.small_set.map_bytes_per_slice);
 # above that, fine-tuning is affordable and streams from the cache instead.
 SMALL_SET_MAX_SLICES = 1000

@@ -87,6 +87,7 @@ class TrainConfig:
     extra_train: tuple[str, ...] = ()  # datasets added to training only (never validated)
     recipe: str = "auto"  # "small-set", "finetune" or "auto" (see train.small_set)
     feature_cache: str | None = None  # small-set feature maps; None: ~/.cache/ichscan/features
+    head_reader: bool = False  # small-set: a fourth reader on the head crop (--crop brain+head)
     progress: bool = True
     tensorboard: bool = True
 

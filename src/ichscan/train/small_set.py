@@ -8,18 +8,20 @@ did better on the real head_ct and RSNA slices than every frozen-feature alterna
 
 Steps (ichscan.models.small_set describes the model):
 
-1. Every slice is windowed (brain), cropped to the head with the skull zeroed and resized to
-   320 px once, by `prepare` (the crop is recorded in the bundle: predict does the same).
-2. Eight views per slice (identity, mirror, six random flips/rotations/scalings/shifts and
-   gamma/contrast/brightness changes) go through the frozen Lite0, Lite1 and Lite2. The maps are
-   cached under ``--feature-cache`` (default ~/.cache/ichscan/features), keyed by the network
-   and the slice's pixels: the backbones never see labels, so cross-validation folds and
-   later runs reuse them.
-3. Per backbone, a MIL head trains on all training slices, including ``--extra-train`` sets,
+1. Every slice is windowed (brain), cropped to the head with the skull zeroed (and, with
+   ``--head-reader``, beside it with the skull kept) at full resolution and resized to 320 px
+   once, by `prepare` (the crop is recorded in the bundle: predict does the same).
+2. Eight views per slice and crop (identity, mirror, six random flips/rotations/scalings/
+   shifts and gamma/contrast/brightness changes) go through the frozen readers: Lite0, Lite1
+   and Lite2 on the brain crop (and Lite0 on the head crop). The maps are cached under
+   ``--feature-cache`` (default ~/.cache/ichscan/features), keyed by the network, the crop and
+   the slice's pixels: the backbones never see labels, so cross-validation folds and later
+   runs reuse them.
+3. Per reader, a MIL head trains on all training slices, including ``--extra-train`` sets,
    each source with its own bias: one random view per slice per epoch, label smoothing,
-   AdamW, one-cycle. The pooled logistic regressions (one per backbone, all eight views)
-   and the density forest train on the main set's slices only: their features differ in
-   scale between sources.
+   AdamW, one-cycle. The pooled logistic regressions (one per reader, all eight views)
+   and the density forest (brain crop) train on the main set's slices only: their features
+   differ in scale between sources.
 4. The decision threshold comes from inner cross-validation on the training slices (the
    ensemble refitted without each inner fold and scored on it): by default where a logistic
    calibration of those scores crosses 0.5 (``--threshold calibrated``), which did as well
@@ -51,6 +53,7 @@ from ichscan.models.density import batch_density
 from ichscan.models.forest import ForestModule
 from ichscan.models.small_set import (
     BACKBONES,
+    CROP_PLANES,
     CROP_SIZE,
     MAP_SOURCES,
     RECIPE,
@@ -59,15 +62,18 @@ from ichscan.models.small_set import (
     MILEnsemble,
     MILHead,
     PooledLogistic,
+    Reader,
     SmallSetModel,
     chunked_maps,
     member_logits,
     member_weights,
     pooled_features,
+    readers_for,
     small_set_config,
 )
 from ichscan.progress import progress_bar
 from ichscan.threads import torch_threads
+from ichscan.train.data import HEAD_READER_CROP
 
 if TYPE_CHECKING:
     from ichscan.train.data import TrainingData
@@ -82,8 +88,11 @@ FEATURE_VERSIONS = {
     "efficientnet_lite1": "lite1-b14-b19-head-256-v1",
     "efficientnet_lite2": "lite2-b14-b19-head-256-v1",
 }
+# The lab keyed its head-crop maps so (research/recipe_lab/cv_members.py --crop head): the same
+# key keeps them reusable.
+CROP_KEYS = {"brain": "", "head": "-headcrop"}
 INNER_FOLDS = 4
-HARD_MAX_SLICES = 1300  # ~7 GB of maps with three backbones (--recipe small-set forced)
+HARD_MAX_SLICES = 1300  # ~8 GB of maps with three readers, 10 with four (small-set forced)
 MIL_HEADS = 1  # 3 seeds were tried: no better (see README), 2.7x the fit time
 
 
@@ -91,10 +100,10 @@ class SmallSetError(IchscanError):
     pass
 
 
-def map_bytes_per_slice(backbones: Sequence[str]) -> int:
+def map_bytes_per_slice(readers: Sequence[Reader]) -> int:
     """Bytes of the float16 maps of one slice's eight views that the fits hold in memory
-    (about 2 MB per backbone)."""
-    return sum(N_VIEWS * 2 * MAP_SOURCES[b].map_values for b in backbones)
+    (about 2 MB per reader)."""
+    return sum(N_VIEWS * 2 * MAP_SOURCES[r.backbone].map_values for r in readers)
 
 
 @dataclass(frozen=True)
@@ -145,12 +154,13 @@ def views_of(grey: np.ndarray, key: str) -> torch.Tensor:
     return torch.cat(out)
 
 
-def slice_key(grey: np.ndarray, backbone: str = BACKBONES[0]) -> str:
-    return hashlib.sha1(FEATURE_VERSIONS[backbone].encode() + grey.tobytes()).hexdigest()
+def slice_key(grey: np.ndarray, backbone: str = BACKBONES[0], crop: str = "brain") -> str:
+    version = FEATURE_VERSIONS[backbone] + CROP_KEYS[crop]
+    return hashlib.sha1(version.encode() + grey.tobytes()).hexdigest()
 
 
 class FeatureMaps:
-    """One backbone's cached maps of every training slice, float16, in memory for the fits:
+    """One reader's cached maps of every training slice, float16, in memory for the fits:
     fine [V, N, 112, 16, 16] and deep [V, N, 1472, 8, 8] (about 2 MB per slice)."""
 
     def __init__(self, source: MapSource, fine: torch.Tensor, deep: torch.Tensor) -> None:
@@ -164,12 +174,14 @@ class FeatureMaps:
         extractor: LiteMaps,
         progress: bool = True,
         batch: int = 4,
+        crop: str = "brain",
     ) -> tuple[FeatureMaps, int]:
-        """(maps, slices computed now rather than read from the cache)."""
+        """(maps, slices computed now rather than read from the cache); ``greys`` are the
+        ``crop`` plane of the slices."""
         n = len(greys)
         fine = deep = None
         computed = 0
-        keys = [slice_key(g, extractor.source.backbone) for g in greys]
+        keys = [slice_key(g, extractor.source.backbone, crop) for g in greys]
         todo: list[int] = []
         for i, key in enumerate(keys):
             hit = _read_cached(cache_dir, key)
@@ -177,7 +189,7 @@ class FeatureMaps:
                 todo.append(i)
                 continue
             fine, deep = _place(fine, deep, i, n, *hit)
-        name = extractor.source.backbone.removeprefix("efficientnet_")
+        name = Reader(extractor.source.backbone, crop).name
         bar = progress_bar(total=len(todo), unit="slice", desc=f"{name} maps", disable=not progress)
         with bar:
             for start in range(0, len(todo), batch):
@@ -339,8 +351,8 @@ def fit_forest(density: np.ndarray, rows: np.ndarray, y: np.ndarray, seed: int) 
 class TrainingFeatures:
     """Everything the learners read, per slice of the run (train and validation)."""
 
-    maps: list[FeatureMaps]  # one per backbone
-    pooled: list[torch.Tensor]  # [V, N, 2·(C + C')] per backbone
+    maps: list[FeatureMaps]  # one per reader
+    pooled: list[torch.Tensor]  # [V, N, 2·(C + C')] per reader
     density: np.ndarray  # [N, 29]
     y: np.ndarray  # [N] 0/1
     source: np.ndarray  # [N] 0 main, 1.. --extra-train sets
@@ -349,8 +361,8 @@ class TrainingFeatures:
 
 @dataclass
 class Members:
-    mil: list[MILEnsemble]  # one per backbone
-    logistic: list[PooledLogistic]  # one per backbone
+    mil: list[MILEnsemble]  # one per reader
+    logistic: list[PooledLogistic]  # one per reader
     forest: ForestModule
 
 
@@ -418,7 +430,7 @@ def inner_oof(
 
 
 def check_cache(cache: PreparedCache, origin: str | Path) -> None:
-    if cache.crop != "brain" or cache.size != CROP_SIZE:
+    if cache.crop not in ("brain", HEAD_READER_CROP) or cache.size != CROP_SIZE:
         raise SmallSetError(
             origin,
             f"the small-set recipe reads brain-cropped {CROP_SIZE} px slices; this cache holds "
@@ -470,14 +482,16 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
             config.data, "the main set's training slices hold only one class: need both"
         )
     rows = np.concatenate([train_rows, val_rows])
+    readers = readers_for(cache.crop)
     if len(rows) > HARD_MAX_SLICES:
         raise SmallSetError(
             config.data,
             f"{len(rows)} slices: the small-set fits would hold about "
-            f"{len(rows) * map_bytes_per_slice(BACKBONES) / 2**30:.1f} GB of feature "
+            f"{len(rows) * map_bytes_per_slice(readers) / 2**30:.1f} GB of feature "
             f"maps in memory (limit {HARD_MAX_SLICES}); use --recipe finetune",
         )
-    greys = np.stack([np.asarray(cache[int(r)])[..., 0] for r in rows])
+    # [N, P, H, W]: each slice's brain plane, then its head plane if cut (CROP_PLANES)
+    planes = np.stack([np.asarray(cache[int(r)]).transpose(2, 0, 1)[:2] for r in rows])
     local = {int(r): i for i, r in enumerate(rows)}
     y = labels[rows].astype(np.int64)
     src = source[rows]
@@ -495,18 +509,21 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
             "the small-set recipe reads ImageNet EfficientNet-Lite0, Lite1 and Lite2 (from their "
             "pip packages): --pretrained PATH is for --recipe finetune",
         )
-    extractors = [LiteMaps(b, config.pretrained) for b in BACKBONES]
+    extractors = {b: LiteMaps(b, config.pretrained) for b in BACKBONES}
     t0 = time.monotonic()
     maps, computed = [], 0
-    for extractor in extractors:
-        m, n = FeatureMaps.compute(greys, feature_cache, extractor, config.progress)
+    for reader in readers:
+        greys = np.ascontiguousarray(planes[:, CROP_PLANES[reader.crop]])
+        m, n = FeatureMaps.compute(
+            greys, feature_cache, extractors[reader.backbone], config.progress, crop=reader.crop
+        )
         maps.append(m)
         computed += n
     feature_seconds = time.monotonic() - t0
     features = TrainingFeatures(
         maps,
         [pooled_views(m) for m in maps],
-        batch_density(greys),
+        batch_density(planes[:, CROP_PLANES["brain"]]),
         y,
         src,
         len(source_names),
@@ -532,7 +549,8 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         0,
         tuple(final.forest.left.shape),
         mil_heads=len(final.mil[0].heads),
-        maps=extractors,
+        readers=readers,
+        maps=list(extractors.values()),
     )
     model.mil = torch.nn.ModuleList(final.mil)
     model.logistic = torch.nn.ModuleList(final.logistic)
