@@ -55,8 +55,12 @@ def load(spec: str) -> dict[str, np.ndarray]:
     for run in runs[1:]:
         assert np.array_equal(run["folds"], out["folds"]), "runs on different folds"
         for k in run.files:
-            if "_logits_" in k:
-                out[k] = np.concatenate([out[k], run[k]], axis=-1)
+            if "_logits_" not in k:
+                continue
+            if 0 in out[k].shape or 0 in run[k].shape:  # a --no-inner run: no inner logits
+                out[k] = np.zeros((out[k].shape[0], 0, 0))  # scored at 0.5
+                continue
+            out[k] = np.concatenate([out[k], run[k]], axis=-1)
     return out
 
 
