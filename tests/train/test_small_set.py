@@ -28,21 +28,26 @@ def png_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def train_small(data: Path, out: Path, features: Path, **options: object) -> dict:
+    with torch_threads(1):
+        return train(
+            TrainConfig(
+                data=str(data),
+                out=str(out),
+                labels="binary",
+                folds=4,
+                feature_cache=str(features),
+                progress=False,
+                tensorboard=False,
+                **options,  # type: ignore[arg-type]
+            )
+        )
+
+
 @pytest.fixture(scope="module")
 def trained(png_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
     root = tmp_path_factory.mktemp("small-model")
-    with torch_threads(1):
-        summary = train(
-            TrainConfig(
-                data=str(png_set),
-                out=str(root / "model"),
-                labels="binary",
-                folds=4,
-                feature_cache=str(root / "features"),
-                progress=False,
-                tensorboard=False,
-            )
-        )
+    summary = train_small(png_set, root / "model", root / "features")
     return root / "model", root / "features", summary
 
 
@@ -51,19 +56,7 @@ def trained_head(trained, png_set: Path, tmp_path_factory: pytest.TempPathFactor
     """The same set with --head-reader, sharing the default model's feature cache."""
     _, features, _ = trained
     root = tmp_path_factory.mktemp("small-model-head")
-    with torch_threads(1):
-        summary = train(
-            TrainConfig(
-                data=str(png_set),
-                out=str(root / "model"),
-                labels="binary",
-                folds=4,
-                feature_cache=str(features),
-                head_reader=True,
-                progress=False,
-                tensorboard=False,
-            )
-        )
+    summary = train_small(png_set, root / "model", features, head_reader=True)
     return root / "model", features, summary
 
 
@@ -113,21 +106,17 @@ def test_head_reader_adds_lite0_on_the_head_crop(trained_head) -> None:
     assert len(list(features.rglob("*.npz"))) == 64
 
 
-def test_a_second_fold_reuses_the_cached_feature_maps(trained, tmp_path: Path) -> None:
-    model, features, _ = trained
-    summary = train(
-        TrainConfig(
-            data=str(model / "cache"),
-            out=str(tmp_path / "fold1"),
-            fold=1,
-            folds=4,
-            feature_cache=str(features),
-            progress=False,
-            tensorboard=False,
-        )
-    )
+@pytest.mark.parametrize(("fixture", "readers"), [("trained", 3), ("trained_head", 4)])
+def test_a_second_fold_reuses_the_cached_feature_maps(
+    fixture: str, readers: int, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """From the first fold's prepared cache, with no options: a brain+head cache trains the
+    head reader too (it was cut for it), and every map comes from the feature cache."""
+    model, features, _ = request.getfixturevalue(fixture)
+    summary = train_small(model / "cache", tmp_path / "fold1", features, fold=1)
     assert summary["recipe"] == "small-set"
     assert summary["training"]["feature_maps_computed"] == 0
+    assert len(summary["small_set"]["readers"]) == readers
 
 
 @pytest.mark.parametrize("fixture", ["trained", "trained_head"])
