@@ -97,10 +97,16 @@ def test_each_recipe_refuses_the_other_ones_crop(png_set: Path, tmp_path: Path) 
     head_reader = {"recipe": "small-set", "head_reader": True}
     with pytest.raises(DataError, match="--head-reader needs a cache prepared with --crop brain"):
         train(TrainConfig(data=str(tmp_path / "brain"), out=str(tmp_path / "a"), **head_reader))
-    with pytest.raises(DataError, match="prepare another with --crop brain for --recipe finetune"):
+    with pytest.raises(DataError, match="prepare another with --crop brain to fine-tune"):
         train(
             TrainConfig(
                 data=str(tmp_path / "brain+head"), out=str(tmp_path / "b"), recipe="finetune"
+            )
+        )
+    with pytest.raises(DataError, match="--head-reader is a small-set option"):
+        train(
+            TrainConfig(
+                data=str(png_set), out=str(tmp_path / "c"), recipe="finetune", head_reader=True
             )
         )
 

@@ -135,18 +135,19 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
                 f"cache prepared with --crop {want} at {SMALL_SET_SIZE} px; this one has "
                 f"crop={cache.crop!r} at {cache.size} px",
             )
-        if config.recipe == "finetune" and cache.crop == HEAD_READER_CROP:
-            raise DataError(
-                data,
-                f"a --crop {HEAD_READER_CROP} cache holds a head plane beside the windows, for "
-                "the small-set recipe; prepare another with --crop brain for --recipe finetune",
-            )
         recipe = (
             "small-set"
             if config.recipe == "small-set"
             or (config.recipe == "auto" and fits and _auto_small_set(config, len(cache), label_set))
             else "finetune"
         )
+        if recipe == "finetune" and cache.crop == HEAD_READER_CROP:
+            raise DataError(
+                data,
+                f"a --crop {HEAD_READER_CROP} cache holds a head plane beside the windows, for "
+                "the small-set recipe; prepare another with --crop brain to fine-tune",
+            )
+        _check_head_reader(config, recipe, data)
         return TrainingData(
             data,
             label_set,
@@ -181,6 +182,7 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
     if recipe == "auto":
         main_rows = int((df["fold"] >= 0).sum())
         recipe = "small-set" if _auto_small_set(config, main_rows, label_set) else "finetune"
+    _check_head_reader(config, recipe, data)
     if recipe == "small-set":
         if len(label_set.labels) != 1:
             raise DataError(
@@ -233,6 +235,15 @@ HEAD_READER_CROP = "brain+head"
 def small_set_crop(config: TrainConfig) -> str:
     """The crop prepare cuts for the small-set recipe (ichscan.models.small_set readers)."""
     return HEAD_READER_CROP if config.head_reader else "brain"
+
+
+def _check_head_reader(config: TrainConfig, recipe: str, data: Path) -> None:
+    if config.head_reader and recipe != "small-set":
+        raise DataError(
+            data,
+            f"--head-reader is a small-set option; this run fine-tunes ({recipe}: "
+            "--recipe finetune, another --arch, or more than 1,000 slices)",
+        )
 
 
 # The small-set fits hold ~6 MB of float16 feature maps per slice in memory (6 GB at 1,000;
