@@ -43,6 +43,7 @@ from torch import nn
 from ichscan.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from ichscan.models.density import N_FEATURES, batch_density
 from ichscan.models.forest import ForestModule
+from ichscan.preprocess.head_crop import BRAIN_AND_HEAD
 
 RECIPE = "small-set"
 CROP_SIZE = 320  # the cached, cropped slice
@@ -111,7 +112,7 @@ BACKBONES = tuple(dict.fromkeys(r.backbone for r in READERS))  # each network on
 
 def readers_for(crop: str) -> tuple[Reader, ...]:
     """The readers trained on a cache cut with ``crop`` (``brain+head``: the head one too)."""
-    return (*READERS, HEAD_READER) if crop == "brain+head" else READERS
+    return (*READERS, HEAD_READER) if crop == BRAIN_AND_HEAD else READERS
 
 
 # Logit weights of the MIL heads, the pooled regressions and the forest: each kind's share

@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-CROPS = ("none", "head", "brain", "brain+head")
+BRAIN_AND_HEAD = "brain+head"  # the brain crop's planes, then the head crop of the first
+CROPS = ("none", "head", "brain", BRAIN_AND_HEAD)
 # Bumped whenever the masks change, so prepared caches are redone and a bundle trained on
 # another version says so. 2: tissue and bone levels follow the image (grey figure pages,
 # unsaturated skulls); bright seams between a bleed and the skull are sealed.
@@ -125,7 +126,7 @@ def crop_box(grey: np.ndarray) -> tuple[int, int, int]:
 
 def extra_planes(crop: str) -> int:
     """Planes a crop adds to the C it is given: one for ``brain+head`` (the head plane)."""
-    return 1 if crop == "brain+head" else 0
+    return 1 if crop == BRAIN_AND_HEAD else 0
 
 
 def crop_slice(planes: np.ndarray, crop: str) -> np.ndarray:
@@ -143,7 +144,7 @@ def crop_slice(planes: np.ndarray, crop: str) -> np.ndarray:
     if crop == "none":
         return planes
     grey = planes[..., 0]
-    if crop == "brain+head":
+    if crop == BRAIN_AND_HEAD:
         planes = np.concatenate([planes, planes[..., :1]], axis=2)
     head = head_mask(grey)
     if head is None:

@@ -14,6 +14,7 @@ import pandas as pd
 from ichscan.data.cache import PreparedCache
 from ichscan.errors import IchscanError
 from ichscan.labels import BINARY, LabelSet, get_label_set
+from ichscan.preprocess.head_crop import BRAIN_AND_HEAD
 
 if TYPE_CHECKING:
     from ichscan.train.loop import TrainConfig
@@ -229,7 +230,7 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
 SMALL_SET_SIZE = 320  # ichscan.models.small_set.CROP_SIZE, without importing torch here
 # The small-set cache with the head crop beside the brain crop: what --head-reader reads. A
 # cache cut so also trains the head reader without the flag: it was prepared for it.
-HEAD_READER_CROP = "brain+head"
+HEAD_READER_CROP = BRAIN_AND_HEAD
 
 
 def small_set_crop(config: TrainConfig) -> str:

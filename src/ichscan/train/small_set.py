@@ -492,6 +492,9 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         )
     # [N, P, H, W]: each slice's brain plane, then its head plane if cut (CROP_PLANES)
     planes = np.stack([np.asarray(cache[int(r)]).transpose(2, 0, 1)[:2] for r in rows])
+    greys = {
+        c: np.ascontiguousarray(planes[:, i]) for c, i in CROP_PLANES.items() if i < len(planes[0])
+    }
     local = {int(r): i for i, r in enumerate(rows)}
     y = labels[rows].astype(np.int64)
     src = source[rows]
@@ -509,13 +512,19 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
             "the small-set recipe reads ImageNet EfficientNet-Lite0, Lite1 and Lite2 (from their "
             "pip packages): --pretrained PATH is for --recipe finetune",
         )
-    extractors = {b: LiteMaps(b, config.pretrained) for b in BACKBONES}
+    # one per network, in the readers' order: a network reading two crops is built once
+    extractors = {
+        b: LiteMaps(b, config.pretrained) for b in dict.fromkeys(r.backbone for r in readers)
+    }
     t0 = time.monotonic()
     maps, computed = [], 0
     for reader in readers:
-        greys = np.ascontiguousarray(planes[:, CROP_PLANES[reader.crop]])
         m, n = FeatureMaps.compute(
-            greys, feature_cache, extractors[reader.backbone], config.progress, crop=reader.crop
+            greys[reader.crop],
+            feature_cache,
+            extractors[reader.backbone],
+            config.progress,
+            crop=reader.crop,
         )
         maps.append(m)
         computed += n
@@ -523,7 +532,7 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     features = TrainingFeatures(
         maps,
         [pooled_views(m) for m in maps],
-        batch_density(planes[:, CROP_PLANES["brain"]]),
+        batch_density(greys["brain"]),
         y,
         src,
         len(source_names),
