@@ -254,6 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         feature_cache=args.feature_cache,
         head_reader=args.head_reader,
+        crop=args.crop,
     )
     summary = train(config)
     if summary.get("recipe") == "small-set" and summary["metrics"].get("validation"):
@@ -532,7 +533,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pos-weight", action="store_true", help="weight positives by neg/pos")
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience (epochs)")
-    p.add_argument("--select", choices=["loss", "auc"], default="loss")
+    p.add_argument(
+        "--select",
+        choices=["loss", "auc", "last"],
+        default="loss",
+        help="weights kept: the best epoch by validation loss or AUC, or the last epoch (no "
+        "selection or early stopping: for cross-validation, where the validation fold is the "
+        "test fold)",
+    )
+    p.add_argument(
+        "--crop",
+        choices=["none", "head", "brain"],  # train.loop.FINETUNE_CROPS
+        help="finetune: cut each slice to a square around the head (brain: skull and scalp "
+        "zeroed) before resizing; the bundle records it and predict cuts the same (default "
+        "none; the small-set recipe always reads the brain crop)",
+    )
     p.add_argument(
         "--threshold",
         default="auto",

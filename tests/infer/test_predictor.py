@@ -72,6 +72,19 @@ def png_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.gpu
+def test_a_gpu_predicts_what_the_cpu_predicts(trained_bundle: Path, synth_dicom: Path) -> None:
+    """The same bundle on CUDA and on the CPU: the same scans, slices and probabilities
+    (to cuDNN's TF32 rounding)."""
+    cpu = list(predict_paths([synth_dicom], Predictor(trained_bundle, device="cpu")))
+    gpu = list(predict_paths([synth_dicom], Predictor(trained_bundle, device="cuda")))
+    assert [p.scan for p in gpu] == [p.scan for p in cpu] and len(cpu) > 1
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a.slice_ids == b.slice_ids
+        np.testing.assert_allclose(a.slice_probs, b.slice_probs, atol=2e-3)
+        np.testing.assert_allclose(a.scan_probs, b.scan_probs, atol=2e-3)
+
+
 # -- inputs ---------------------------------------------------------------------------
 
 

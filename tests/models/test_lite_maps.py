@@ -4,6 +4,7 @@ fixed matrix that equals the antialiased resize."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -29,3 +30,21 @@ def test_resize_matrix_is_the_antialiased_resize() -> None:
     grey = torch.rand(3, 1, 320, 320)
     want = F.interpolate(grey, size=(NET_SIZE, NET_SIZE), mode="bilinear", antialias=True)
     assert torch.allclose(ResizeMatrix(320)(grey), want, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_the_ensemble_on_a_gpu_scores_as_on_the_cpu() -> None:
+    """Both readers, the density features (NumPy, moved to the input's device) and the
+    forest run on CUDA and give the CPU's logits; cuDNN's TF32 convolutions round a little
+    differently, hence the tolerance."""
+    from ichscan.models.small_set import Reader, SmallSetModel
+
+    torch.manual_seed(0)
+    readers = [Reader("efficientnet_lite0"), Reader("efficientnet_lite0", "head")]
+    model = SmallSetModel(2, 0, (4, 3), pretrained="none", readers=readers).eval()
+    x = torch.randint(0, 255, (CPU_CHUNK + 2, 3, 320, 320), dtype=torch.uint8)
+    with torch.no_grad():
+        cpu = model(x)
+        gpu = model.to("cuda")(x.to("cuda")).cpu()
+    assert gpu.shape == cpu.shape
+    torch.testing.assert_close(gpu, cpu, rtol=1e-2, atol=1e-2)

@@ -121,6 +121,59 @@ def test_resume_continues_where_it_stopped(png_set: Path, tmp_path: Path) -> Non
     assert list(pd.read_csv(out / "train_log.csv")["epoch"]) == [0, 1, 2]
 
 
+def test_select_last_keeps_the_last_epoch_and_never_stops_early(
+    png_set: Path, tmp_path: Path
+) -> None:
+    """Cross-validation scores the validation fold: `--select last` must not pick an epoch
+    on it, nor stop on it."""
+    out = tmp_path / "model"
+    config = {**FAST, "epochs": 3, "patience": 1, "select": "last"}
+    summary = train(TrainConfig(data=str(png_set), out=str(out), **config))
+    assert summary["training"]["epochs_run"] == 3
+    assert summary["training"]["best_epoch"] == 3
+    last = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    kept = load_bundle(out).members[0].state_dict()
+    for name, tensor in last["model"].items():
+        torch.testing.assert_close(kept[name], tensor, rtol=0, atol=0)
+
+
+def test_finetune_crop_is_cut_recorded_and_checked(png_set: Path, tmp_path: Path) -> None:
+    from ichscan.data.cache import PreparedCache
+    from ichscan.train.data import DataError
+
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(png_set), out=str(out), crop="brain", **{**FAST, "epochs": 1}))
+    assert PreparedCache(out / "cache").crop == "brain"
+    assert load_bundle(out).input["crop"] == "brain"  # predict cuts the same square
+    with pytest.raises(DataError, match="prepared with --crop brain"):
+        train(TrainConfig(data=str(out / "cache"), out=str(tmp_path / "b"), crop="head", **FAST))
+    with pytest.raises(DataError, match="--crop head is for fine-tuning"):
+        train(
+            TrainConfig(
+                data=str(png_set),
+                out=str(tmp_path / "c"),
+                recipe="small-set",
+                labels="binary",
+                crop="head",
+            )
+        )
+    with pytest.raises(TrainingError, match="--crop must be one of none, head, brain"):
+        train(TrainConfig(data=str(png_set), out=str(tmp_path / "d"), crop="brain+head", **FAST))
+
+
+def test_more_ranks_than_gpus_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL cannot share a GPU between ranks: the second rank on a one-GPU node says so."""
+    from ichscan.train import distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(TrainingError, match=r"this node has 1 GPU.*--nproc_per_node 1"):
+        distributed.init_from_env()
+
+
 def test_resume_with_another_architecture_is_refused(png_set: Path, tmp_path: Path) -> None:
     out = tmp_path / "model"
     train(TrainConfig(data=str(png_set), out=str(out), **FAST))
@@ -222,7 +275,8 @@ def test_ddp_two_cpu_processes_agree_on_weights(png_set: Path, tmp_path: Path) -
         f"open(os.path.join({str(tmp_path)!r}, f\"rank{{s['rank']}}.json\"), 'w')"
         ".write(json.dumps(s['final_weights_sha256']))\n"
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # CPU processes even on a GPU machine: two NCCL ranks cannot share one GPU.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [
             sys.executable,
@@ -243,6 +297,57 @@ def test_ddp_two_cpu_processes_agree_on_weights(png_set: Path, tmp_path: Path) -
     sums = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert sums[0] == sums[1]
     assert (out / "bundle.json").exists()
+
+
+@pytest.mark.gpu
+def test_training_on_a_gpu_uses_mixed_precision_and_predicts_on_the_cpu(
+    png_set: Path, tmp_path: Path
+) -> None:
+    """`--device cuda`: AMP with a gradient scaler, a bundle that loads and predicts on a
+    machine without a GPU as it does on the GPU."""
+    from ichscan.data.cache import PreparedCache
+    from ichscan.train.cv import bundle_probabilities
+
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(png_set), out=str(out), **{**FAST, "device": "cuda"}))
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert state["scaler"].get("scale") is not None, "the gradient scaler was not on"
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    cache = PreparedCache(out / "cache")
+    rows = np.arange(len(cache))
+    on_gpu = bundle_probabilities(out, cache, rows, torch.device("cuda"))
+    on_cpu = bundle_probabilities(out, cache, rows, torch.device("cpu"))
+    np.testing.assert_allclose(on_gpu, on_cpu, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"
+)
+def test_ddp_two_gpus_agree_on_weights(png_set: Path, tmp_path: Path) -> None:
+    """torchrun with NCCL, one rank per GPU: identical weights at the end."""
+    script = tmp_path / "run.py"
+    out = tmp_path / "ddp_model"
+    script.write_text(
+        "import json, os\n"
+        "from ichscan.train.loop import TrainConfig, train\n"
+        f"cfg = TrainConfig(data={str(png_set)!r}, out={str(out)!r}, architecture='resnet18',"
+        " pretrained='none', size=32, batch_size=4, epochs=1, folds=3, workers=0,"
+        " progress=False, tensorboard=False)\n"
+        "s = train(cfg)\n"
+        f"open(os.path.join({str(tmp_path)!r}, f\"rank{{s['rank']}}.json\"), 'w')"
+        ".write(json.dumps(s['final_weights_sha256']))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sums = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert sums[0] == sums[1]
 
 
 def test_train_study_adds_a_sequence_model(tmp_path: Path) -> None:
@@ -318,3 +423,4 @@ def test_cross_validation_pools_out_of_fold_predictions(png_set: Path, tmp_path:
     # every image scored once, named as in the cache
     assert len(set(cv["image_id"].tolist())) == 18
     assert len(cv["minutes"]) == 3
+    assert cv["recipes"] == {"finetune"}

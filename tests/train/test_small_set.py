@@ -346,3 +346,30 @@ def test_onnx_export_of_a_small_set_bundle_predicts_what_torch_does(
     via_torch = Predictor(copy, "cpu").predict_scan(scan).scan_probs
     via_onnx = Predictor(copy, backend="onnx").predict_scan(scan).scan_probs
     np.testing.assert_allclose(via_onnx, via_torch, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_feature_maps_on_a_gpu_equal_the_cpus_and_come_back_to_it() -> None:
+    """The frozen networks run on the GPU; the maps land on the CPU for the fits, equal to
+    the CPU's to float16 storage and TF32 rounding (the cache is shared between the two)."""
+    from ichscan.models.small_set import LiteMaps
+    from ichscan.train.small_set import FeatureMaps
+
+    torch.manual_seed(0)
+    extractor = LiteMaps("efficientnet_lite0", pretrained="none")
+    greys = (np.random.default_rng(0).random((5, 320, 320)) * 255).astype(np.uint8)
+    cpu, _ = FeatureMaps.compute(greys, None, extractor, progress=False)
+    gpu, _ = FeatureMaps.compute(greys, None, extractor.to("cuda"), progress=False, batch=32)
+    assert gpu.fine.device.type == gpu.deep.device.type == "cpu"
+    torch.testing.assert_close(gpu.fine.float(), cpu.fine.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gpu.deep.float(), cpu.deep.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_asking_for_a_gpu_that_is_not_there_is_one_clear_error(
+    png_set: Path, tmp_path: Path
+) -> None:
+    from ichscan.train.loop import TrainingError
+
+    with pytest.raises(TrainingError, match="no CUDA device is available"):
+        train_small(png_set, tmp_path / "model", tmp_path / "features", device="cuda")

@@ -50,7 +50,7 @@ def cross_validate(
     from ichscan.evaluate.metrics import roc_auc
 
     device = pick_device(overrides.get("device", "auto"))
-    ys, ps, fold_ids, minutes, aucs, own, ids = [], [], [], [], [], [], []
+    ys, ps, fold_ids, minutes, aucs, own, ids, recipes = [], [], [], [], [], [], [], set()
     cache_dir = None
     for fold in range(folds):
         config = replace(
@@ -66,6 +66,7 @@ def cross_validate(
         start = time.monotonic()
         summary = train(config)
         minutes.append((time.monotonic() - start) / 60)
+        recipes.add(summary.get("recipe", "finetune"))
         cache_dir = cache_dir or Path(config.out) / "cache"
         cache = PreparedCache(cache_dir)
         folds_col = cache.index["fold"].to_numpy()
@@ -91,6 +92,7 @@ def cross_validate(
         "bundle_decision": np.concatenate(own),
         "minutes": minutes,
         "fold_aucs": aucs,
+        "recipes": recipes,
     }
 
 

@@ -149,6 +149,13 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
                 "the small-set recipe; prepare another with --crop brain to fine-tune",
             )
         _check_head_reader(config, recipe, data)
+        _check_crop(config, recipe, data)
+        if config.crop is not None and recipe == "finetune" and cache.crop != config.crop:
+            raise DataError(
+                data,
+                f"--crop {config.crop}: this cache was prepared with --crop {cache.crop}; "
+                "prepare it again or leave --crop out",
+            )
         return TrainingData(
             data,
             label_set,
@@ -184,6 +191,7 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
         main_rows = int((df["fold"] >= 0).sum())
         recipe = "small-set" if _auto_small_set(config, main_rows, label_set) else "finetune"
     _check_head_reader(config, recipe, data)
+    _check_crop(config, recipe, data)
     if recipe == "small-set":
         if len(label_set.labels) != 1:
             raise DataError(
@@ -195,7 +203,7 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
         # (and, beside it, to the head for --head-reader).
         windows, size, crop = ("brain",), SMALL_SET_SIZE, small_set_crop(config)
     else:
-        size, crop = config.size, "none"
+        size, crop = config.size, config.crop or "none"
     if main:
         prepare(
             df,
@@ -244,6 +252,17 @@ def _check_head_reader(config: TrainConfig, recipe: str, data: Path) -> None:
             data,
             f"--head-reader is a small-set option; this run fine-tunes ({recipe}: "
             "--recipe finetune, another --arch, or more than 1,000 slices)",
+        )
+
+
+def _check_crop(config: TrainConfig, recipe: str, data: Path) -> None:
+    """--crop chooses the fine-tuned network's input; the small-set readers cut their own."""
+    if config.crop is not None and recipe == "small-set" and config.crop != small_set_crop(config):
+        raise DataError(
+            data,
+            f"--crop {config.crop} is for fine-tuning; the small-set recipe reads the "
+            f"{small_set_crop(config)} crop (add --recipe finetune to fine-tune on the "
+            f"{config.crop} crop)",
         )
 
 

@@ -75,6 +75,16 @@ def init_from_env() -> DistContext:
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        if local >= gpus:
+            # NCCL cannot put two ranks on one GPU; say so before a cryptic NCCL error.
+            from ichscan.train.loop import TrainingError
+
+            raise TrainingError(
+                None,
+                f"torchrun started local rank {local}, but this node has {gpus} GPU(s): use "
+                f"--nproc_per_node {gpus} (or CUDA_VISIBLE_DEVICES= for CPU processes)",
+            )
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"
     else:

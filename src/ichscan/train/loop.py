@@ -42,6 +42,9 @@ from ichscan.train.dataset import SliceDataset
 
 RECIPES = ("auto", "small-set", "finetune")
 THRESHOLD_METHODS = ("auto", "youden", "calibrated")
+SELECTIONS = ("loss", "auc", "last")
+# brain+head is a small-set cut: its second plane is no window a fine-tuned network could read
+FINETUNE_CROPS = ("none", "head", "brain")
 DEFAULT_ARCHITECTURE = "efficientnet_lite0"
 
 
@@ -73,7 +76,10 @@ class TrainConfig:
     seed: int = 0
     pos_weight: bool = False
     patience: int = 6
-    select: str = "loss"  # best epoch by validation weighted log loss ("loss") or mean AUC
+    # The weights kept: the best epoch by validation weighted log loss ("loss") or mean AUC
+    # ("auc"), or the last epoch ("last": no selection and no early stopping, for runs whose
+    # validation fold is also the fold they are scored on, as in cross-validation).
+    select: str = "loss"
     # "youden", "calibrated", "sensitivity:0.95", or "auto": calibrated for the small-set
     # recipe (measured better there, README), youden for fine-tuning
     threshold: str = "auto"
@@ -88,6 +94,9 @@ class TrainConfig:
     recipe: str = "auto"  # "small-set", "finetune" or "auto" (see train.small_set)
     feature_cache: str | None = None  # small-set feature maps; None: ~/.cache/ichscan/features
     head_reader: bool = False  # small-set: a fourth reader on the head crop (--crop brain+head)
+    # finetune: the square prepare cuts from each slice (none, head, brain); the small-set
+    # recipe cuts its own (brain) and refuses another
+    crop: str | None = None
     progress: bool = True
     tensorboard: bool = True
 
@@ -97,8 +106,14 @@ class TrainConfig:
             raise TrainingError(None, f"--train must be 'head' or 'all', not {self.train_mode!r}")
         if self.schedule not in ("cosine", "onecycle", "constant"):
             raise TrainingError(None, f"unknown --schedule {self.schedule!r}")
-        if self.select not in ("loss", "auc"):
-            raise TrainingError(None, f"--select must be 'loss' or 'auc', not {self.select!r}")
+        if self.select not in SELECTIONS:
+            raise TrainingError(
+                None, f"--select must be one of {', '.join(SELECTIONS)}, not {self.select!r}"
+            )
+        if self.crop is not None and self.crop not in FINETUNE_CROPS:
+            raise TrainingError(
+                None, f"--crop must be one of {', '.join(FINETUNE_CROPS)}, not {self.crop!r}"
+            )
         if not (self.threshold in THRESHOLD_METHODS or self.threshold.startswith("sensitivity:")):
             raise TrainingError(
                 None,
@@ -419,8 +434,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             time.monotonic() - t0,
         )
         history.append(record)
-        score = val_loss if config.select == "loss" else -metrics["mean_auc"]
-        improved = score < best - 1e-6
+        score = -metrics["mean_auc"] if config.select == "auc" else val_loss
+        improved = config.select == "last" or score < best - 1e-6
         if improved:
             best, best_epoch, stale = score, epoch, 0
         else:
