@@ -6,17 +6,22 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def random_bundle(root: Path, size: int, slice_thickness_mm: float | None = None) -> Path:
-    """A ResNet18 RSNA slice model at ``size`` px with random weights, saved once at
-    ``root`` (reused when already there). ``slice_thickness_mm``: the bundle reslices thin
-    series to it, as a thin-series model does."""
+def random_bundle(
+    root: Path,
+    size: int,
+    slice_thickness_mm: float | None = None,
+    architecture: str = "resnet18",
+) -> Path:
+    """An RSNA slice model (ResNet18 unless told) at ``size`` px with random weights, saved
+    once at ``root`` (reused when already there). ``slice_thickness_mm``: the bundle
+    reslices thin series to it, as a thin-series model does."""
     from ichscan.labels import RSNA
     from ichscan.models.bundle import input_spec, new_config, save_bundle
     from ichscan.models.slice_model import SliceModel
 
     if (root / "bundle.json").exists():
         return root
-    model = SliceModel("resnet18", len(RSNA.labels), pretrained="none", dropout=0.0).eval()
+    model = SliceModel(architecture, len(RSNA.labels), pretrained="none", dropout=0.0).eval()
     spec = input_spec(
         ("brain", "subdural", "bone"),
         size,
@@ -26,7 +31,7 @@ def random_bundle(root: Path, size: int, slice_thickness_mm: float | None = None
     if slice_thickness_mm is not None:
         spec["slice_thickness_mm"] = slice_thickness_mm
     config = new_config(
-        architecture="resnet18",
+        architecture=architecture,
         weights_provenance="random initialisation (benchmark: time only)",
         label_set=RSNA,
         input_spec=spec,

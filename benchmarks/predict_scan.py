@@ -1,23 +1,26 @@
 """Benchmark: end-to-end `predict` of one thin head CT series on this CPU.
 
 Input: a 240-slice 0.625 mm 512x512 JPEG-lossless DICOM series of the synthetic phantom
-(written once, cached in the work folder). Model: a ResNet18 bundle at 256 px on the
+(written once, cached in the work folder). Model: a ResNet18 (or --arch) bundle at 256 px on the
 brain/subdural/bone windows (random weights: only the time matters), built once.
 
 Stages timed after the model is loaded, per scan:
   load     discover the series, decode 240 JPEG-lossless slices to HU (ichscan.load)
   reslice  0.625 mm -> 5 mm slabs along the slice normal (30 slabs)
   window   3 windows + resize to 256 (scan_to_model_input)
-  infer    ResNet18 on every slab (+ its mirror with TTA)
+  infer    the network on every slab (+ its mirror with TTA)
   write    CSV rows (slices and scan)
 
-Configurations: PyTorch with TTA (ichscan's default), PyTorch without, onnxruntime with TTA.
+Configurations: PyTorch with TTA (ichscan's default), PyTorch without, onnxruntime with TTA,
+and PyTorch with TTA taking each batch in one network pass (as before session 8, when the
+CPU began to run EfficientNet and DenseNet in passes of 4 images: infer shows what that
+saves; ResNet18 kept the whole batch).
 The baseline, measured in the same run, is the straightforward script: pydicom per file,
 float64 HU and windows, a mean over each 8 slices, PIL resize per channel, the same model
 one slab at a time (with the mirror), the csv module.
 
 Run:  .venv/bin/python benchmarks/predict_scan.py [--repeat 3] [--work bench_out/predict_scan]
-      [--threads N]
+      [--threads N] [--arch efficientnet_lite0]
 Target: <= 5 s per scan after model load (checked with flip TTA, the slower setting).
 """
 
@@ -45,8 +48,9 @@ def make_series(work: Path) -> Path:
     return thin_series(work / "series", N_SLICES, THIN_MM, "jpeg-lossless")
 
 
-def make_bundle(work: Path) -> Path:
-    return random_bundle(work / "model", SIZE)
+def make_bundle(work: Path, architecture: str) -> Path:
+    folder = "model" if architecture == "resnet18" else f"model-{architecture}"
+    return random_bundle(work / folder, SIZE, architecture=architecture)
 
 
 # -- the baseline -------------------------------------------------------------------------
@@ -155,13 +159,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("bench_out/predict_scan"))
     parser.add_argument("--threads", type=int, default=None, help="torch/onnxruntime threads")
+    parser.add_argument("--arch", default="resnet18", help="the bundle's backbone")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     cores = len(os.sched_getaffinity(0))
     series = make_series(args.work)
-    model_dir = make_bundle(args.work)
+    model_dir = make_bundle(args.work, args.arch)
 
     from ichscan.infer.onnx_export import export_onnx
     from ichscan.infer.predictor import Predictor
@@ -173,7 +178,13 @@ def main() -> None:
         "ichscan, PyTorch, TTA": Predictor(model_dir, "cpu", reslice_mm=THICK_MM),
         "ichscan, PyTorch, no TTA": Predictor(model_dir, "cpu", tta=False, reslice_mm=THICK_MM),
         "ichscan, onnxruntime, TTA": Predictor(model_dir, backend="onnx", reslice_mm=THICK_MM),
+        # each batch in one network pass (before session 8): what infer.predictor.cpu_pass
+        # saves for the families it splits (the same as the first row for the others)
+        "ichscan, PyTorch, TTA, whole-batch passes": Predictor(
+            model_dir, "cpu", reslice_mm=THICK_MM
+        ),
     }
+    predictors["ichscan, PyTorch, TTA, whole-batch passes"].backend.cpu_pass = 10**6
     load_s = (time.perf_counter() - load_start) / len(predictors)
     model = predictors["ichscan, PyTorch, TTA"].bundle.members[0]
 
@@ -191,7 +202,7 @@ def main() -> None:
     stages = ("load", "reslice", "window", "infer", "write", "total")
     print(
         f"\npredict one {N_SLICES}-slice {THIN_MM} mm 512x512 JPEG-lossless series -> "
-        f"{THICK_MM:g} mm, ResNet18 at {SIZE} px; {platform.processor() or platform.machine()}, "
+        f"{THICK_MM:g} mm, {args.arch} at {SIZE} px; {platform.processor() or platform.machine()}, "
         f"{cores} cores, torch threads {torch.get_num_threads()}; best of {args.repeat} "
         f"(model load {load_s:.2f} s, not included)"
     )
