@@ -261,12 +261,12 @@ def test_no_space_for_checkpoints(
         train(TrainConfig(data=str(png_set), out=str(tmp_path / "m"), **FAST))
 
 
-def test_ddp_two_cpu_processes_agree_on_weights(png_set: Path, tmp_path: Path) -> None:
-    """The same command under torchrun: 2 gloo ranks, one short epoch, identical weights."""
+def torchrun_two_ranks(png_set: Path, tmp_path: Path, env: dict[str, str]) -> list[str]:
+    """`torchrun --nproc_per_node 2` of one short epoch; each rank's final weights digest."""
     script = tmp_path / "run.py"
     out = tmp_path / "ddp_model"
     script.write_text(
-        "import json, os, sys\n"
+        "import json, os\n"
         "from ichscan.train.loop import TrainConfig, train\n"
         f"cfg = TrainConfig(data={str(png_set)!r}, out={str(out)!r}, architecture='resnet18',"
         " pretrained='none', size=32, batch_size=4, epochs=1, folds=3, workers=0,"
@@ -275,8 +275,6 @@ def test_ddp_two_cpu_processes_agree_on_weights(png_set: Path, tmp_path: Path) -
         f"open(os.path.join({str(tmp_path)!r}, f\"rank{{s['rank']}}.json\"), 'w')"
         ".write(json.dumps(s['final_weights_sha256']))\n"
     )
-    # CPU processes even on a GPU machine: two NCCL ranks cannot share one GPU.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
         [
             sys.executable,
@@ -291,12 +289,20 @@ def test_ddp_two_cpu_processes_agree_on_weights(png_set: Path, tmp_path: Path) -
         capture_output=True,
         text=True,
         timeout=600,
-        env=env,
+        env={**os.environ, **env},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sums = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert sums[0] == sums[1]
     assert (out / "bundle.json").exists()
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_ddp_two_cpu_processes_agree_on_weights(png_set: Path, tmp_path: Path) -> None:
+    """The same command under torchrun: 2 gloo ranks, one short epoch, identical weights."""
+    # CPU processes even on a GPU machine: two NCCL ranks cannot share one GPU.
+    sums = torchrun_two_ranks(
+        png_set, tmp_path, {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    )
+    assert sums[0] == sums[1]
 
 
 @pytest.mark.gpu
@@ -326,27 +332,7 @@ def test_training_on_a_gpu_uses_mixed_precision_and_predicts_on_the_cpu(
 )
 def test_ddp_two_gpus_agree_on_weights(png_set: Path, tmp_path: Path) -> None:
     """torchrun with NCCL, one rank per GPU: identical weights at the end."""
-    script = tmp_path / "run.py"
-    out = tmp_path / "ddp_model"
-    script.write_text(
-        "import json, os\n"
-        "from ichscan.train.loop import TrainConfig, train\n"
-        f"cfg = TrainConfig(data={str(png_set)!r}, out={str(out)!r}, architecture='resnet18',"
-        " pretrained='none', size=32, batch_size=4, epochs=1, folds=3, workers=0,"
-        " progress=False, tensorboard=False)\n"
-        "s = train(cfg)\n"
-        f"open(os.path.join({str(tmp_path)!r}, f\"rank{{s['rank']}}.json\"), 'w')"
-        ".write(json.dumps(s['final_weights_sha256']))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sums = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    sums = torchrun_two_ranks(png_set, tmp_path, {"CUDA_VISIBLE_DEVICES": "0,1"})
     assert sums[0] == sums[1]
 
 

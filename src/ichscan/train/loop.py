@@ -600,7 +600,7 @@ def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
         raise TrainingError(path, "--resume: no checkpoint to resume from")
     state = torch.load(path, map_location="cpu", weights_only=False)
     saved = state.get("config", {})
-    for key in ("architecture", "input_kind", "labels", "size", "fold", "folds"):
+    for key in ("architecture", "input_kind", "labels", "size", "crop", "fold", "folds"):
         if key in saved and saved[key] != _config_json(config)[key]:
             raise TrainingError(
                 path,
