@@ -176,14 +176,16 @@ def main() -> None:
 
 
 def _where(device: str | None) -> str:
-    """What the run trained on, for the figures' label."""
+    """What the run trained on, for the figures' label: the GPU (fine-tuning, or the
+    small-set recipe's frozen networks) beside the CPU (data loading; the small-set fits)."""
     import os
 
     import torch
 
+    cpu = f"{len(os.sched_getaffinity(0))}-core CPU"
     if device != "cpu" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{len(os.sched_getaffinity(0))}-core CPU"
+        return f"{torch.cuda.get_device_name(0)} + {cpu}"
+    return cpu
 
 
 if __name__ == "__main__":
