@@ -174,7 +174,9 @@ def test_more_ranks_than_gpus_is_one_clear_error(monkeypatch: pytest.MonkeyPatch
         distributed.init_from_env()
 
 
-def test_resume_with_another_architecture_is_refused(png_set: Path, tmp_path: Path) -> None:
+def test_resume_with_another_architecture_is_refused(
+    png_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "model"
     train(TrainConfig(data=str(png_set), out=str(out), **FAST))
     with pytest.raises(TrainingError, match="different architecture"):
@@ -183,6 +185,16 @@ def test_resume_with_another_architecture_is_refused(png_set: Path, tmp_path: Pa
                 data=str(png_set), out=str(out), resume=True, **{**FAST, "architecture": "alexnet"}
             )
         )
+    # refused before the data are prepared again (hours on a large set)
+    import ichscan.train.loop as loop
+
+    def prepared(*_: object, **__: object) -> None:
+        raise AssertionError("the data were prepared before the resume was checked")
+
+    monkeypatch.setattr(loop, "resolve_training_data", prepared)
+    for change in ({"size": 48}, {"crop": "brain"}):
+        with pytest.raises(TrainingError, match="different"):
+            train(TrainConfig(data=str(png_set), out=str(out), resume=True, **{**FAST, **change}))
 
 
 def test_head_only_training_keeps_the_backbone(png_set: Path, tmp_path: Path) -> None:

@@ -320,6 +320,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     out = Path(config.out)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    # A resume that cannot go on (another size, crop, architecture...) says so before the
+    # data are prepared again, which can take hours on a large set.
+    resume_state = (
+        _load_checkpoint(ckpt_dir / "last.pt", config)
+        if config.resume and (ckpt_dir / "last.pt").exists()
+        else None
+    )
     data = resolve_training_data(config, main=ctx.is_main)
     ctx.barrier()
     if data.recipe == "small-set":
@@ -375,11 +383,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         neg = (sub == 0).sum(0)
         pos_weight = torch.tensor(neg / pos, dtype=torch.float32, device=device)
 
-    ckpt_dir = out / "checkpoints"
     history: list[EpochRecord] = []
     start_epoch, best, best_epoch, stale = 0, math.inf, -1, 0
     if config.resume:
-        state = _load_checkpoint(ckpt_dir / "last.pt", config)
+        state = resume_state or _load_checkpoint(ckpt_dir / "last.pt", config)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
