@@ -316,7 +316,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         fmt=args.format,
         tta=_tta(args),
+        reslice_mm=args.reslice,
     )
+
+
+def _reslice(text: str) -> float | str | None:
+    """--reslice: 'bundle', 'none' or a thickness in mm."""
+    if text in ("bundle", "none"):
+        return None if text == "none" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a thickness in mm, 'bundle' or 'none'"
+        ) from None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -629,6 +642,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["bundle", "on", "off"],
         default="bundle",
         help="horizontal-flip test-time augmentation (default: as the bundle was validated)",
+    )
+    p.add_argument(
+        "--reslice",
+        type=_reslice,
+        default="bundle",
+        metavar="MM|bundle|none",
+        help="reslice thin series to MM-thick slabs along the slice normal first (corrects "
+        "gantry tilt), e.g. 5 for a model trained on 5 mm slices; bundle (default): the "
+        "bundle's input slice_thickness_mm when it has one, else none; none: read every "
+        "slice as it is",
     )
     p.set_defaults(func=cmd_predict)
 

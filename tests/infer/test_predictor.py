@@ -264,6 +264,33 @@ def test_thin_series_is_resliced_when_asked(trained_bundle: Path, tmp_path: Path
     assert thick.slice_ids == ["slab-000", "slab-001", "slab-002", "slab-003"]
 
 
+def test_predict_reslices_thin_series_when_told(
+    trained_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`predict --reslice 5` reads a thin series as 5 mm slabs with a bundle that records no
+    thickness; nonsense thicknesses and Kaggle rows (which must name the challenge's own
+    slices) are refused in one line."""
+    from ichscan.cli import main
+
+    phantom = make_phantom((16, 64, 64), (1.25, 3.6, 3.6), seed=2, findings=[])
+    folder = tmp_path / "thin"
+    write_ct_series(phantom.hu, folder, pixel_spacing=(3.6, 3.6), slice_spacing=1.25)
+    common = ["predict", str(folder), "--model", str(trained_bundle), "--device", "cpu"]
+    for reslice, slices in (("5", 4), ("bundle", 16), ("none", 16)):
+        out = tmp_path / f"{reslice}.json"
+        assert main([*common, "--out", str(out), "--reslice", reslice]) == 0
+        [scan] = json.loads(out.read_text())["scans"]
+        assert scan["n_slices"] == slices
+        assert scan["resliced_mm"] == (5.0 if reslice == "5" else None)
+    assert main([*common, "--out", str(tmp_path / "z.json"), "--reslice", "0"]) != 0
+    assert "--reslice must be above 0 mm" in capsys.readouterr().err
+    kaggle = [*common, "--out", str(tmp_path / "k.csv"), "--format", "kaggle", "--reslice", "5"]
+    assert main(kaggle) != 0
+    assert "--reslice with --format kaggle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "x.json"), "--reslice", "thin"])
+
+
 # -- inputs of every kind -------------------------------------------------------------
 
 

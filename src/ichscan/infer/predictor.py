@@ -285,6 +285,8 @@ class Predictor:
         if reslice_mm == _FROM_BUNDLE:
             reslice_mm = self.bundle.input.get("slice_thickness_mm")
         self.reslice_mm = float(reslice_mm) if reslice_mm is not None else None
+        if self.reslice_mm is not None and not self.reslice_mm > 0:
+            raise PredictError(None, f"--reslice must be above 0 mm, not {reslice_mm}")
         self.keep_embeddings = keep_embeddings
 
     @property
@@ -460,6 +462,7 @@ def run_predict(
     progress: bool = True,
     errors: TextIO | None = None,
     workers: int | None = None,
+    reslice_mm: float | str | None = _FROM_BUNDLE,
 ) -> int:
     """Predict every scan under ``inputs`` and write ``out`` (see writers for the formats;
     ``fmt`` None picks json for a .json name, else csv). Prints one line per bad input,
@@ -468,6 +471,8 @@ def run_predict(
     Returns 0 when everything was predicted, 1 when some inputs were bad (listed), 2 when
     nothing at all could be predicted. Raises IchscanError when the run cannot start (bad
     model folder, unknown format, Kaggle format for a non-RSNA model).
+    ``reslice_mm``: thin series are resliced to this thickness first ("bundle": the one the
+    bundle records, if any; None: never).
     """
     from ichscan.infer.writers import check_format, open_writer
     from ichscan.progress import progress_bar
@@ -478,8 +483,15 @@ def run_predict(
     if fmt == "kaggle":
         _check_kaggle(model_dir)
     # The Kaggle rows must name the challenge's own images: never replace them by slabs.
-    reslice: float | str | None = None if fmt == "kaggle" else _FROM_BUNDLE
-    predictor = Predictor(model_dir, device, batch_size, tta, backend=backend, reslice_mm=reslice)
+    if fmt == "kaggle":
+        if reslice_mm not in (_FROM_BUNDLE, None):
+            raise PredictError(
+                None, "--reslice with --format kaggle: the rows must name the challenge's slices"
+            )
+        reslice_mm = None
+    predictor = Predictor(
+        model_dir, device, batch_size, tta, backend=backend, reslice_mm=reslice_mm
+    )
     n_ok = n_bad = 0
     writer = open_writer(fmt, out, predictor)
     try:
