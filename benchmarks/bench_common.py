@@ -27,9 +27,8 @@ def random_bundle(
         size,
         mean=model.mean.flatten().tolist(),
         std=model.std.flatten().tolist(),
+        slice_thickness_mm=slice_thickness_mm,
     )
-    if slice_thickness_mm is not None:
-        spec["slice_thickness_mm"] = slice_thickness_mm
     config = new_config(
         architecture=architecture,
         weights_provenance="random initialisation (benchmark: time only)",

@@ -144,3 +144,24 @@ def test_shard_writer_is_atomic(tmp_path: Path) -> None:
     loaded = np.load(path)
     assert loaded.shape == (2, 4, 4, 3) and loaded[1].max() == 2
     assert not temp_path(path).exists()
+
+
+def _index(scans: dict[str, list[float]]) -> pd.DataFrame:
+    rows = [(scan, z) for scan, positions in scans.items() for z in positions]
+    return pd.DataFrame(rows, columns=["scan_id", "position_mm"])
+
+
+def test_slice_spacing_is_what_the_training_scans_had() -> None:
+    """Prediction reslices a thinner series to it, so it must be the real spacing: an even
+    run of slices counts, a few slices sampled from a series (their gaps are no spacing),
+    single slices and images (no position) do not."""
+    from ichscan.data.cache import slice_spacing_mm
+
+    five = [0.0, 5.0, 10.0, 15.0]
+    assert slice_spacing_mm(_index({"a": five, "b": [2.5, 7.5, 12.5]})) == 5.0
+    assert slice_spacing_mm(_index({"a": five[::-1]})) == 5.0  # any order, either direction
+    assert slice_spacing_mm(_index({"thin": [0, 1.25, 2.5, 3.75], "a": five, "b": five})) == 5.0
+    assert slice_spacing_mm(_index({"sampled": [0.0, 5.0, 25.0, 60.0]})) is None
+    assert slice_spacing_mm(_index({"one": [3.0], "two": [0.0, 5.0]})) is None
+    assert slice_spacing_mm(_index({"png": [np.nan, np.nan, np.nan]})) is None
+

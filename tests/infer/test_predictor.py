@@ -253,35 +253,41 @@ def test_study_model_gives_slice_and_scan_probabilities(
     assert pred.study_model and pred.to_dict()["scan_level"] == "study model"
 
 
-def test_thin_series_is_resliced_when_asked(trained_bundle: Path, tmp_path: Path) -> None:
+def test_thin_series_is_resliced_to_what_the_model_was_trained_on(
+    trained_bundle: Path, tmp_path: Path
+) -> None:
+    """The bundle records its training scans' 5 mm slice spacing; a 1.25 mm series is read
+    as 5 mm slabs unless told otherwise."""
+    assert load_bundle(trained_bundle).input["slice_thickness_mm"] == 5.0
     phantom = make_phantom((16, 64, 64), (1.25, 3.6, 3.6), seed=2, findings=[])
     folder = tmp_path / "thin"
     write_ct_series(phantom.hu, folder, pixel_spacing=(3.6, 3.6), slice_spacing=1.25)
-    native = Predictor(trained_bundle, device="cpu").predict_scan(load(folder))
+    native = Predictor(trained_bundle, device="cpu", reslice_mm=None).predict_scan(load(folder))
     assert native.n_slices == 16 and native.resliced_mm is None
-    thick = Predictor(trained_bundle, device="cpu", reslice_mm=5.0).predict_scan(load(folder))
+    thick = Predictor(trained_bundle, device="cpu").predict_scan(load(folder))
     assert thick.n_slices == 4 and thick.resliced_mm == 5.0
     assert thick.slice_ids == ["slab-000", "slab-001", "slab-002", "slab-003"]
+    two = Predictor(trained_bundle, device="cpu", reslice_mm=2.5).predict_scan(load(folder))
+    assert two.n_slices == 8 and two.resliced_mm == 2.5
 
 
 def test_predict_reslices_thin_series_when_told(
     trained_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`predict --reslice 5` reads a thin series as 5 mm slabs with a bundle that records no
-    thickness; nonsense thicknesses and Kaggle rows (which must name the challenge's own
-    slices) are refused in one line."""
+    """`predict --reslice MM` reads a thin series as MM slabs whatever the bundle records
+    (5 mm here), `none` slice by slice; nonsense thicknesses and Kaggle rows (which must
+    name the challenge's own slices) are refused in one line."""
     from ichscan.cli import main
 
     phantom = make_phantom((16, 64, 64), (1.25, 3.6, 3.6), seed=2, findings=[])
     folder = tmp_path / "thin"
     write_ct_series(phantom.hu, folder, pixel_spacing=(3.6, 3.6), slice_spacing=1.25)
     common = ["predict", str(folder), "--model", str(trained_bundle), "--device", "cpu"]
-    for reslice, slices in (("5", 4), ("bundle", 16), ("none", 16)):
+    for reslice, slices, mm in (("2.5", 8, 2.5), ("bundle", 4, 5.0), ("none", 16, None)):
         out = tmp_path / f"{reslice}.json"
         assert main([*common, "--out", str(out), "--reslice", reslice]) == 0
         [scan] = json.loads(out.read_text())["scans"]
-        assert scan["n_slices"] == slices
-        assert scan["resliced_mm"] == (5.0 if reslice == "5" else None)
+        assert (scan["n_slices"], scan["resliced_mm"]) == (slices, mm)
     assert main([*common, "--out", str(tmp_path / "z.json"), "--reslice", "0"]) != 0
     assert "--reslice must be above 0 mm" in capsys.readouterr().err
     kaggle = [*common, "--out", str(tmp_path / "k.csv"), "--format", "kaggle", "--reslice", "5"]

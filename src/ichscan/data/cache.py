@@ -176,6 +176,11 @@ class PreparedCache:
         """bool [N]: False for rows that could not be read (their pixels are all zero)."""
         return self.index["ok"].to_numpy(bool)
 
+    @property
+    def slice_spacing_mm(self) -> float | None:
+        """The spacing of the cached scans' slices (see :func:`slice_spacing_mm`)."""
+        return slice_spacing_mm(self.index)
+
     def labels(self) -> np.ndarray:
         """int8 [N, L] in label-set order: 1 present, 0 absent, -1 unknown."""
         return self.index[list(self.label_names)].to_numpy(np.int8)
@@ -221,3 +226,19 @@ class PreparedCache:
             f"PreparedCache({str(self.root)!r}, {len(self)} slices, "
             f"{self.size}x{self.size}x{self.channels})"
         )
+
+
+def slice_spacing_mm(index: pd.DataFrame) -> float | None:
+    """The median slice spacing of the scans in a manifest or cache index, in mm: what a
+    model trained on them read, so that prediction can reslice a thinner series to it. Only
+    scans of 3 or more slices in an even run count (smallest gap within 10% of the median):
+    a few slices sampled from a series, as the RSNA sets are, would otherwise pass their gaps
+    off as slice spacing. None when no scan counts (image sets, single slices)."""
+    known = index.loc[np.isfinite(index["position_mm"].to_numpy(float))]
+    spacings = []
+    for _, positions in known.groupby("scan_id", sort=False)["position_mm"]:
+        gaps = np.diff(np.unique(positions.to_numpy(float)))
+        gaps = gaps[gaps > 0.05]
+        if len(gaps) >= 2 and gaps.min() >= 0.9 * np.median(gaps):
+            spacings.append(float(np.median(gaps)))
+    return round(float(np.median(spacings)), 3) if spacings else None

@@ -98,15 +98,18 @@ def input_spec(
     tta: tuple[str, ...] = ("identity",),
     crop: str = "none",
     crop_version: int | None = None,
+    slice_thickness_mm: float | None = None,
 ) -> dict[str, Any]:
     """The `input` section of bundle.json: how a slice becomes the model's input. `windows`
     are Window tuples, names, or {name, center, width} dicts; `crop` a preprocess.head_crop
     mode applied at full resolution before the resize, `crop_version` the head_crop version
-    the training slices were cut with (the current one when omitted)."""
+    the training slices were cut with (the current one when omitted). `slice_thickness_mm`:
+    the slice spacing of the training scans, when they had one (prediction reslices thinner
+    series to it)."""
     if crop_version is None:
         crop_version = CROP_VERSION
     return_windows = [_window_dict(w) for w in windows]
-    return {
+    spec = {
         "kind": kind,
         "windows": return_windows,
         "mode": mode,
@@ -118,6 +121,9 @@ def input_spec(
         "normalisation": {"mean": list(map(float, mean)), "std": list(map(float, std))},
         "tta": list(tta),
     }
+    if slice_thickness_mm is not None:
+        spec["slice_thickness_mm"] = float(slice_thickness_mm)
+    return spec
 
 
 def new_config(

@@ -646,6 +646,7 @@ def _write_bundle(
         std=model.std.flatten().tolist(),
         crop=cache.crop,  # a cache prepared with --crop: predict must cut the same square
         crop_version=cache.crop_version,
+        slice_thickness_mm=cache.slice_spacing_mm,
     )
     bundle = new_config(
         architecture=config.architecture,

@@ -594,6 +594,7 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         tta=("identity", "hflip"),
         crop=cache.crop,
         crop_version=cache.crop_version,
+        slice_thickness_mm=cache.slice_spacing_mm,
     )
     bundle = new_config(
         architecture=model.architecture,
