@@ -106,11 +106,17 @@ def test_brain_and_head_crops_side_by_side() -> None:
     assert (both[..., 2] > 0).sum() > (both[..., 0] > 0).sum()  # the skull is kept
 
 
-def test_blank_slice_is_only_padded() -> None:
-    blank = np.zeros((40, 60, 3), dtype=np.uint8)
-    out = crop_slice(blank, "brain")
-    assert out.shape == (60, 60, 3)
-    assert crop_box(blank[..., 0]) == (-10, 0, 60)
+@pytest.mark.parametrize("crop", ["head", "brain", "brain+head"])
+def test_a_slice_with_no_head_crops_to_zeros(crop: str) -> None:
+    """Air with the table's arcs below the head: nothing of it is inside a head or brain,
+    so no arc reaches a network (crop version 3)."""
+    table = np.zeros((40, 60, 2), dtype=np.uint8)
+    table[30, 5:55] = 255  # a thin arc: opened away, never a head
+    assert crop_slice(table[..., :1], "none").any()
+    out = crop_slice(table, crop)
+    assert out.shape == (60, 60, 2 + extra_planes(crop))
+    assert not out.any()
+    assert crop_box(table[..., 0]) == (-10, 0, 60)
 
 
 def test_crop_box_matches_the_cut() -> None:

@@ -27,8 +27,9 @@ BRAIN_AND_HEAD = "brain+head"  # the brain crop's planes, then the head crop of 
 CROPS = ("none", "head", "brain", BRAIN_AND_HEAD)
 # Bumped whenever the masks change, so prepared caches are redone and a bundle trained on
 # another version says so. 2: tissue and bone levels follow the image (grey figure pages,
-# unsaturated skulls); bright seams between a bleed and the skull are sealed.
-CROP_VERSION = 2
+# unsaturated skulls); bright seams between a bleed and the skull are sealed. 3: a slice with
+# no head in it crops to zeros, not to the whole slice (table arcs and all).
+CROP_VERSION = 3
 
 _HEAD_MIN = 30  # grey level above which a pixel is tissue, in a brain window
 _ABOVE_BACKGROUND = 20  # tissue must be this much brighter than a grey figure background
@@ -134,8 +135,10 @@ def crop_slice(planes: np.ndarray, crop: str) -> np.ndarray:
 
     ``head``: everything outside the head zeroed, cropped to a square around it. ``brain``:
     the skull and scalp zeroed too. ``brain+head``: [s, s, C + 1], the ``brain`` planes and
-    then channel 0 as ``head`` crops it. A slice with no head in it (air, the vertex) is only
-    padded to a square, so every slice still gets an input.
+    then channel 0 as ``head`` crops it. A slice with no head in it (air, the table below
+    the head) is a padded square of zeros: nothing is inside a head or a brain there. Until
+    crop version 3 it kept the whole slice, and the table's arcs, the only thing left in it,
+    looked like a bright rim to the networks (a blank RSNA slice scored 0.998).
     """
     if crop not in CROPS:
         raise ValueError(f"crop must be one of {', '.join(CROPS)}, not {crop!r}")
@@ -148,7 +151,7 @@ def crop_slice(planes: np.ndarray, crop: str) -> np.ndarray:
         planes = np.concatenate([planes, planes[..., :1]], axis=2)
     head = head_mask(grey)
     if head is None:
-        return _cut(planes, *_pad_box(planes.shape))
+        return np.zeros_like(_cut(planes, *_pad_box(planes.shape)))
     keep = np.repeat(head[..., np.newaxis], planes.shape[2], axis=2)
     if crop != "head":
         keep[..., : planes.shape[2] - extra_planes(crop)] &= brain_mask(grey, head)[..., None]
