@@ -151,7 +151,8 @@ def crop_slice(planes: np.ndarray, crop: str) -> np.ndarray:
         planes = np.concatenate([planes, planes[..., :1]], axis=2)
     head = head_mask(grey)
     if head is None:
-        return np.zeros_like(_cut(planes, *_pad_box(planes.shape)))
+        side = _pad_box(planes.shape)[2]
+        return np.zeros((side, side, planes.shape[2]), dtype=planes.dtype)
     keep = np.repeat(head[..., np.newaxis], planes.shape[2], axis=2)
     if crop != "head":
         keep[..., : planes.shape[2] - extra_planes(crop)] &= brain_mask(grey, head)[..., None]
