@@ -94,6 +94,45 @@ def test_bleed_as_bright_as_bone_next_to_the_skull_is_kept() -> None:
     assert (brain == 255).sum() < 1.3 * bleed.sum()  # and the skull is gone
 
 
+def skull_base() -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """A drawn skull-base slice: brain at 100-140 in three compartments parted by bone (the
+    petrous ridges behind two temporal lobes, the sphenoid between them, all at 255), inside
+    a skull, and a thick jaw muscle at 130 against the skull's outside on the left. Returns
+    the slice and a point inside each part."""
+    yy, xx = np.mgrid[:256, :320]
+    radius = np.hypot((yy - 128) / 110, (xx - 180) / 95)
+    rng = np.random.default_rng(0)
+    grey = np.where(radius < 1, rng.integers(100, 140, yy.shape), 0).astype(np.uint8)
+    grey[(radius >= 0.9) & (radius < 1)] = 255  # the skull (scalp too thin to matter)
+    grey[108:118][radius[108:118] < 1] = 255  # the petrous ridges
+    grey[:118, 174:186][radius[:118, 174:186] < 1] = 255  # the sphenoid
+    grey[(np.hypot((yy - 128) / 45, (xx - 85) / 50) < 1) & (radius >= 1)] = 130
+    return grey, {
+        "posterior": (180, 180),
+        "left temporal": (70, 132),
+        "right temporal": (70, 228),
+        "muscle": (128, 60),
+    }
+
+
+def test_every_brain_compartment_of_the_skull_base_is_kept() -> None:
+    """Below the skull base the brain lies in compartments parted by bone; each must stay
+    in the brain crop (a temporal-lobe bleed is a common finding), and soft tissue outside
+    the skull must not (crop version 4: until then only the largest part was kept, and 10
+    of the 100 RSNA slices lost their temporal or frontal lobes)."""
+    grey, parts = skull_base()
+    brain = crop_slice(grey[..., None], "brain")[..., 0]
+    top, left, _ = crop_box(grey)
+    kept = {name: bool(brain[r - top, c - left]) for name, (r, c) in parts.items()}
+    assert kept == {
+        "posterior": True,
+        "left temporal": True,
+        "right temporal": True,
+        "muscle": False,
+    }
+    assert (brain == 255).sum() < 0.02 * (brain > 0).sum()  # the bone between them is gone
+
+
 def test_brain_and_head_crops_side_by_side() -> None:
     """``brain+head`` is the brain crop's planes and then the head crop of the brain window,
     pixel for pixel, in one square (what the small-set ensemble's readers take)."""
@@ -189,3 +228,40 @@ def test_real_head_ct_quirks(name: str, what: str) -> None:
         assert (out[brain] >= 225).mean() < 0.04
     else:  # a saturated parietal bleed joined to the skull by a bright seam
         assert (out >= 240).sum() > 2500
+
+
+def test_a_thin_band_between_two_bright_lines_is_not_brain() -> None:
+    """Some head_ct figures draw a bright line around the head: the scalp between it and the
+    skull is enclosed by bright pixels but thin, and stays out of the brain crop."""
+    yy, xx = np.mgrid[:256, :256]
+    radius = np.hypot((yy - 128) / 110, (xx - 128) / 95)
+    grey = np.where(radius < 1, 120, 0).astype(np.uint8)
+    grey[(radius >= 0.88) & (radius < 0.93)] = 255  # the skull
+    grey[(radius >= 0.985) & (radius < 1)] = 255  # the drawn line; scalp between at 120
+    brain = crop_slice(grey[..., None], "brain")[..., 0]
+    top, left, _ = crop_box(grey)
+    assert brain[128 - top, 128 - left] == 120  # the brain is kept
+    scalp = (radius >= 0.94) & (radius < 0.975)
+    rows, cols = np.nonzero(scalp)
+    assert not brain[rows - top, cols - left].any()
+
+
+SKULL_BASE_SLICES = ["ID_d407e1eaf", "ID_198af7f49", "ID_4114ab2b0"]
+
+
+@pytest.mark.skipif(not (SHARED / "rsna_png").exists(), reason="../shared/data/rsna_png absent")
+@pytest.mark.parametrize("name", SKULL_BASE_SLICES)
+def test_real_rsna_skull_base_keeps_its_lobes(name: str) -> None:
+    """Real RSNA slices through the skull base: the brain crop holds the posterior fossa and
+    both temporal lobes, where crop version 3 kept only the largest part (on
+    ID_d407e1eaf the bleed is in a temporal lobe it dropped)."""
+    from scipy import ndimage as ndi
+
+    from ichscan.io.image import read_grey
+
+    grey = read_grey(SHARED / "rsna_png" / "images" / f"{name}.png")
+    brain = crop_slice(grey[..., None], "brain")[..., 0] > 0
+    labels, n = ndi.label(brain)
+    sizes = ndi.sum_labels(brain, labels, np.arange(1, n + 1))
+    assert (sizes >= 0.05 * sizes.max()).sum() >= 2
+    assert sizes.sum() > 1.3 * sizes.max()  # the other parts are no crumbs

@@ -28,8 +28,9 @@ CROPS = ("none", "head", "brain", BRAIN_AND_HEAD)
 # Bumped whenever the masks change, so prepared caches are redone and a bundle trained on
 # another version says so. 2: tissue and bone levels follow the image (grey figure pages,
 # unsaturated skulls); bright seams between a bleed and the skull are sealed. 3: a slice with
-# no head in it crops to zeros, not to the whole slice (table arcs and all).
-CROP_VERSION = 3
+# no head in it crops to zeros, not to the whole slice (table arcs and all). 4: every
+# compartment of the brain that bone encloses is kept, not only the largest (skull base).
+CROP_VERSION = 4
 
 _HEAD_MIN = 30  # grey level above which a pixel is tissue, in a brain window
 _ABOVE_BACKGROUND = 20  # tissue must be this much brighter than a grey figure background
@@ -39,6 +40,10 @@ _BONE_FLOOR = 200  # never lower: acute blood (60-80 HU) lies at 190-255 in a br
 _ERODE = 3  # px the soft-tissue mask is eroded by, to part the brain from the scalp
 _SEAL = 0.01  # the brain mask's closing radius beyond the erosion, as a share of the extent
 _MARGIN = 0.04  # each side of the square box, as a share of the head's extent
+_COMPARTMENT = 0.05  # smallest brain compartment kept, as a share of the largest soft part
+_DEPTH = 0.04  # and its least depth (eroded), as a share of the head's extent: no thin rims
+_RAYS = 16  # directions in which bone must enclose a compartment
+_OPEN_RAYS = 1  # rays allowed to leave the head without meeting bone (foramina, thin bone)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray | None:
@@ -74,18 +79,64 @@ def head_mask(grey: np.ndarray) -> np.ndarray | None:
     return ndi.binary_dilation(ndi.binary_fill_holes(head), iterations=2)
 
 
+def _enclosed_by_bone(centre: np.ndarray, bone: np.ndarray, head: np.ndarray) -> bool:
+    """Whether rays from a point meet bone before they leave the head in all but _OPEN_RAYS
+    of _RAYS directions: the skull around a part of the brain, which an eye (fat, then the
+    lid), a scalp muscle or the nasopharynx (air, then the face) does not have."""
+    angles = np.linspace(0, 2 * np.pi, _RAYS, endpoint=False)
+    steps = np.arange(1, sum(bone.shape))
+    rows = np.rint(centre[0] + np.outer(np.sin(angles), steps)).astype(int)
+    cols = np.rint(centre[1] + np.outer(np.cos(angles), steps)).astype(int)
+    inside = (rows >= 0) & (rows < bone.shape[0]) & (cols >= 0) & (cols < bone.shape[1])
+    rows, cols = rows.clip(0, bone.shape[0] - 1), cols.clip(0, bone.shape[1] - 1)
+    in_head = inside & head[rows, cols]
+    # where each ray first leaves the head; bone met before that point encloses it
+    leaves = np.where(in_head.all(axis=1), steps.size, np.argmin(in_head, axis=1))
+    met = bone[rows, cols] & inside & (np.arange(steps.size) < leaves[:, None])
+    return int((~met.any(axis=1)).sum()) <= _OPEN_RAYS
+
+
+def _brain_compartments(
+    soft: np.ndarray, bone: np.ndarray, head: np.ndarray, extent: int
+) -> np.ndarray | None:
+    """The parts of the eroded soft-tissue mask that are brain. Above the skull base the
+    brain is one piece; below it the temporal lobes, the frontal lobes and the posterior
+    fossa lie in compartments parted by bone, beside the eyes, jaw muscles and nasopharynx,
+    which are soft tissue too. Every sizeable, thick part enclosed by bone is kept; the
+    largest part alone when none is (a skull opened by surgery, the face below the brain)."""
+    labels, n = ndi.label(soft)
+    if n == 0:
+        return None
+    sizes = ndi.sum_labels(soft, labels, index=np.arange(1, n + 1))
+    sizeable = np.flatnonzero(sizes >= _COMPARTMENT * sizes.max())
+    if sizeable.size == 1:  # above the skull base: one piece, nothing to decide
+        return labels == 1 + sizeable[0]
+    boxes, keep = ndi.find_objects(labels), []
+    for i in sizeable:
+        box = boxes[i]
+        # the part's deepest point, not its centroid: a ring of scalp is centred on the brain
+        depth = ndi.distance_transform_edt(np.pad(labels[box] == i + 1, 1))[1:-1, 1:-1]
+        if depth.max() < _DEPTH * extent:
+            continue
+        deepest = np.unravel_index(np.argmax(depth), depth.shape)
+        if _enclosed_by_bone(np.add(deepest, [box[0].start, box[1].start]), bone, head):
+            keep.append(i + 1)
+    return np.isin(labels, keep or [1 + int(np.argmax(sizes))])
+
+
 def brain_mask(grey: np.ndarray, head: np.ndarray) -> np.ndarray:
     """The inside of the skull: non-bone tissue within the head, eroded apart from the scalp,
-    largest component, holes filled (which puts back saturated blood inside the brain)."""
-    bone = bone_level(grey, head)
-    soft = ndi.binary_erosion(head & (grey < bone) & (grey > 5), iterations=_ERODE)
-    brain = _largest_component(soft)
+    the compartments bone encloses (`_brain_compartments`), holes filled (which puts back
+    saturated blood inside the brain)."""
+    level = bone_level(grey, head)
+    soft = ndi.binary_erosion(head & (grey < level) & (grey > 5), iterations=_ERODE)
+    rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
+    extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+    brain = _brain_compartments(soft, head & (grey >= level), head, extent)
     if brain is None:
         return head
     # A bleed as bright as bone that touches the skull through a thin bright seam is no hole:
     # the closing seals seams (widened by the erosion) so the fill puts the bleed back.
-    rows, cols = np.flatnonzero(head.any(axis=1)), np.flatnonzero(head.any(axis=0))
-    extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
     seal = _ERODE + round(_SEAL * extent)
     yy, xx = np.mgrid[-seal : seal + 1, -seal : seal + 1]
     disk = yy**2 + xx**2 <= seal**2  # round: iterated crosses leave short seams open
@@ -134,7 +185,8 @@ def crop_slice(planes: np.ndarray, crop: str) -> np.ndarray:
     """uint8 [H, W, C] (channel 0 a brain window) → uint8 [s, s, C], square.
 
     ``head``: everything outside the head zeroed, cropped to a square around it. ``brain``:
-    the skull and scalp zeroed too. ``brain+head``: [s, s, C + 1], the ``brain`` planes and
+    the skull, scalp and face zeroed too (at the skull base every lobe's compartment is
+    kept, crop version 4). ``brain+head``: [s, s, C + 1], the ``brain`` planes and
     then channel 0 as ``head`` crops it. A slice with no head in it (air, the table below
     the head) is a padded square of zeros: nothing is inside a head or a brain there. Until
     crop version 3 it kept the whole slice, and the table's arcs, the only thing left in it,
