@@ -30,3 +30,17 @@ def test_a_bleed_raises_brightness_and_asymmetry() -> None:
     # fraction >= 170 (index 4), largest blob share (index 16), mean |left - right| (26)
     for k in (4, 16, 26):
         assert bleed[k] > normal[k]
+
+
+def test_a_bleed_in_a_smaller_compartment_is_seen() -> None:
+    """At the skull base the brain crop keeps several parts (crop version 4); the features
+    must look at all of them, not only the largest, or a temporal-lobe bleed is missed."""
+    yy, xx = np.mgrid[:320, :320]
+    grey = np.zeros((320, 320), np.uint8)
+    grey[(yy - 200) ** 2 + (xx - 160) ** 2 < 90**2] = 100  # posterior fossa
+    lobe = (yy - 60) ** 2 + (xx - 70) ** 2 < 45**2  # a temporal lobe, a fifth of its size
+    grey[lobe] = 100
+    normal = density_features(grey)
+    grey[(yy - 60) ** 2 + (xx - 70) ** 2 < 15**2] = 200  # blood in the lobe
+    bleed = density_features(grey)
+    assert bleed[4] > normal[4]  # the share of the brain at >= 170

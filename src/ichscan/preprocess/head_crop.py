@@ -213,9 +213,12 @@ def crop_slice(planes: np.ndarray, crop: str) -> np.ndarray:
 
 
 def brain_region(grey: np.ndarray) -> np.ndarray:
-    """The brain of a ``brain``-cropped slice (its non-zero region, holes filled): where the
-    density features look. Empty for a blank slice."""
-    region = _largest_component(grey > 0)
-    if region is None:
+    """The brain of a ``brain``-cropped slice (its non-zero parts, holes filled): where the
+    density features look. At the skull base that is every lobe's compartment the crop kept,
+    not crumbs. Empty for a blank slice."""
+    labels, n = ndi.label(grey > 0)
+    if n == 0:
         return np.zeros(grey.shape, dtype=bool)
-    return ndi.binary_fill_holes(region)
+    sizes = ndi.sum_labels(grey > 0, labels, index=np.arange(1, n + 1))
+    parts = 1 + np.flatnonzero(sizes >= _COMPARTMENT * sizes.max())
+    return ndi.binary_fill_holes(np.isin(labels, parts))
