@@ -24,10 +24,12 @@ chromium:
 
 test: $(VENV)/.installed chromium
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -n 2 -q
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/preprocess.py

@@ -164,4 +164,3 @@ def test_slice_spacing_is_what_the_training_scans_had() -> None:
     assert slice_spacing_mm(_index({"sampled": [0.0, 5.0, 25.0, 60.0]})) is None
     assert slice_spacing_mm(_index({"one": [3.0], "two": [0.0, 5.0]})) is None
     assert slice_spacing_mm(_index({"png": [np.nan, np.nan, np.nan]})) is None
-

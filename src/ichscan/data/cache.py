@@ -152,9 +152,7 @@ class PreparedCache:
         # Caches from before the head crop existed hold uncropped slices.
         self.crop = str(self.facts.get("crop", "none"))
         # Caches cut before crop versions were recorded hold version 1 crops.
-        self.crop_version = (
-            int(self.facts.get("crop_version", 1)) if self.crop != "none" else None
-        )
+        self.crop_version = int(self.facts.get("crop_version", 1)) if self.crop != "none" else None
         self._shard = self.index["shard"].to_numpy(np.int64)
         self._offset = self.index["offset"].to_numpy(np.int64)
         self._maps: dict[int, np.ndarray] = {}

@@ -82,9 +82,7 @@ class InputSpec:
                 version,
                 CROP_VERSION,
             )
-        return cls(
-            kind, windows, str(spec.get("mode", "linear")), int(spec["size"]), source, crop
-        )
+        return cls(kind, windows, str(spec.get("mode", "linear")), int(spec["size"]), source, crop)
 
     @property
     def read_windows(self) -> tuple[Window, ...]:
