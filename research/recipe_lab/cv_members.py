@@ -8,12 +8,14 @@ extra training data, folds in the cache index).
 
     .venv/bin/python research/recipe_lab/cv_members.py CACHE OUT.npz [--fold-seed S]
         [--net-size N] [--backbones lite0,lite1,lite2] [--views 8] [--no-inner] [--windows]
-        [--crop head] [--train-views 16] [--use-views 4]
+        [--crop head] [--train-views 16] [--use-views 4] [--heads 3]
 
 --crop head re-reads every slice from its source file with the head crop (skull and scalp
 kept) instead of the cache's brain crop, same rows and folds. --train-views N caches and
 trains on N views per slice instead of 8 (the first 8 are the shipped ones); --use-views N
 trains on the first N of the cached 8 (identity, mirror, N - 2 augmented).
+
+--heads N averages N MIL heads from different seeds per network (session 9).
 
 --fold-seed 0 reuses the cache's folds (those of the benchmark); other seeds re-split the
 main set's slices 5-fold stratified, so a change can be checked on fresh splits.
@@ -122,6 +124,7 @@ def main() -> None:
     parser.add_argument("--crop", default="brain", choices=["brain", "head"])
     parser.add_argument("--train-views", type=int, default=ss.N_VIEWS)
     parser.add_argument("--use-views", type=int, default=0)
+    parser.add_argument("--heads", type=int, default=ss.MIL_HEADS)
     args = parser.parse_args()
     backbones = [f"efficientnet_{b}" for b in args.backbones.split(",")]
     if args.net_size:
@@ -143,6 +146,7 @@ def main() -> None:
     if args.use_views:  # the maps keep all views; the fits read the first N
         ss.N_VIEWS = args.use_views
         data.pooled = [p[: args.use_views] for p in data.pooled]
+    settings = ss.MILSettings(heads=args.heads)
     result: dict[str, np.ndarray] = {"y": data.y, "folds": folds, "source": data.source}
     for fold in sorted(set(folds[folds >= 0])):
         t0 = time.monotonic()
@@ -152,8 +156,8 @@ def main() -> None:
             main_rows = tr[data.source[tr] == 0]
             inner = np.zeros((2, 0, 2 * len(backbones) + 1))
         else:
-            main_rows, inner = ss.inner_oof(data, tr, args.seed)
-        final = ss.fit_members(data, tr, args.seed)
+            main_rows, inner = ss.inner_oof(data, tr, args.seed, settings=settings)
+        final = ss.fit_members(data, tr, args.seed, settings)
         result[f"val_rows_{fold}"] = va
         result[f"val_logits_{fold}"] = ss.members_logits(final, data, va, range(args.views))
         result[f"inner_rows_{fold}"] = main_rows
