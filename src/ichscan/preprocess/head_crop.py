@@ -54,6 +54,15 @@ def _largest_component(mask: np.ndarray) -> np.ndarray | None:
     return labels == (1 + int(np.argmax(sizes)))
 
 
+def _sizeable_parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(component labels of mask, the labels of its parts at least _COMPARTMENT the size of
+    the largest, largest first); no labels when mask is empty."""
+    labels, n = ndi.label(mask)
+    sizes = ndi.sum_labels(mask, labels, index=np.arange(1, n + 1))
+    order = np.argsort(-sizes, kind="stable")
+    return labels, 1 + order[sizes[order] >= _COMPARTMENT * sizes.max(initial=0)]
+
+
 def tissue_level(grey: np.ndarray) -> float:
     """Grey level above which a pixel is tissue. Figures cut from papers (the Kaggle head_ct
     set) often sit on a grey background of 35-60 rather than black: the background, the
@@ -104,24 +113,20 @@ def _brain_compartments(
     fossa lie in compartments parted by bone, beside the eyes, jaw muscles and nasopharynx,
     which are soft tissue too. Every sizeable, thick part enclosed by bone is kept; the
     largest part alone when none is (a skull opened by surgery, the face below the brain)."""
-    labels, n = ndi.label(soft)
-    if n == 0:
-        return None
-    sizes = ndi.sum_labels(soft, labels, index=np.arange(1, n + 1))
-    sizeable = np.flatnonzero(sizes >= _COMPARTMENT * sizes.max())
-    if sizeable.size == 1:  # above the skull base: one piece, nothing to decide
-        return labels == 1 + sizeable[0]
+    labels, sizeable = _sizeable_parts(soft)
+    if sizeable.size <= 1:  # above the skull base: one piece, nothing to decide
+        return labels == sizeable[0] if sizeable.size else None
     boxes, keep = ndi.find_objects(labels), []
-    for i in sizeable:
-        box = boxes[i]
+    for part in sizeable:
+        box = boxes[part - 1]
         # the part's deepest point, not its centroid: a ring of scalp is centred on the brain
-        depth = ndi.distance_transform_edt(np.pad(labels[box] == i + 1, 1))[1:-1, 1:-1]
+        depth = ndi.distance_transform_edt(np.pad(labels[box] == part, 1))[1:-1, 1:-1]
         if depth.max() < _DEPTH * extent:
             continue
         deepest = np.unravel_index(np.argmax(depth), depth.shape)
         if _enclosed_by_bone(np.add(deepest, [box[0].start, box[1].start]), bone, head):
-            keep.append(i + 1)
-    return np.isin(labels, keep or [1 + int(np.argmax(sizes))])
+            keep.append(part)
+    return np.isin(labels, keep or sizeable[:1])
 
 
 def brain_mask(grey: np.ndarray, head: np.ndarray) -> np.ndarray:
@@ -216,9 +221,5 @@ def brain_region(grey: np.ndarray) -> np.ndarray:
     """The brain of a ``brain``-cropped slice (its non-zero parts, holes filled): where the
     density features look. At the skull base that is every lobe's compartment the crop kept,
     not crumbs. Empty for a blank slice."""
-    labels, n = ndi.label(grey > 0)
-    if n == 0:
-        return np.zeros(grey.shape, dtype=bool)
-    sizes = ndi.sum_labels(grey > 0, labels, index=np.arange(1, n + 1))
-    parts = 1 + np.flatnonzero(sizes >= _COMPARTMENT * sizes.max())
+    labels, parts = _sizeable_parts(grey > 0)
     return ndi.binary_fill_holes(np.isin(labels, parts))
