@@ -38,7 +38,7 @@ def test_a_bleed_in_a_smaller_compartment_is_seen() -> None:
     yy, xx = np.mgrid[:320, :320]
     grey = np.zeros((320, 320), np.uint8)
     grey[(yy - 200) ** 2 + (xx - 160) ** 2 < 90**2] = 100  # posterior fossa
-    lobe = (yy - 60) ** 2 + (xx - 70) ** 2 < 45**2  # a temporal lobe, a fifth of its size
+    lobe = (yy - 60) ** 2 + (xx - 70) ** 2 < 45**2  # a temporal lobe, a quarter of its size
     grey[lobe] = 100
     normal = density_features(grey)
     grey[(yy - 60) ** 2 + (xx - 70) ** 2 < 15**2] = 200  # blood in the lobe
