@@ -46,14 +46,6 @@ _RAYS = 16  # directions in which bone must enclose a compartment
 _OPEN_RAYS = 1  # rays allowed to leave the head without meeting bone (foramina, thin bone)
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray | None:
-    labels, n = ndi.label(mask)
-    if n == 0:
-        return None
-    sizes = ndi.sum_labels(mask, labels, index=np.arange(1, n + 1))
-    return labels == (1 + int(np.argmax(sizes)))
-
-
 def _sizeable_parts(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(component labels of mask, the labels of its parts at least _COMPARTMENT the size of
     the largest, largest first); no labels when mask is empty."""
@@ -82,10 +74,10 @@ def head_mask(grey: np.ndarray) -> np.ndarray | None:
     """The head in a brain-window slice: the largest tissue component with its holes filled
     (None when the slice shows no tissue). The opening detaches table arcs and letters."""
     tissue = ndi.binary_opening(grey > tissue_level(grey), iterations=2)
-    head = _largest_component(tissue)
-    if head is None:
+    labels, parts = _sizeable_parts(tissue)
+    if not parts.size:
         return None
-    return ndi.binary_dilation(ndi.binary_fill_holes(head), iterations=2)
+    return ndi.binary_dilation(ndi.binary_fill_holes(labels == parts[0]), iterations=2)
 
 
 def _enclosed_by_bone(centre: np.ndarray, bone: np.ndarray, head: np.ndarray) -> bool:
