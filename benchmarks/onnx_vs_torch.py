@@ -13,8 +13,9 @@ onnxruntime slices/s over torch eager slices/s. Target: >= 1.5x at batch 32.
 
 --bundle MODEL_DIR times a trained bundle instead (a small-set bundle too: its density
 features are computed in NumPy by both paths, inside the timing), exported to the work
-folder, and --cache CACHE feeds it real prepared slices (the first --slices rows, the grey
-repeated into the bundle's channels) instead of random ones; the largest difference
+folder, and --cache CACHE feeds it real prepared slices (the first --slices rows, made into
+the bundle's channels as the predictor makes them: the grey repeated, or brain, head, brain
+for a bundle with the head reader) instead of random ones; the largest difference
 between the two backends' probabilities is printed with the times.
 
 Run:  .venv/bin/python benchmarks/onnx_vs_torch.py [--arch resnet18] [--size 256]

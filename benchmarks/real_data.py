@@ -16,7 +16,7 @@ The sets are small (150 and 100 images): the figures carry wide intervals and sa
 rsna_png is trained with --labels binary (hemorrhage = `any`); head_ct is binary already.
 
 Run:  .venv/bin/python benchmarks/real_data.py [--datasets head_ct rsna_png] [--folds 5]
-      [--with-other] [--seed S] [--head-reader] [--data-root DIR]
+      [--with-other] [--seed S] [--[no-]head-reader] [--data-root DIR]
 Other recipes (a GPU fine-tune, say): --recipe finetune --device cuda --crop brain
       --epochs 30 --select last. Fine-tuning chooses its threshold on its validation fold,
       which cross-validation also scores: its "own threshold" accuracy is optimistic, and
@@ -70,7 +70,9 @@ def main() -> None:
         "--with-other", action="store_true", help="also train on all images of the other dataset"
     )
     parser.add_argument(
-        "--head-reader", action="store_true", help="train with ichscan train --head-reader"
+        "--head-reader",
+        action=argparse.BooleanOptionalAction,
+        help="train with ichscan train --head-reader / --no-head-reader (default: neither)",
     )
     parser.add_argument("--out", default="bench_out/real_data")
     parser.add_argument("--data-root", default=str(SHARED), help="folder holding the sets")

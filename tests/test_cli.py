@@ -273,6 +273,18 @@ def test_train_unknown_architecture_is_one_line(tmp_path: Path) -> None:
     assert "unknown architecture 'resnet17'" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "head_reader"), [([], None), (["--head-reader"], True), (["--no-head-reader"], False)]
+)
+def test_train_head_reader_flags(flag: list[str], head_reader: bool | None) -> None:
+    """No flag leaves the choice to the data (the head reader when it can be cut); each flag
+    reaches the training configuration as asked."""
+    from ichscan.cli import build_parser
+
+    args = build_parser().parse_args(["train", "DATA", "--out", "MODEL", *flag])
+    assert args.head_reader is head_reader
+
+
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny model trained through the CLI on a synthetic DICOM cohort (seconds)."""

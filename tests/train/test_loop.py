@@ -87,7 +87,8 @@ def test_bundle_from_a_cropped_cache_crops_at_predict_time(png_set: Path, tmp_pa
 
 def test_each_recipe_refuses_the_other_ones_crop(png_set: Path, tmp_path: Path) -> None:
     """A brain-only cache lacks the head plane --head-reader reads; a brain+head cache holds
-    a plane a fine-tuned network would take for a window. Both are refused up front."""
+    a plane that --no-head-reader would leave unread and a fine-tuned network would take for
+    a window. Each is refused up front."""
     from ichscan.cli import main
     from ichscan.train.data import DataError
 
@@ -97,6 +98,15 @@ def test_each_recipe_refuses_the_other_ones_crop(png_set: Path, tmp_path: Path) 
     head_reader = {"recipe": "small-set", "head_reader": True}
     with pytest.raises(DataError, match="--head-reader needs a cache prepared with --crop brain"):
         train(TrainConfig(data=str(tmp_path / "brain"), out=str(tmp_path / "a"), **head_reader))
+    no_head_reader = {"recipe": "small-set", "head_reader": False}
+    with pytest.raises(
+        DataError, match="--no-head-reader needs a cache prepared with --crop brain at"
+    ):
+        train(
+            TrainConfig(
+                data=str(tmp_path / "brain+head"), out=str(tmp_path / "d"), **no_head_reader
+            )
+        )
     with pytest.raises(DataError, match="prepare another with --crop brain to fine-tune"):
         train(
             TrainConfig(

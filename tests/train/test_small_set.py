@@ -46,17 +46,19 @@ def train_small(data: Path, out: Path, features: Path, **options: object) -> dic
 
 @pytest.fixture(scope="module")
 def trained(png_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """The three brain readers alone (--no-head-reader)."""
     root = tmp_path_factory.mktemp("small-model")
-    summary = train_small(png_set, root / "model", root / "features")
+    summary = train_small(png_set, root / "model", root / "features", head_reader=False)
     return root / "model", root / "features", summary
 
 
 @pytest.fixture(scope="module")
 def trained_head(trained, png_set: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The same set with --head-reader, sharing the default model's feature cache."""
+    """The same set with the default options (the head reader too), sharing the brain-only
+    model's feature cache."""
     _, features, _ = trained
     root = tmp_path_factory.mktemp("small-model-head")
-    summary = train_small(png_set, root / "model", features, head_reader=True)
+    summary = train_small(png_set, root / "model", features)
     return root / "model", features, summary
 
 
@@ -89,8 +91,8 @@ def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
 
 
 def test_head_reader_adds_lite0_on_the_head_crop(trained_head) -> None:
-    """--head-reader cuts the head crop beside the brain crop and trains a fourth reader on
-    it; the brain readers' maps come from the cache the default model filled."""
+    """By default the head crop is cut beside the brain crop and a fourth reader trains on
+    it; the brain readers' maps come from the cache the brain-only model filled."""
     model, features, _ = trained_head
     config = json.loads((model / "bundle.json").read_text())
     assert config["input"]["crop"] == "brain+head"

@@ -2,16 +2,17 @@
 brain-window slices (see ichscan.train.small_set for the training and the reasons).
 
 Its members read one brain-cropped slice (uint8, 320 px, the brain only, skull and scalp
-zeroed); with ``--head-reader``, the same square cropped to the whole head beside it (channel
-1, ``brain+head`` in ichscan.preprocess.head_crop):
+zeroed) and, beside it, the same square cropped to the whole head (channel 1, ``brain+head``
+in ichscan.preprocess.head_crop; left out with ``--no-head-reader``):
 
 - **readers**, each a frozen ImageNet network on one of the crops: EfficientNet-Lite0, Lite1
-  and Lite2 on the brain, and optionally Lite0 again on the head. Each gives feature maps at
+  and Lite2 on the brain, and Lite0 again on the head. Each gives feature maps at
   two scales, at 256 px (the last stride-16 block: 112 or 120 ch at 16×16; the last 8×8 block
   before the last one, with the conv head: 1472 or 1488 ch at 8×8). Several readers, because
   their errors differ: together they rank the real slices better than any one alone. The head
   crop alone is the weakest of them, but it sees what the brain crop cut away with the skull
-  (on the real sets it raised the RSNA AUC and cost head_ct accuracy: README);
+  (a bleed against the inner table, as bright as bone in a brain window): on the real sets
+  it raised the RSNA AUC on every split measured (README);
 - per reader, a **MIL head**: per-scale 1×1 convolutions to a 16×16 map of hemorrhage
   logits, pooled by log-sum-exp (a bleed is a small region: the pooling lets a few locations
   decide), with one learned bias per training source (each dataset has its own base rate
@@ -104,8 +105,9 @@ class Reader:
 # What a new model uses. Bundles record theirs: older ones (Lite0 alone, Lite0 + Lite1) still
 # load.
 READERS = (Reader("efficientnet_lite0"), Reader("efficientnet_lite1"), Reader("efficientnet_lite2"))
-# --head-reader: not the default. Over two benchmark splits it raised the RSNA AUC (+0.005,
-# +0.009) and lowered head_ct accuracy (146 -> 143, 145 -> 143 of 150): research SESSION7.md.
+# The default since session 10: with crop version 4 it raised the RSNA AUC on all six splits
+# measured and kept head_ct's ranking (research/recipe_lab/SESSION10.md). --no-head-reader
+# leaves it out (a cache prepared with --crop brain trains without it).
 HEAD_READER = Reader("efficientnet_lite0", "head")
 BACKBONES = tuple(dict.fromkeys(r.backbone for r in READERS))  # each network once
 

@@ -127,13 +127,13 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
             )
         windows = cache.index.loc[cache.index["kind"] == "image", "window"]
         source_window = str(windows.iloc[0]) if len(windows) and windows.iloc[0] else None
-        want = small_set_crop(config)
-        fits = cache.crop in (want, HEAD_READER_CROP) and cache.size == SMALL_SET_SIZE
+        crops = small_set_cache_crops(config)
+        fits = cache.crop in crops and cache.size == SMALL_SET_SIZE
         if config.recipe == "small-set" and not fits:
             raise DataError(
                 data,
-                f"--recipe small-set{' --head-reader' if config.head_reader else ''} needs a "
-                f"cache prepared with --crop {want} at {SMALL_SET_SIZE} px; this one has "
+                f"--recipe small-set{_head_reader_flag(config)} needs a cache prepared with "
+                f"--crop {' or '.join(crops)} at {SMALL_SET_SIZE} px; this one has "
                 f"crop={cache.crop!r} at {cache.size} px",
             )
         recipe = (
@@ -200,7 +200,7 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
                 "(add --labels binary for hemorrhage yes/no)",
             )
         # The ensemble reads the brain window only, cropped at full resolution to the brain
-        # (and, beside it, to the head for --head-reader).
+        # and, beside it, to the head (unless --no-head-reader).
         windows, size, crop = ("brain",), SMALL_SET_SIZE, small_set_crop(config)
     else:
         size, crop = config.size, config.crop or "none"
@@ -236,14 +236,29 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
 
 
 SMALL_SET_SIZE = 320  # ichscan.models.small_set.CROP_SIZE, without importing torch here
-# The small-set cache with the head crop beside the brain crop: what --head-reader reads. A
-# cache cut so also trains the head reader without the flag: it was prepared for it.
+# The small-set cache with the head crop beside the brain crop: what the head reader reads.
 HEAD_READER_CROP = BRAIN_AND_HEAD
 
 
 def small_set_crop(config: TrainConfig) -> str:
-    """The crop prepare cuts for the small-set recipe (ichscan.models.small_set readers)."""
-    return HEAD_READER_CROP if config.head_reader else "brain"
+    """The crop prepare cuts for the small-set recipe (ichscan.models.small_set readers):
+    the brain and the head beside it, unless --no-head-reader (or --crop brain)."""
+    if config.head_reader is None and config.crop in (HEAD_READER_CROP, "brain"):
+        return config.crop
+    return "brain" if config.head_reader is False else HEAD_READER_CROP
+
+
+def small_set_cache_crops(config: TrainConfig) -> tuple[str, ...]:
+    """The crops of a prepared cache the small-set recipe trains on. By default either: a
+    cache cut with the head plane trains the head reader too, a brain-only one (prepared
+    for the three brain readers) trains without it."""
+    if config.head_reader is None:
+        return (HEAD_READER_CROP, "brain")
+    return (small_set_crop(config),)
+
+
+def _head_reader_flag(config: TrainConfig) -> str:
+    return {None: "", True: " --head-reader", False: " --no-head-reader"}[config.head_reader]
 
 
 def _check_head_reader(config: TrainConfig, recipe: str, data: Path) -> None:
@@ -257,7 +272,11 @@ def _check_head_reader(config: TrainConfig, recipe: str, data: Path) -> None:
 
 def _check_crop(config: TrainConfig, recipe: str, data: Path) -> None:
     """--crop chooses the fine-tuned network's input; the small-set readers cut their own."""
-    if config.crop is not None and recipe == "small-set" and config.crop != small_set_crop(config):
+    if (
+        config.crop is not None
+        and recipe == "small-set"
+        and config.crop not in small_set_cache_crops(config)
+    ):
         raise DataError(
             data,
             f"--crop {config.crop} is for fine-tuning; the small-set recipe reads the "
@@ -266,9 +285,8 @@ def _check_crop(config: TrainConfig, recipe: str, data: Path) -> None:
         )
 
 
-# The small-set fits hold ~6 MB of float16 feature maps per slice in memory (6 GB at 1,000;
-# 8 MB and 8 GB with --head-reader,
-# ichscan.train.small_set.map_bytes_per_slice);
+# The small-set fits hold ~8 MB of float16 feature maps per slice in memory (8 GB at 1,000;
+# 6 MB and 6 GB with --no-head-reader, ichscan.train.small_set.map_bytes_per_slice);
 # above that, fine-tuning is affordable and streams from the cache instead.
 SMALL_SET_MAX_SLICES = 1000
 

@@ -93,7 +93,10 @@ class TrainConfig:
     extra_train: tuple[str, ...] = ()  # datasets added to training only (never validated)
     recipe: str = "auto"  # "small-set", "finetune" or "auto" (see train.small_set)
     feature_cache: str | None = None  # small-set feature maps; None: ~/.cache/ichscan/features
-    head_reader: bool = False  # small-set: a fourth reader on the head crop (--crop brain+head)
+    # small-set: a fourth reader on the head crop (--crop brain+head). None (the default):
+    # with it when the data allows (a dataset folder, or a cache cut with its head plane);
+    # True requires it, False leaves it out.
+    head_reader: bool | None = None
     # finetune: the square prepare cuts from each slice (none, head, brain); the small-set
     # recipe cuts its own (brain) and refuses another
     crop: str | None = None

@@ -8,12 +8,12 @@ did better on the real head_ct and RSNA slices than every frozen-feature alterna
 
 Steps (ichscan.models.small_set describes the model):
 
-1. Every slice is windowed (brain), cropped to the head with the skull zeroed (and, with
-   ``--head-reader``, beside it with the skull kept) at full resolution and resized to 320 px
-   once, by `prepare` (the crop is recorded in the bundle: predict does the same).
+1. Every slice is windowed (brain), cropped to the head with the skull zeroed and, beside
+   it, with the skull kept (not with ``--no-head-reader``), at full resolution, and resized
+   to 320 px once, by `prepare` (the crop is recorded in the bundle: predict does the same).
 2. Eight views per slice and crop (identity, mirror, six random flips/rotations/scalings/
    shifts and gamma/contrast/brightness changes) go through the frozen readers: Lite0, Lite1
-   and Lite2 on the brain crop (and Lite0 on the head crop). The maps are cached under
+   and Lite2 on the brain crop, and Lite0 on the head crop. The maps are cached under
    ``--feature-cache`` (default ~/.cache/ichscan/features), keyed by the network, the crop and
    the slice's pixels: the backbones never see labels, so cross-validation folds and later
    runs reuse them.
