@@ -21,13 +21,15 @@ from __future__ import annotations
 import sys
 
 import numpy as np
+from scipy.special import expit
 
 from ichscan.evaluate.metrics import roc_auc
+from ichscan.models.small_set import member_weights
 
 
 def _probability(z: np.ndarray) -> np.ndarray:
     """[V, N] logits → [N]: sigmoid, mean over views (identity and mirror)."""
-    return (0.5 * (1.0 + np.tanh(0.5 * z))).mean(axis=0)
+    return expit(z).mean(axis=0)
 
 
 def rules(brain: np.lib.npyio.NpzFile, head: np.lib.npyio.NpzFile) -> tuple[np.ndarray, dict]:
@@ -37,9 +39,9 @@ def rules(brain: np.lib.npyio.NpzFile, head: np.lib.npyio.NpzFile) -> tuple[np.n
         rows = brain[f"val_rows_{f}"]
         assert np.array_equal(rows, head[f"val_rows_{f}"]), "runs on different folds"
         a, b = brain[f"val_logits_{f}"], head[f"val_logits_{f}"]
-        mil, regression, forest = a[..., 0:3].sum(-1), a[..., 3:6].sum(-1), a[..., 6]
-        z3 = mil * 0.5 / 3 + regression * 0.25 / 3 + forest * 0.25
-        z4 = (mil + b[..., 0]) * 0.5 / 4 + (regression + b[..., 1]) * 0.25 / 4 + forest * 0.25
+        # embed's order for four readers: the MIL heads, then the regressions, then the forest
+        four = np.concatenate([a[..., 0:3], b[..., :1], a[..., 3:6], b[..., 1:2], a[..., 6:]], -1)
+        z3, z4 = a @ np.asarray(member_weights(3)), four @ np.asarray(member_weights(4))
         out["3"].append(_probability(z3))
         out["4"].append(_probability(z4))
         out["raise"].append(_probability(np.maximum(z3, z4)))

@@ -240,21 +240,20 @@ SMALL_SET_SIZE = 320  # ichscan.models.small_set.CROP_SIZE, without importing to
 HEAD_READER_CROP = BRAIN_AND_HEAD
 
 
+def small_set_cache_crops(config: TrainConfig) -> tuple[str, ...]:
+    """The crops of a prepared cache the small-set recipe trains on, the one it cuts first.
+    By default either: a cache cut with the head plane trains the head reader too, a
+    brain-only one (prepared for the three brain readers) trains without it."""
+    return {None: (HEAD_READER_CROP, "brain"), True: (HEAD_READER_CROP,), False: ("brain",)}[
+        config.head_reader
+    ]
+
+
 def small_set_crop(config: TrainConfig) -> str:
     """The crop prepare cuts for the small-set recipe (ichscan.models.small_set readers):
     the brain and the head beside it, unless --no-head-reader (or --crop brain)."""
-    if config.head_reader is None and config.crop in (HEAD_READER_CROP, "brain"):
-        return config.crop
-    return "brain" if config.head_reader is False else HEAD_READER_CROP
-
-
-def small_set_cache_crops(config: TrainConfig) -> tuple[str, ...]:
-    """The crops of a prepared cache the small-set recipe trains on. By default either: a
-    cache cut with the head plane trains the head reader too, a brain-only one (prepared
-    for the three brain readers) trains without it."""
-    if config.head_reader is None:
-        return (HEAD_READER_CROP, "brain")
-    return (small_set_crop(config),)
+    crops = small_set_cache_crops(config)
+    return config.crop if config.crop in crops else crops[0]
 
 
 def _head_reader_flag(config: TrainConfig) -> str:
