@@ -600,10 +600,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--head-reader",
         action=argparse.BooleanOptionalAction,
-        help="small-set: Lite0 reading the head crop (skull kept) as a fourth reader, beside "
-        "the three on the brain crop. Default: with it, unless a prepared cache was cut with "
-        "--crop brain (no head plane); --head-reader requires it, --no-head-reader leaves it "
-        "out (README: measured on the real sets)",
+        help="small-set: Lite0 reading the head crop (skull kept) as a fifth reader, beside "
+        "the three on the brain crop and Lite0 on its centre zoom. Default: with it, unless "
+        "a prepared cache was cut with --crop brain (no head plane); --head-reader requires "
+        "it, --no-head-reader leaves it out (README: measured on the real sets)",
     )
     p.set_defaults(func=cmd_train)
 

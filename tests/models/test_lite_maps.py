@@ -34,13 +34,13 @@ def test_resize_matrix_is_the_antialiased_resize() -> None:
 
 @pytest.mark.gpu
 def test_the_ensemble_on_a_gpu_scores_as_on_the_cpu() -> None:
-    """Both readers, the density features (NumPy, moved to the input's device) and the
-    forest run on CUDA and give the CPU's logits; cuDNN's TF32 convolutions round a little
-    differently, hence the tolerance."""
+    """Readers on all three planes, the density features and the centre zoom (NumPy, moved
+    to the input's device) and the forest run on CUDA and give the CPU's logits; cuDNN's
+    TF32 convolutions round a little differently, hence the tolerance."""
     from ichscan.models.small_set import Reader, SmallSetModel
 
     torch.manual_seed(0)
-    readers = [Reader("efficientnet_lite0"), Reader("efficientnet_lite0", "head")]
+    readers = [Reader("efficientnet_lite0", crop) for crop in ("brain", "head", "centre")]
     model = SmallSetModel(2, 0, (4, 3), pretrained="none", readers=readers).eval()
     x = torch.randint(0, 255, (CPU_CHUNK + 2, 3, 320, 320), dtype=torch.uint8)
     with torch.no_grad():

@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from ichscan.data.phantom import make_phantom
-from ichscan.preprocess.head_crop import crop_box, crop_slice, extra_planes
+from ichscan.preprocess.head_crop import (
+    CENTRE_SHARE,
+    centre_zoom,
+    crop_box,
+    crop_slice,
+    extra_planes,
+)
 from ichscan.preprocess.window import apply_window
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -265,3 +272,44 @@ def test_real_rsna_skull_base_keeps_its_lobes(name: str) -> None:
     sizes = ndi.sum_labels(brain, labels, np.arange(1, n + 1))
     assert (sizes >= 0.05 * sizes.max()).sum() >= 2
     assert sizes.sum() > 1.3 * sizes.max()  # the other parts are no crumbs
+
+
+def brain_cropped(seed: int = 0) -> np.ndarray:
+    out = crop_slice(brain_slice(seed=seed)[..., None], "brain")[..., 0]
+    return np.asarray(Image.fromarray(out).resize((320, 320), Image.Resampling.BILINEAR))
+
+
+def test_centre_zoom_magnifies_the_middle_of_the_brain() -> None:
+    grey = brain_cropped()
+    zoom = centre_zoom(grey)
+    assert zoom.shape == grey.shape and zoom.dtype == np.uint8
+    # A marked pixel block at the brain's centre grows by 1 / CENTRE_SHARE in each direction.
+    brain = grey > 0
+    rows, cols = np.flatnonzero(brain.any(1)), np.flatnonzero(brain.any(0))
+    cy, cx = (rows[0] + rows[-1] + 1) // 2, (cols[0] + cols[-1] + 1) // 2
+    marked = grey.copy()
+    marked[cy - 4 : cy + 4, cx - 4 : cx + 4] = 255
+    bright = centre_zoom(marked) == 255
+    side = np.sqrt(bright.sum())
+    extent = max(rows[-1] + 1 - rows[0], cols[-1] + 1 - cols[0])
+    expected = 8 * grey.shape[0] / (CENTRE_SHARE * extent)
+    assert abs(side - expected) <= 3, (side, expected)
+    # ...and stays in the middle of the zoom.
+    r, c = np.nonzero(bright)
+    assert abs(r.mean() - 160) < 3 and abs(c.mean() - 160) < 3
+
+
+def test_centre_zoom_of_a_blank_slice_is_blank() -> None:
+    assert not centre_zoom(np.zeros((320, 320), np.uint8)).any()
+
+
+@given(seed=st.integers(0, 50))
+@settings(max_examples=10, deadline=None)
+def test_centre_zoom_commutes_with_the_mirror(seed: int) -> None:
+    """Flip TTA mirrors the input and the model zooms it: that must be the mirror of the zoom
+    the centre reader was trained on (up to one grey level of PIL's rounding)."""
+    grey = brain_cropped(seed)
+    a = centre_zoom(np.ascontiguousarray(grey[:, ::-1]))[:, ::-1].astype(int)
+    b = centre_zoom(grey).astype(int)
+    assert np.abs(a - b).max() <= 1
+    assert (a != b).mean() < 0.01

@@ -46,7 +46,8 @@ def train_small(data: Path, out: Path, features: Path, **options: object) -> dic
 
 @pytest.fixture(scope="module")
 def trained(png_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    """The three brain readers alone (--no-head-reader)."""
+    """The brain readers alone (--no-head-reader): three networks on the brain crop, Lite0 on
+    its centre zoom."""
     root = tmp_path_factory.mktemp("small-model")
     summary = train_small(png_set, root / "model", root / "features", head_reader=False)
     return root / "model", root / "features", summary
@@ -80,19 +81,24 @@ def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
     assert config["input"]["tta"] == ["identity", "hflip"]
     assert 0 < config["thresholds"]["hemorrhage"] < 1
     assert config["threshold_method"] == "calibrated on 4-fold inner CV of the training slices"
-    # 16 slices through each of the three backbones, each cached under its own key
+    # 16 slices through each of the three backbones and Lite0 again on the centre zoom, each
+    # cached under its own key
     lites = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
     assert config["small_set"]["backbones"] == lites
-    assert config["small_set"]["readers"] == [{"backbone": b, "crop": "brain"} for b in lites]
-    assert config["architecture"] == "+".join(lites)
-    assert len(config["small_set"]["member_weights"]) == 7
-    assert config["training"]["feature_maps_computed"] == 48
+    assert config["small_set"]["readers"] == [
+        *({"backbone": b, "crop": "brain"} for b in lites),
+        {"backbone": "efficientnet_lite0", "crop": "centre"},
+    ]
+    assert config["small_set"]["centre_share"] == 0.6
+    assert config["architecture"] == "+".join(lites) + "+efficientnet_lite0@centre"
+    assert len(config["small_set"]["member_weights"]) == 9
+    assert config["training"]["feature_maps_computed"] == 64
     assert summary["metrics"]["validation_slices"] == 4
 
 
 def test_head_reader_adds_lite0_on_the_head_crop(trained_head) -> None:
-    """By default the head crop is cut beside the brain crop and a fourth reader trains on
-    it; the brain readers' maps come from the cache the brain-only model filled."""
+    """By default the head crop is cut beside the brain crop and a fifth reader trains on
+    it; the brain and centre readers' maps come from the cache the brain-only model filled."""
     model, features, _ = trained_head
     config = json.loads((model / "bundle.json").read_text())
     assert config["input"]["crop"] == "brain+head"
@@ -101,14 +107,17 @@ def test_head_reader_adds_lite0_on_the_head_crop(trained_head) -> None:
     assert config["small_set"]["readers"] == [
         *({"backbone": b, "crop": "brain"} for b in lites),
         {"backbone": "efficientnet_lite0", "crop": "head"},
+        {"backbone": "efficientnet_lite0", "crop": "centre"},
     ]
-    assert config["architecture"] == "+".join(lites) + "+efficientnet_lite0@head"
-    assert len(config["small_set"]["member_weights"]) == 9
+    assert config["architecture"] == "+".join(lites) + (
+        "+efficientnet_lite0@head+efficientnet_lite0@centre"
+    )
+    assert len(config["small_set"]["member_weights"]) == 11
     assert config["training"]["feature_maps_computed"] == 16
-    assert len(list(features.rglob("*.npz"))) == 64
+    assert len(list(features.rglob("*.npz"))) == 80
 
 
-@pytest.mark.parametrize(("fixture", "readers"), [("trained", 3), ("trained_head", 4)])
+@pytest.mark.parametrize(("fixture", "readers"), [("trained", 4), ("trained_head", 5)])
 def test_a_second_fold_reuses_the_cached_feature_maps(
     fixture: str, readers: int, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -269,26 +278,35 @@ def test_a_bundle_from_before_readers_still_predicts(
 
 
 def test_each_reader_takes_its_own_crop(trained_head) -> None:
-    """Channel 0 (the brain crop) feeds the three brain readers and the density forest,
-    channel 1 (the head crop) the head reader alone: a change to one plane moves only the
-    members that read it."""
+    """Channel 0 (the brain crop) feeds the three brain readers, the centre reader (through
+    its zoom) and the density forest, channel 1 (the head crop) the head reader alone: a
+    change to one plane moves only the members that read it. The centre reader reads the
+    middle of the brain only: a change at the brain's edge leaves it alone."""
     from ichscan.models.bundle import load_bundle
 
     model, _, _ = trained_head
     ensemble = load_bundle(model).members[0]
-    assert [r.crop for r in ensemble.readers] == ["brain", "brain", "brain", "head"]
-    planes = torch.randint(0, 255, (2, 2, 320, 320), dtype=torch.uint8)
+    assert [r.crop for r in ensemble.readers] == ["brain", "brain", "brain", "head", "centre"]
+    planes = torch.randint(1, 255, (2, 2, 320, 320), dtype=torch.uint8)
     x = torch.cat([planes, planes[:, :1]], dim=1)  # what the predictor builds: brain, head, brain
-    other_head, other_brain = x.clone(), x.clone()
+    other_head, other_brain, other_edge = x.clone(), x.clone(), x.clone()
     other_head[:, 1] = torch.randint(0, 255, (2, 320, 320), dtype=torch.uint8)
     other_brain[:, [0, 2]] //= 2  # darker: the density features move too
-    head_members = [3, 7]  # its MIL head and its regression, in embed's order
+    other_edge[:, 0, :40] = 200  # outside the centre zoom's square, inside the brain's box
+    head_members, centre_members = [3, 8], [4, 9]  # MIL head and regression, embed's order
     with torch.no_grad():
-        base, moved_head, moved_brain = (ensemble.embed(v) for v in (x, other_head, other_brain))
-    changed_by_head = ~torch.isclose(base, moved_head, atol=1e-6).all(0)
-    changed_by_brain = ~torch.isclose(base, moved_brain, atol=1e-6).all(0)
-    assert torch.nonzero(changed_by_head).flatten().tolist() == head_members
-    assert sorted(set(range(9)) - set(head_members)) == [i for i in range(9) if changed_by_brain[i]]
+        base, moved_head, moved_brain, moved_edge = (
+            ensemble.embed(v) for v in (x, other_head, other_brain, other_edge)
+        )
+
+    def changed(moved: torch.Tensor) -> list[int]:
+        return torch.nonzero(~torch.isclose(base, moved, atol=1e-6).all(0)).flatten().tolist()
+
+    assert changed(moved_head) == head_members
+    assert changed(moved_brain) == sorted(set(range(11)) - set(head_members))
+    edge = changed(moved_edge)
+    assert not set(edge) & set(centre_members + head_members)
+    assert {0, 1, 2, 5, 6, 7} <= set(edge)
 
 
 def test_small_set_refuses_a_weights_file(png_set: Path, tmp_path: Path) -> None:
@@ -308,13 +326,13 @@ def test_small_set_refuses_a_weights_file(png_set: Path, tmp_path: Path) -> None
         )
 
 
-@pytest.mark.parametrize(("fixture", "members"), [("trained", 7), ("trained_head", 9)])
+@pytest.mark.parametrize(("fixture", "members"), [("trained", 9), ("trained_head", 11)])
 def test_onnx_export_of_a_small_set_bundle_predicts_what_torch_does(
     fixture: str, members: int, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """The default recipe's bundle exports: onnxruntime, fed the density features by
-    OnnxPredictor, gives the PyTorch probabilities on real-shaped slices, at a batch size
-    the export never saw, and through the ordinary predictor."""
+    """The default recipe's bundle exports: onnxruntime, fed the density features and the
+    centre zoom by OnnxPredictor, gives the PyTorch probabilities on real-shaped slices, at
+    a batch size the export never saw, and through the ordinary predictor."""
     import shutil
 
     import onnx
@@ -329,8 +347,11 @@ def test_onnx_export_of_a_small_set_bundle_predicts_what_torch_does(
     copy = tmp_path / "model"
     shutil.copytree(model, copy, ignore=shutil.ignore_patterns("cache", "*.onnx"))
     path = export_onnx(copy)
-    graph = onnx.load(str(path)).graph
-    assert [i.name for i in graph.input] == ["image", "density"]
+    exported = onnx.load(str(path))
+    graph = exported.graph
+    assert [i.name for i in graph.input] == ["image", "density", "centre"]
+    # The zoom OnnxPredictor cuts is the one the centre reader was trained on.
+    assert {p.key: p.value for p in exported.metadata_props}["ichscan_centre_share"] == "0.6"
     assert not any(n.op_type in ("Loop", "If") for n in graph.node)
 
     cache = PreparedCache(model / "cache")

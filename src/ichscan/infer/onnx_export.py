@@ -13,7 +13,10 @@ Files (``export_onnx(MODEL_DIR, OUT)``, by default ``MODEL_DIR/model.onnx``):
                          model reads.
     A small-set bundle's graph has a second input, ``density`` float32 ``[batch, 29]``:
     the density features of each image's grey (channel 0), which are NumPy/SciPy code
-    (:func:`ichscan.models.density.batch_density`); `OnnxPredictor` computes them. Inside
+    (:func:`ichscan.models.density.batch_density`), and, when it has a centre reader (the
+    default since session 11), a third, ``centre`` uint8 ``[batch, 1, size, size]``: the
+    centre zoom of channel 0 (:func:`ichscan.models.small_set.centre_planes`, PIL);
+    `OnnxPredictor` computes both. Inside
     the graph the backbones' antialiased resize is a pair of fixed matrices and the forest
     walks a fixed number of levels, so the graph has no data-dependent control flow.
 ``OUT`` with ``.study.onnx`` for ``.onnx`` (when the bundle has a study model).
@@ -44,13 +47,15 @@ from torch import nn
 from ichscan.errors import IchscanError
 from ichscan.models.bundle import Bundle, BundleError, load_bundle, read_config
 from ichscan.models.density import batch_density
-from ichscan.models.small_set import ResizeMatrix, SmallSetModel
+from ichscan.models.small_set import ResizeMatrix, SmallSetModel, centre_planes
+from ichscan.preprocess.head_crop import CENTRE_SHARE
 
 __all__ = ["OnnxPredictor", "export_onnx", "study_onnx_path", "weights_sha256"]
 
 OPSET = 18
 DEFAULT_NAME = "model.onnx"
 META_WEIGHTS = "ichscan_weights_sha256"
+META_CENTRE_SHARE = "ichscan_centre_share"
 # Largest |torch - onnxruntime| tolerated on the export check before the file is refused,
 # relative to the value where it exceeds 1: an embedding may hold logits in the hundreds
 # (a small-set regression on a near-constant feature), where float32 rounding alone
@@ -77,7 +82,8 @@ class _SliceEnsemble(nn.Module):
 
 
 class _SmallSetSlices(nn.Module):
-    """The small-set ensemble with its density features as an input (see module notes)."""
+    """The small-set ensemble with its density features, and its centre zoom when it reads
+    one, as inputs (see module notes)."""
 
     def __init__(self, model: SmallSetModel, size: int) -> None:
         super().__init__()
@@ -86,16 +92,19 @@ class _SmallSetSlices(nn.Module):
         self.steps = model.forest.depth()
 
     def forward(
-        self, image: torch.Tensor, density: torch.Tensor
+        self, image: torch.Tensor, density: torch.Tensor, centre: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.model.embed_with(self.model.grey(image), density, self.resize, self.steps)
+        embedding = self.model.embed_with(image, density, self.resize, self.steps, centre)
         return torch.sigmoid(self.model.head(embedding)), embedding
 
 
-def _graph_inputs(image: torch.Tensor, small_set: bool) -> tuple[torch.Tensor, ...]:
-    if not small_set:
+def _graph_inputs(image: torch.Tensor, small_set: SmallSetModel | None) -> tuple[torch.Tensor, ...]:
+    """The graph's inputs for ``image``: the image alone, or for a small-set model the image
+    and what it computes in NumPy (``side_inputs``: density, and the centre zoom if read)."""
+    if small_set is None:
         return (image,)
-    return image, torch.from_numpy(batch_density(image[:, 0].numpy()))
+    density, centre = small_set.side_inputs(image)
+    return (image, density) if centre is None else (image, density, centre)
 
 
 class _StudyProbs(nn.Module):
@@ -227,6 +236,9 @@ def export_onnx(model_dir: str | Path, out_path: str | Path | None = None) -> Pa
     model_dir = Path(model_dir)
     bundle: Bundle = load_bundle(model_dir, "cpu")
     small_set = bundle.config.get("recipe") == "small-set"
+    small_set_model = bundle.members[0] if small_set else None
+    assert small_set_model is None or isinstance(small_set_model, SmallSetModel)
+    centre = small_set_model is not None and small_set_model.needs_centre
     out = Path(out_path) if out_path is not None else model_dir / DEFAULT_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     size = int(bundle.input["size"])
@@ -236,28 +248,31 @@ def export_onnx(model_dir: str | Path, out_path: str | Path | None = None) -> Pa
         "ichscan_input": json.dumps(bundle.input),
         "ichscan_note": "uint8 image [batch, 3, size, size] in"
         + (", with its float32 density features [batch, 29]" if small_set else "")
+        + (" and uint8 centre zoom [batch, 1, size, size]" if centre else "")
         + ", probabilities out; research software, not a medical device",
     }
+    if centre:  # what OnnxPredictor zooms by: the share the centre reader was trained on
+        meta[META_CENTRE_SHARE] = str(small_set_model.centre_share)
     # Batch 2 in the example: a size-1 axis would be specialised away by torch.export.
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=generator)
-    if small_set:
-        (member,) = bundle.members
-        slice_model: nn.Module = _SmallSetSlices(member, size).eval()  # type: ignore[arg-type]
-        inputs = ["image", "density"]
+    if small_set_model is not None:
+        slice_model: nn.Module = _SmallSetSlices(small_set_model, size).eval()
+        inputs = ["image", "density", *(["centre"] if centre else [])]
     else:
         slice_model = _SliceEnsemble(bundle.members).eval()
         inputs = ["image"]
     names = (inputs, ["probs", "embedding"])
     dynamic = {name: {0: "batch"} for name in [*inputs, "probs", "embedding"]}
-    args = _graph_inputs(image, small_set)
+    args = _graph_inputs(image, small_set_model)
     _torch_export(slice_model, args, out, names, dynamic)
     _verify(out, slice_model, args, names[0])
     _add_metadata(out, meta)
     if bundle.study is not None:
         study = _StudyProbs(bundle.study).eval()
         with torch.inference_mode():
-            _, emb = slice_model(*_graph_inputs(torch.cat([image, image.flip(3)]), small_set))
+            both = torch.cat([image, image.flip(3)])
+            _, emb = slice_model(*_graph_inputs(both, small_set_model))
         emb = emb.reshape(2, 2, -1).clone()
         mask = torch.ones(2, 2, dtype=torch.bool)
         study_path = study_onnx_path(out)
@@ -291,8 +306,14 @@ class OnnxPredictor:
         if not self.path.is_file():
             raise BundleError(self.path, "ONNX model not found; run `ichscan export MODEL_DIR`")
         self.session = _session(self.path, threads)
-        # A small-set graph takes the density features beside the image (module notes).
-        self.needs_density = "density" in {i.name for i in self.session.get_inputs()}
+        # A small-set graph takes the density features, and maybe the centre zoom, beside
+        # the image (module notes).
+        inputs = {i.name for i in self.session.get_inputs()}
+        self.needs_density = "density" in inputs
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.centre_share = (
+            float(meta.get(META_CENTRE_SHARE, CENTRE_SHARE)) if "centre" in inputs else None
+        )
         self.study_session = _session(Path(study_path), threads) if study_path else None
         self.batch_size = batch_size
         self.tta = tta
@@ -339,6 +360,8 @@ class OnnxPredictor:
             feed = {"image": views}
             if self.needs_density:
                 feed["density"] = batch_density(views[:, 0])
+            if self.centre_share is not None:
+                feed["centre"] = centre_planes(views[:, 0], self.centre_share)
             p, emb = self.session.run(None, feed)
             probs.append(p.reshape(-1, n, p.shape[-1]).mean(0))
             embs.append(emb[:n])

@@ -52,16 +52,23 @@ def _asymmetry(g: np.ndarray, inner: np.ndarray) -> list[float]:
     return [float(np.abs(d).mean()), float((d > 40).mean()), float((d > 60).mean())]
 
 
+def inner_brain(grey: np.ndarray) -> np.ndarray | None:
+    """Where the features look: the brain eroded by 8 px, clear of the skull's partial-volume
+    rim, which is as bright as blood (the whole brain when that leaves too little); None
+    when there is not enough brain (the vertex, a blank image)."""
+    brain = brain_region(grey)
+    inner = ndi.binary_erosion(brain, iterations=8)
+    if inner.sum() < 500:
+        inner = brain
+    return inner if inner.sum() >= 50 else None
+
+
 def density_features(grey: np.ndarray) -> np.ndarray:
     """uint8 [H, W] brain-cropped brain-window slice → float32 [29]. A slice without enough
     brain (the vertex, a blank image) gives zeros."""
     g = np.asarray(grey, dtype=np.float32)
-    brain = brain_region(grey)
-    # Stay clear of the skull's partial-volume rim, which is as bright as blood.
-    inner = ndi.binary_erosion(brain, iterations=8)
-    if inner.sum() < 500:
-        inner = brain
-    if inner.sum() < 50:
+    inner = inner_brain(grey)
+    if inner is None:
         return np.zeros(N_FEATURES, dtype=np.float32)
     v = g[inner]
     med = float(np.median(v))

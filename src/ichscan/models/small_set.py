@@ -2,17 +2,21 @@
 brain-window slices (see ichscan.train.small_set for the training and the reasons).
 
 Its members read one brain-cropped slice (uint8, 320 px, the brain only, skull and scalp
-zeroed) and, beside it, the same square cropped to the whole head (channel 1, ``brain+head``
-in ichscan.preprocess.head_crop; left out with ``--no-head-reader``):
+zeroed), beside it the same square cropped to the whole head (channel 1, ``brain+head``
+in ichscan.preprocess.head_crop; left out with ``--no-head-reader``), and the middle of the
+brain crop magnified, which the model derives from channel 0 itself (``centre_zoom``, in
+NumPy beside the density features):
 
 - **readers**, each a frozen ImageNet network on one of the crops: EfficientNet-Lite0, Lite1
-  and Lite2 on the brain, and Lite0 again on the head. Each gives feature maps at
-  two scales, at 256 px (the last stride-16 block: 112 or 120 ch at 16×16; the last 8×8 block
-  before the last one, with the conv head: 1472 or 1488 ch at 8×8). Several readers, because
-  their errors differ: together they rank the real slices better than any one alone. The head
-  crop alone is the weakest of them, but it sees what the brain crop cut away with the skull
-  (a bleed against the inner table, as bright as bone in a brain window): on the real sets
-  it raised the RSNA AUC on every split measured (README);
+  and Lite2 on the brain, Lite0 again on the head and on the centre zoom. Each gives
+  feature maps at two scales, at 256 px (the last stride-16 block: 112 or 120 ch at 16×16;
+  the last 8×8 block before the last one, with the conv head: 1472 or 1488 ch at 8×8).
+  Several readers, because their errors differ: together they rank the real slices better
+  than any one alone. The head crop alone is the weakest of them, but it sees what the brain
+  crop cut away with the skull (a bleed against the inner table, as bright as bone in a
+  brain window): on the real sets it raised the RSNA AUC on every split measured (README).
+  The centre zoom shows a small deep bleed (basal ganglia, thalamus) over (1/0.6)² times
+  more cells of the maps than the brain crop, where the brain fills about half the square;
 - per reader, a **MIL head**: per-scale 1×1 convolutions to a 16×16 map of hemorrhage
   logits, pooled by log-sum-exp (a bleed is a small region: the pooling lets a few locations
   decide), with one learned bias per training source (each dataset has its own base rate
@@ -23,8 +27,8 @@ in ichscan.preprocess.head_crop; left out with ``--no-head-reader``):
 
 ``embed`` returns the members' logits per slice (the MIL heads, then the regressions, then
 the forest) and ``head`` is their fixed weighted sum, so the ensemble plugs into the same
-predictor as a fine-tuned network (flip TTA included). ``hemorrhage_map`` is the MIL heads'
-mean logit map: where the model thinks the bleed is.
+predictor as a fine-tuned network (flip TTA included). ``hemorrhage_map`` is the mean logit
+map of the MIL heads that see the whole square: where the model thinks the bleed is.
 
 Bundles from before readers had crops list backbones only, all on the brain, and still load
 and predict as they did.
@@ -44,7 +48,7 @@ from torch import nn
 from ichscan.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from ichscan.models.density import N_FEATURES, batch_density
 from ichscan.models.forest import ForestModule
-from ichscan.preprocess.head_crop import BRAIN_AND_HEAD
+from ichscan.preprocess.head_crop import BRAIN_AND_HEAD, CENTRE_SHARE, centre_zoom
 
 RECIPE = "small-set"
 CROP_SIZE = 320  # the cached, cropped slice
@@ -83,10 +87,11 @@ MAP_SOURCES = {
         MapSource("efficientnet_lite2", 14, 19, 120, 208 + HEAD_CHANNELS),
     )
 }
-# The planes of a small-set input (uint8 [N, 3, H, W]: the brain in every channel, or from a
-# ``brain+head`` crop brain, head, brain again, see ichscan.infer.inputs) that each crop's
-# readers take.
-CROP_PLANES = {"brain": 0, "head": 1}
+# The planes each crop's readers take: the input's first two (uint8 [N, 3, H, W]: the brain in
+# every channel, or from a ``brain+head`` crop brain, head, brain again, see
+# ichscan.infer.inputs), then the centre zoom, which the model derives from the brain plane
+# (ichscan.preprocess.head_crop.centre_zoom) when one of its readers takes it.
+CROP_PLANES = {"brain": 0, "head": 1, "centre": 2}
 
 
 @dataclass(frozen=True)
@@ -109,12 +114,16 @@ READERS = (Reader("efficientnet_lite0"), Reader("efficientnet_lite1"), Reader("e
 # measured and kept head_ct's ranking (research/recipe_lab/SESSION10.md). --no-head-reader
 # leaves it out (a cache prepared with --crop brain trains without it).
 HEAD_READER = Reader("efficientnet_lite0", "head")
+# The default since session 11: Lite0 on the middle of the brain magnified, where small deep
+# bleeds are a few cells of the brain crop's maps (research/recipe_lab/SESSION11.md).
+CENTRE_READER = Reader("efficientnet_lite0", "centre")
 BACKBONES = tuple(dict.fromkeys(r.backbone for r in READERS))  # each network once
 
 
 def readers_for(crop: str) -> tuple[Reader, ...]:
-    """The readers trained on a cache cut with ``crop`` (``brain+head``: the head one too)."""
-    return (*READERS, HEAD_READER) if crop == BRAIN_AND_HEAD else READERS
+    """The readers trained on a cache cut with ``crop``: the brain networks, the head one
+    for a ``brain+head`` cache, then the centre one."""
+    return (*READERS, *((HEAD_READER,) if crop == BRAIN_AND_HEAD else ()), CENTRE_READER)
 
 
 # Logit weights of the MIL heads, the pooled regressions and the forest: each kind's share
@@ -326,11 +335,14 @@ class SmallSetModel(nn.Module):
         mil_heads: int = 1,
         readers: Sequence[Reader] = READERS,
         maps: Sequence[LiteMaps] | None = None,
+        centre_share: float = CENTRE_SHARE,
     ) -> None:
         """``maps``: one extractor per backbone of ``readers``, in order of first use, already
-        built (training has them); else built here."""
+        built (training has them); else built here. ``centre_share``: the centre zoom's
+        side as a share of the brain's extent (what the centre reader was trained on)."""
         super().__init__()
         self.readers = tuple(readers)
+        self.centre_share = float(centre_share)
         self.backbones = tuple(dict.fromkeys(r.backbone for r in self.readers))
         if maps is not None and tuple(m.source.backbone for m in maps) != self.backbones:
             raise ValueError(f"give one extractor per backbone, for {self.backbones}")
@@ -365,36 +377,62 @@ class SmallSetModel(nn.Module):
 
     @staticmethod
     def grey(x: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, 3, H, W] → float [N, 2, H, W] in [0, 1]: the planes the readers take
-        (CROP_PLANES; a bundle from before the head reader has the brain in every channel
-        and reads only the first)."""
+        """uint8 [N, 3, H, W] → float [N, 2, H, W] in [0, 1]: the input planes the readers
+        take (CROP_PLANES; a bundle from before the head reader has the brain in every
+        channel and reads only the first)."""
         return x[:, :2].float() / 255.0 if x.dtype == torch.uint8 else x[:, :2].float()
 
-    def feature_maps(self, grey: torch.Tensor, resize: nn.Module | None = None) -> list[Maps]:
-        """Per reader, its network's maps of its crop's plane of ``grey`` [N, 2, H, W]."""
+    @property
+    def needs_centre(self) -> bool:
+        return any(r.crop == "centre" for r in self.readers)
+
+    def side_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the model computes in NumPy from the brain plane of ``x`` (outside an ONNX
+        graph, which takes them as inputs): the density features [N, 29] and, when a reader
+        takes it, the centre zoom, uint8 [N, 1, H, W]."""
+        brain = x[:, 0] if x.dtype == torch.uint8 else (x[:, 0] * 255).round().byte()
+        brain_np = brain.cpu().numpy()
+        density = torch.from_numpy(batch_density(brain_np)).to(x.device)
+        centre = (
+            torch.from_numpy(centre_planes(brain_np, self.centre_share)).to(x.device)
+            if self.needs_centre
+            else None
+        )
+        return density, centre
+
+    def planes(self, x: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
+        """float [N, P, H, W] in [0, 1], indexed by CROP_PLANES: the input's planes, then the
+        centre zoom when the model reads it."""
+        grey = self.grey(x)
+        if centre is None:
+            if self.needs_centre:
+                raise ValueError("this model reads the centre zoom: give it (side_inputs)")
+            return grey
+        return torch.cat([grey, centre.float() / 255.0], dim=1)
+
+    def feature_maps(self, planes: torch.Tensor, resize: nn.Module | None = None) -> list[Maps]:
+        """Per reader, its network's maps of its crop's plane of ``planes`` [N, P, H, W]."""
         return [
-            chunked_maps(self.maps[i], grey[:, CROP_PLANES[r.crop]][:, None], resize)
+            chunked_maps(self.maps[i], planes[:, CROP_PLANES[r.crop]][:, None], resize)
             for r, i in zip(self.readers, self._extractor, strict=True)
         ]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        grey = self.grey(x)
-        density = torch.from_numpy(
-            batch_density((grey[:, 0] * 255).round().byte().cpu().numpy())
-        ).to(x.device)
-        return self.embed_with(grey, density)
+        density, centre = self.side_inputs(x)
+        return self.embed_with(x, density, centre=centre)
 
     def embed_with(
         self,
-        grey: torch.Tensor,
+        x: torch.Tensor,
         density: torch.Tensor,
         resize: nn.Module | None = None,
         forest_steps: int | None = None,
+        centre: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``embed`` from the grey and its density features computed elsewhere (in NumPy,
+        """``embed`` from the input and what ``side_inputs`` computes (elsewhere, in NumPy,
         outside an ONNX graph); ``resize`` and ``forest_steps`` make it exportable."""
         source = torch.full_like(density[:, 0], self.source, dtype=torch.long)
-        maps = self.feature_maps(grey, resize)
+        maps = self.feature_maps(self.planes(x, centre), resize)
         return member_logits(
             self.mil, self.logistic, self.forest, maps, density, source, forest_steps
         )
@@ -404,9 +442,23 @@ class SmallSetModel(nn.Module):
 
     @torch.no_grad()
     def hemorrhage_map(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, 16, 16] MIL logits per location of the 320 px crop (mean over readers)."""
-        maps = self.feature_maps(self.grey(x))
-        return torch.stack([m.logit_map(*f) for m, f in zip(self.mil, maps, strict=True)]).mean(0)
+        """[N, 16, 16] MIL logits per location of the 320 px crop: the mean over the readers
+        that see the whole square (the centre reader's map covers its middle only)."""
+        grey = self.grey(x)
+        return torch.stack(
+            [
+                mil.logit_map(*chunked_maps(self.maps[i], grey[:, CROP_PLANES[r.crop]][:, None]))
+                for mil, r, i in zip(self.mil, self.readers, self._extractor, strict=True)
+                if r.crop != "centre"
+            ]
+        ).mean(0)
+
+
+def centre_planes(brain: np.ndarray, share: float = CENTRE_SHARE) -> np.ndarray:
+    """uint8 [N, H, W] brain planes → uint8 [N, 1, H, W]: their centre zooms."""
+    if len(brain) == 0:
+        return brain[:, None]
+    return np.stack([centre_zoom(b, share) for b in brain])[:, None]
 
 
 def _one_backbone_layout(state: dict[str, Any], prefix: str, *_: Any) -> None:
@@ -431,6 +483,7 @@ def small_set_config(model: SmallSetModel) -> dict[str, Any]:
         "member_weights": member_weights(len(model.readers)),
         "density_features": N_FEATURES,
         "pooled_features": [lr.coef.numel() for lr in model.logistic],
+        **({"centre_share": model.centre_share} if model.needs_centre else {}),
     }
 
 
@@ -442,6 +495,7 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
         forest_shape=tuple(spec["forest_shape"]),  # type: ignore[arg-type]
         mil_heads=int(spec.get("mil_heads", 1)),
         readers=bundle_readers(spec),
+        centre_share=float(spec.get("centre_share", CENTRE_SHARE)),
     )
 
 

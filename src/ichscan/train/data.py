@@ -243,7 +243,7 @@ HEAD_READER_CROP = BRAIN_AND_HEAD
 def small_set_cache_crops(config: TrainConfig) -> tuple[str, ...]:
     """The crops of a prepared cache the small-set recipe trains on, the one it cuts first.
     By default either: a cache cut with the head plane trains the head reader too, a
-    brain-only one (prepared for the three brain readers) trains without it."""
+    brain-only one (prepared for the brain readers) trains without it."""
     return {None: (HEAD_READER_CROP, "brain"), True: (HEAD_READER_CROP,), False: ("brain",)}[
         config.head_reader
     ]
@@ -284,8 +284,8 @@ def _check_crop(config: TrainConfig, recipe: str, data: Path) -> None:
         )
 
 
-# The small-set fits hold ~8 MB of float16 feature maps per slice in memory (8 GB at 1,000;
-# 6 MB and 6 GB with --no-head-reader, ichscan.train.small_set.map_bytes_per_slice);
+# The small-set fits hold ~10 MB of float16 feature maps per slice in memory (10 GB at 1,000;
+# 8 MB and 8 GB with --no-head-reader, ichscan.train.small_set.map_bytes_per_slice);
 # above that, fine-tuning is affordable and streams from the cache instead.
 SMALL_SET_MAX_SLICES = 1000
 

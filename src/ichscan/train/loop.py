@@ -93,7 +93,7 @@ class TrainConfig:
     extra_train: tuple[str, ...] = ()  # datasets added to training only (never validated)
     recipe: str = "auto"  # "small-set", "finetune" or "auto" (see train.small_set)
     feature_cache: str | None = None  # small-set feature maps; None: ~/.cache/ichscan/features
-    # small-set: a fourth reader on the head crop (--crop brain+head). None (the default):
+    # small-set: a fifth reader on the head crop (--crop brain+head). None (the default):
     # with it when the data allows (a dataset folder, or a cache cut with its head plane);
     # True requires it, False leaves it out.
     head_reader: bool | None = None

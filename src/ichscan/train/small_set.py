@@ -13,7 +13,9 @@ Steps (ichscan.models.small_set describes the model):
    to 320 px once, by `prepare` (the crop is recorded in the bundle: predict does the same).
 2. Eight views per slice and crop (identity, mirror, six random flips/rotations/scalings/
    shifts and gamma/contrast/brightness changes) go through the frozen readers: Lite0, Lite1
-   and Lite2 on the brain crop, and Lite0 on the head crop. The maps are cached under
+   and Lite2 on the brain crop, Lite0 on the head crop, and Lite0 on the centre zoom (the
+   middle of the brain crop magnified, derived from it here and at predict time alike). The
+   maps are cached under
    ``--feature-cache`` (default ~/.cache/ichscan/features), keyed by the network, the crop and
    the slice's pixels: the backbones never see labels, so cross-validation folds and later
    runs reuse them.
@@ -64,6 +66,7 @@ from ichscan.models.small_set import (
     PooledLogistic,
     Reader,
     SmallSetModel,
+    centre_planes,
     chunked_maps,
     member_logits,
     member_weights,
@@ -90,9 +93,9 @@ FEATURE_VERSIONS = {
 }
 # The lab keyed its head-crop maps so (research/recipe_lab/cv_members.py --crop head): the same
 # key keeps them reusable.
-CROP_KEYS = {"brain": "", "head": "-headcrop"}
+CROP_KEYS = {"brain": "", "head": "-headcrop", "centre": "-centrecrop"}
 INNER_FOLDS = 4
-HARD_MAX_SLICES = 1300  # ~8 GB of maps with three readers, 10 with four (small-set forced)
+HARD_MAX_SLICES = 1300  # ~10 GB of maps with four readers, 13 with five (small-set forced)
 MIL_HEADS = 1  # 3 seeds were tried: no better (see README), 2.7x the fit time
 
 
@@ -498,6 +501,8 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     greys = {
         c: np.ascontiguousarray(planes[:, i]) for c, i in CROP_PLANES.items() if i < len(planes[0])
     }
+    if any(r.crop == "centre" for r in readers):  # derived from the brain plane, as predict does
+        greys["centre"] = centre_planes(greys["brain"])[:, 0]
     local = {int(r): i for i, r in enumerate(rows)}
     y = labels[rows].astype(np.int64)
     src = source[rows]
