@@ -48,6 +48,33 @@ class WindowedLiteMaps(LiteMaps):
         return super().forward(torch.cat([grey, narrow, blood], dim=1))
 
 
+ZOOM = 0.6
+
+
+def zoom_centre(grey: np.ndarray) -> np.ndarray:
+    """Session 11: the middle of the brain (basal ganglia, thalami, ventricles), a square of
+    ZOOM times the brain's extent around its centre, resized back to the crop's size, so
+    the network reads a small deep bleed at 1/ZOOM times the scale. A blank slice stays
+    blank."""
+    from PIL import Image
+
+    from ichscan.preprocess.head_crop import brain_region
+
+    brain = brain_region(grey)
+    if brain.sum() < 50:
+        return np.zeros_like(grey)
+    rows, cols = np.flatnonzero(brain.any(1)), np.flatnonzero(brain.any(0))
+    cy, cx = (rows[0] + rows[-1]) / 2, (cols[0] + cols[-1]) / 2
+    half = max(ZOOM * max(rows[-1] - rows[0], cols[-1] - cols[0]) / 2, 16)
+    box = (cx - half, cy - half, cx + half, cy + half)
+    size = grey.shape[::-1]
+    return np.asarray(
+        Image.fromarray(grey).transform(
+            size, Image.Transform.EXTENT, box, Image.Resampling.BILINEAR
+        )
+    )
+
+
 def load(
     cache_dir: str, backbones: list[str], windows: bool = False, crop: str = "brain"
 ) -> tuple[ss.TrainingFeatures, np.ndarray]:
@@ -55,6 +82,8 @@ def load(
     rows = np.flatnonzero(cache.ok)
     if crop == "brain":
         greys = np.stack([np.asarray(cache[int(r)])[..., 0] for r in rows])
+    elif crop == "zoom":
+        greys = np.stack([zoom_centre(np.asarray(cache[int(r)])[..., 0]) for r in rows])
     else:
         from ichscan.data.prepare import read_row
 
@@ -121,7 +150,7 @@ def main() -> None:
     parser.add_argument(
         "--windows", action="store_true", help="grey + 20–60 HU + 40–80 HU channels"
     )
-    parser.add_argument("--crop", default="brain", choices=["brain", "head"])
+    parser.add_argument("--crop", default="brain", choices=["brain", "head", "zoom"])
     parser.add_argument("--train-views", type=int, default=ss.N_VIEWS)
     parser.add_argument("--use-views", type=int, default=0)
     parser.add_argument("--heads", type=int, default=ss.MIL_HEADS)
