@@ -15,21 +15,11 @@ import sys
 
 import numpy as np
 from scipy.special import expit
-from zoom_rules import fold_parts
+from zoom_rules import fold_parts, weighted_sum
 
 from ichscan.evaluate.metrics import roc_auc
 
 CLIPS = (None, 6.0, 4.0, 3.0, 2.0)
-
-
-def clipped_sum(readers: list[np.ndarray], forest: np.ndarray, k: float | None) -> np.ndarray:
-    """The shipped weighted sum (MIL 0.5, regressions 0.25, forest 0.25, shares split over
-    the readers) of the members' logits, each clipped to [-k, k] first."""
-    clip = (lambda v: v) if k is None else (lambda v: np.clip(v, -k, k))
-    n = len(readers)
-    mil = sum(clip(r[..., 0]) for r in readers) * (0.5 / n)
-    reg = sum(clip(r[..., 1]) for r in readers) * (0.25 / n)
-    return mil + reg + 0.25 * clip(forest[..., 0])
 
 
 def main() -> None:
@@ -38,7 +28,7 @@ def main() -> None:
         y = np.concatenate([p[1] for p in parts])
         line = []
         for k in CLIPS:
-            p = np.concatenate([expit(clipped_sum(r, f, k)).mean(0) for _, _, r, f in parts])
+            p = np.concatenate([expit(weighted_sum(r, f, k)).mean(0) for _, _, r, f in parts])
             line.append(
                 f"{'raw' if k is None else f'±{k:g}'}: {roc_auc(y, p):.4f} "
                 f"{int(((p >= 0.5) == y).sum())}"

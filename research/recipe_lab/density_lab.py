@@ -20,10 +20,9 @@ import sys
 
 import numpy as np
 import torch
-from clip_rules import clipped_sum
 from scipy import ndimage as ndi
 from scipy.special import expit
-from zoom_rules import fold_parts
+from zoom_rules import fold_parts, weighted_sum
 
 from ichscan.data.cache import PreparedCache
 from ichscan.evaluate.metrics import roc_auc
@@ -58,12 +57,12 @@ def main() -> None:
         for va, y_va, readers, forest in fold_parts(runs):
             f = int(folds[va[0]])
             tr = np.flatnonzero((folds != f) & (folds >= 0) & (source == 0))
-            scores["run"].append(expit(clipped_sum(readers, forest, None)).mean(0))
+            scores["run"].append(expit(weighted_sum(readers, forest)).mean(0))
             for name, feats in (("29", shipped), ("34", variant)):
                 refit = fit_forest(feats, tr, y, 0)
                 z = clipped_logit(refit(torch.from_numpy(feats[va]))).numpy()
                 z = np.broadcast_to(z[None, :, None], forest.shape)
-                scores[name].append(expit(clipped_sum(readers, z, None)).mean(0))
+                scores[name].append(expit(weighted_sum(readers, z)).mean(0))
             ys.append(y_va)
             ids += cache.index["image_id"].to_numpy()[rows[va]].astype(str).tolist()
         yy = np.concatenate(ys)

@@ -49,17 +49,22 @@ def rules(brain: np.lib.npyio.NpzFile, head: np.lib.npyio.NpzFile) -> tuple[np.n
     return np.concatenate(ys), {k: np.concatenate(v) for k, v in out.items()}
 
 
+def score_line(group: str, y: np.ndarray, scores: dict[str, np.ndarray]) -> str:
+    """One printed line: the first run's name, then each rule's pooled AUC and right at 0.5."""
+    return "  ".join(
+        [group.split("+")[0].rsplit("/", 1)[-1]]
+        + [
+            f"{k}: AUC {roc_auc(y, p):.4f} right {int(((p >= 0.5) == y).sum())}"
+            for k, p in scores.items()
+        ]
+    )
+
+
 def main() -> None:
     for pair in sys.argv[1:]:
         brain, head = (np.load(p) for p in pair.split("+"))
         y, scores = rules(brain, head)
-        print(
-            pair.split("+")[0].rsplit("/", 1)[-1],
-            "  ".join(
-                f"{k}: AUC {roc_auc(y, p):.4f} right {int(((p >= 0.5) == y).sum())}"
-                for k, p in scores.items()
-            ),
-        )
+        print(score_line(pair, y, scores))
 
 
 if __name__ == "__main__":
