@@ -120,6 +120,11 @@ CENTRE_READER = Reader("efficientnet_lite0", "centre")
 BACKBONES = tuple(dict.fromkeys(r.backbone for r in READERS))  # each network once
 
 
+def reads_centre(readers: Sequence[Reader]) -> bool:
+    """Whether one of ``readers`` takes the centre zoom (which the brain plane gives)."""
+    return any(r.crop == CENTRE_READER.crop for r in readers)
+
+
 def readers_for(crop: str) -> tuple[Reader, ...]:
     """The readers trained on a cache cut with ``crop``: the brain networks, the head one
     for a ``brain+head`` cache, then the centre one."""
@@ -384,7 +389,7 @@ class SmallSetModel(nn.Module):
 
     @property
     def needs_centre(self) -> bool:
-        return any(r.crop == "centre" for r in self.readers)
+        return reads_centre(self.readers)
 
     def side_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """What the model computes in NumPy from the brain plane of ``x`` (outside an ONNX
@@ -449,7 +454,7 @@ class SmallSetModel(nn.Module):
             [
                 mil.logit_map(*chunked_maps(self.maps[i], grey[:, CROP_PLANES[r.crop]][:, None]))
                 for mil, r, i in zip(self.mil, self.readers, self._extractor, strict=True)
-                if r.crop != "centre"
+                if r.crop != CENTRE_READER.crop
             ]
         ).mean(0)
 

@@ -55,6 +55,7 @@ from ichscan.models.density import batch_density
 from ichscan.models.forest import ForestModule
 from ichscan.models.small_set import (
     BACKBONES,
+    CENTRE_READER,
     CROP_PLANES,
     CROP_SIZE,
     MAP_SOURCES,
@@ -72,6 +73,7 @@ from ichscan.models.small_set import (
     member_weights,
     pooled_features,
     readers_for,
+    reads_centre,
     small_set_config,
 )
 from ichscan.progress import progress_bar
@@ -501,8 +503,8 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     greys = {
         c: np.ascontiguousarray(planes[:, i]) for c, i in CROP_PLANES.items() if i < len(planes[0])
     }
-    if any(r.crop == "centre" for r in readers):  # derived from the brain plane, as predict does
-        greys["centre"] = centre_planes(greys["brain"])[:, 0]
+    if reads_centre(readers):  # derived from the brain plane, as predict does
+        greys[CENTRE_READER.crop] = centre_planes(greys["brain"])[:, 0]
     local = {int(r): i for i, r in enumerate(rows)}
     y = labels[rows].astype(np.int64)
     src = source[rows]
