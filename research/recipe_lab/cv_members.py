@@ -31,6 +31,7 @@ import torch
 
 from ichscan.data.cache import PreparedCache
 from ichscan.models import small_set as model
+from ichscan.models.blobs import batch_blobs
 from ichscan.models.density import batch_density
 from ichscan.models.small_set import LiteMaps
 from ichscan.train import small_set as ss
@@ -105,10 +106,13 @@ def load(
         )
         maps.append(m)
         print(f"{backbone}: {len(rows)} slices, {computed} maps computed, sources {names}")
+    # The blob forest reads the brain crop whatever the readers read (as the product does).
+    brain = np.stack([np.asarray(cache[int(r)])[..., 0] for r in rows])
     data = ss.TrainingFeatures(
         maps,
         [ss.pooled_views(m) for m in maps],
         batch_density(greys),
+        np.stack([batch_blobs(brain), batch_blobs(np.ascontiguousarray(brain[..., ::-1]))]),
         y,
         source[rows],
         len(names),
@@ -141,7 +145,14 @@ def main() -> None:
     parser.add_argument(
         "--no-inner", action="store_true", help="skip the inner CV (score with --threshold half)"
     )
-    parser.add_argument("--views", type=int, default=2, help="validation views saved (2 or 8)")
+    parser.add_argument(
+        "--views",
+        type=int,
+        default=2,
+        choices=[2],
+        help="validation views saved: identity and mirror (8 until session 11; the blob "
+        "tables exist for these two)",
+    )
     parser.add_argument(
         "--backbones",
         default=",".join(b.removeprefix("efficientnet_") for b in model.BACKBONES),
@@ -183,7 +194,7 @@ def main() -> None:
         va = np.flatnonzero(folds == fold)
         if args.no_inner:
             main_rows = tr[data.source[tr] == 0]
-            inner = np.zeros((2, 0, 2 * len(backbones) + 1))
+            inner = np.zeros((2, 0, 2 * len(backbones) + 2))
         else:
             main_rows, inner = ss.inner_oof(data, tr, args.seed, settings=settings)
         final = ss.fit_members(data, tr, args.seed, settings)

@@ -91,7 +91,10 @@ def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
     ]
     assert config["small_set"]["centre_share"] == 0.6
     assert config["architecture"] == "+".join(lites) + "+efficientnet_lite0@centre"
-    assert len(config["small_set"]["member_weights"]) == 9
+    # per reader a MIL head and a regression, then the density and the blob forest
+    assert len(config["small_set"]["member_weights"]) == 10
+    assert config["small_set"]["member_weights"][-2:] == [0.25, 0.25]
+    assert config["small_set"]["blob_features"] == 22
     assert config["training"]["feature_maps_computed"] == 64
     assert summary["metrics"]["validation_slices"] == 4
 
@@ -112,7 +115,7 @@ def test_head_reader_adds_lite0_on_the_head_crop(trained_head) -> None:
     assert config["architecture"] == "+".join(lites) + (
         "+efficientnet_lite0@head+efficientnet_lite0@centre"
     )
-    assert len(config["small_set"]["member_weights"]) == 11
+    assert len(config["small_set"]["member_weights"]) == 12
     assert config["training"]["feature_maps_computed"] == 16
     assert len(list(features.rglob("*.npz"))) == 80
 
@@ -227,6 +230,7 @@ def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_pa
     old.mkdir()
     torch.save(old_layout, old / config["members"][0])
     del config["small_set"]["backbones"], config["small_set"]["readers"]
+    forget_blob_forest(config)
     config["small_set"]["member_weights"] = [0.5, 0.25, 0.25]
     (old / "bundle.json").write_text(json.dumps(config))
     loaded = load_bundle(old).members[0]
@@ -234,6 +238,65 @@ def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_pa
     x = torch.randint(0, 255, (2, 3, 320, 320), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(loaded(x), lite0.eval()(x), atol=1e-5)
+
+
+def forget_blob_forest(config: dict) -> None:
+    """A bundle.json as sessions before 12 wrote it: no blob forest."""
+    for key in ("blob_forest_shape", "blob_features", "max_blobs"):
+        del config["small_set"][key]
+
+
+def test_a_bundle_from_before_the_blob_forest_still_predicts(trained, tmp_path: Path) -> None:
+    """Session-11 bundles (readers, a centre reader, no blob forest) load without one and
+    predict their own weighted sum, which the blob forest's vote then moves."""
+    from ichscan.data.cache import PreparedCache
+    from ichscan.models.bundle import load_bundle
+    from ichscan.models.small_set import SmallSetModel, member_weights
+
+    model, _, _ = trained
+    config = json.loads((model / "bundle.json").read_text())
+    full = load_bundle(model).members[0]
+    old_model = SmallSetModel(
+        full.mil[0].sources,
+        0,
+        tuple(full.forest.left.shape),
+        readers=full.readers,
+        maps=list(full.maps),
+    )
+    old_model.mil, old_model.logistic, old_model.forest = full.mil, full.logistic, full.forest
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(old_model.state_dict(), old / config["members"][0])
+    forget_blob_forest(config)
+    config["small_set"]["member_weights"] = member_weights(len(full.readers))
+    (old / "bundle.json").write_text(json.dumps(config))
+    loaded = load_bundle(old).members[0]
+    assert not loaded.has_blob_forest and loaded.embed_dim == 2 * len(full.readers) + 1
+    cache = np.stack([np.asarray(PreparedCache(model / "cache")[i]) for i in range(4)])
+    x = torch.from_numpy(cache.transpose(0, 3, 1, 2)[:, [0, 0, 0]].copy())
+    with torch.no_grad():
+        new_embedding = full.embed(x)
+        assert torch.allclose(loaded.embed(x), new_embedding[:, :-1], atol=1e-5)
+        without_blobs = loaded(x)[:, 0]
+        with_blobs = without_blobs + 0.25 * new_embedding[:, -1]
+        assert torch.allclose(full(x)[:, 0], with_blobs, atol=1e-4)
+
+
+def test_a_bundle_with_other_blob_features_is_refused(trained, tmp_path: Path) -> None:
+    """A blob forest trained on another version's blob tables would read the wrong columns:
+    one clear error naming the bundle, not wrong probabilities."""
+    import shutil
+
+    from ichscan.models.bundle import BundleError, load_bundle
+
+    model, _, _ = trained
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("cache"))
+    config = json.loads((copy / "bundle.json").read_text())
+    config["small_set"]["blob_features"] = 23
+    (copy / "bundle.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=r"bundle\.json.*blobs of 23 features.*16 of 22"):
+        load_bundle(copy)
 
 
 @pytest.mark.parametrize("networks", [2, 3])
@@ -265,6 +328,7 @@ def test_a_bundle_from_before_readers_still_predicts(
     torch.save(old_model.state_dict(), old / config["members"][0])
     config["small_set"]["backbones"] = backbones
     del config["small_set"]["readers"]
+    forget_blob_forest(config)
     config["small_set"]["member_weights"] = member_weights(networks)
     (old / "bundle.json").write_text(json.dumps(config))
     loaded = load_bundle(old).members[0]
@@ -293,7 +357,8 @@ def test_each_reader_takes_its_own_crop(trained_head) -> None:
     other_head[:, 1] = torch.randint(0, 255, (2, 320, 320), dtype=torch.uint8)
     other_brain[:, [0, 2]] //= 2  # darker: the density features move too
     other_edge[:, 0, :40] = 200  # outside the centre zoom's square, inside the brain's box
-    head_members, centre_members = [3, 8], [4, 9]  # MIL head and regression, embed's order
+    # MIL head and regression, embed's order (then the density forest and the blob forest)
+    head_members, centre_members = [3, 8], [4, 9]
     with torch.no_grad():
         base, moved_head, moved_brain, moved_edge = (
             ensemble.embed(v) for v in (x, other_head, other_brain, other_edge)
@@ -303,7 +368,7 @@ def test_each_reader_takes_its_own_crop(trained_head) -> None:
         return torch.nonzero(~torch.isclose(base, moved, atol=1e-6).all(0)).flatten().tolist()
 
     assert changed(moved_head) == head_members
-    assert changed(moved_brain) == sorted(set(range(11)) - set(head_members))
+    assert changed(moved_brain) == sorted(set(range(12)) - set(head_members))
     edge = changed(moved_edge)
     assert not set(edge) & set(centre_members + head_members)
     assert {0, 1, 2, 5, 6, 7} <= set(edge)
@@ -326,13 +391,14 @@ def test_small_set_refuses_a_weights_file(png_set: Path, tmp_path: Path) -> None
         )
 
 
-@pytest.mark.parametrize(("fixture", "members"), [("trained", 9), ("trained_head", 11)])
+@pytest.mark.parametrize(("fixture", "members"), [("trained", 10), ("trained_head", 12)])
 def test_onnx_export_of_a_small_set_bundle_predicts_what_torch_does(
     fixture: str, members: int, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    """The default recipe's bundle exports: onnxruntime, fed the density features and the
-    centre zoom by OnnxPredictor, gives the PyTorch probabilities on real-shaped slices, at
-    a batch size the export never saw, and through the ordinary predictor."""
+    """The default recipe's bundle exports: onnxruntime, fed the density features, the
+    centre zoom and the blob tables by OnnxPredictor, gives the PyTorch probabilities on
+    real-shaped slices, at a batch size the export never saw, and through the ordinary
+    predictor."""
     import shutil
 
     import onnx
@@ -349,7 +415,7 @@ def test_onnx_export_of_a_small_set_bundle_predicts_what_torch_does(
     path = export_onnx(copy)
     exported = onnx.load(str(path))
     graph = exported.graph
-    assert [i.name for i in graph.input] == ["image", "density", "centre"]
+    assert [i.name for i in graph.input] == ["image", "density", "centre", "blobs"]
     # The zoom OnnxPredictor cuts is the one the centre reader was trained on.
     assert {p.key: p.value for p in exported.metadata_props}["ichscan_centre_share"] == "0.6"
     assert not any(n.op_type in ("Loop", "If") for n in graph.node)
@@ -396,3 +462,64 @@ def test_asking_for_a_gpu_that_is_not_there_is_one_clear_error(
 
     with pytest.raises(TrainingError, match="no CUDA device is available"):
         train_small(png_set, tmp_path / "model", tmp_path / "features", device="cuda")
+
+
+def blob_slices(
+    labels: list[int], rng: np.random.Generator, calcium_share: float = 0.7
+) -> np.ndarray:
+    """[2, N, MAX_BLOBS, F] blob tables: each positive slice has one "blood" blob (70 grey
+    levels over the median, unsaturated); positive and negative slices alike have blobs of
+    "calcium" (saturated) and of noise. The mirror view is the same table."""
+    from ichscan.models.blobs import MAX_BLOBS, N_BLOB_FEATURES
+
+    tables = np.zeros((len(labels), MAX_BLOBS, N_BLOB_FEATURES), np.float32)
+    for i, label in enumerate(labels):
+        kinds = ["blood"] * label + ["calcium"] * int(rng.random() < calcium_share) * 2
+        kinds += ["noise"] * int(rng.integers(0, 4))
+        for k, kind in enumerate(kinds):
+            row = np.zeros(N_BLOB_FEATURES)
+            row[0] = rng.uniform(2.1, 6)  # log area: present, and says nothing
+            row[2] = {"blood": 70, "calcium": 120, "noise": 45}[kind] + rng.normal(0, 5)
+            row[5] = 1.0 if kind == "calcium" else 0.0  # saturated share
+            tables[i, k] = row
+    return np.stack([tables, tables])
+
+
+def test_the_blob_forest_learns_blood_from_slice_labels_alone() -> None:
+    """Multiple-instance learning: calcium sits in positive slices too, so after the first
+    round it looks half like blood; the second round keeps only each positive slice's most
+    blood-like blobs, and calcium ends up scored as what it is. A slice scores its most
+    blood-like blob; a slice without blobs scores as clipped 0."""
+    from ichscan.models.small_set import blob_logit
+    from ichscan.train.small_set import fit_blob_forest
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 40)
+    tables = blob_slices(list(y), rng)
+    forest = fit_blob_forest(tables, np.arange(60), y, seed=0)
+    held = np.arange(60, 80)
+    with torch.no_grad():
+        z = blob_logit(forest, torch.from_numpy(tables[0, held])).numpy()
+        calcium = tables[0][tables[0, :, :, 5] == 1][None]  # every calcium blob, one "slice" each
+        calcium_p = forest(torch.from_numpy(calcium[0])).numpy()
+        empty = blob_logit(forest, torch.zeros(1, *tables.shape[2:])).item()
+    assert z[y[held] == 1].min() > z[y[held] == 0].max()
+    assert np.median(calcium_p) < 0.2
+    assert empty == pytest.approx(np.log(1e-4 / (1 - 1e-4)), abs=1e-3)
+
+
+def test_the_blob_forest_trains_without_blobs_or_with_one_class() -> None:
+    """A set without a bright blob (or with blobs in one class only) still trains: a forest
+    that finds no blood, or one that scores what it saw."""
+    from ichscan.models.small_set import blob_logit
+    from ichscan.train.small_set import fit_blob_forest
+
+    y = np.array([0, 1, 0, 1])
+    none = np.zeros((2, 4, 16, 22), np.float32)
+    forest = fit_blob_forest(none, np.arange(4), y, seed=0)
+    with torch.no_grad():
+        assert (blob_logit(forest, torch.from_numpy(none[0])) < -9).all()
+    one_class = blob_slices([0, 0, 0, 0], np.random.default_rng(1), calcium_share=1.0)
+    forest = fit_blob_forest(one_class, np.arange(4), y, seed=0)
+    with torch.no_grad():
+        assert torch.isfinite(blob_logit(forest, torch.from_numpy(one_class[0]))).all()

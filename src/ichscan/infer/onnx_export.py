@@ -15,10 +15,12 @@ Files (``export_onnx(MODEL_DIR, OUT)``, by default ``MODEL_DIR/model.onnx``):
     the density features of each image's grey (channel 0), which are NumPy/SciPy code
     (:func:`ichscan.models.density.batch_density`), and, when it has a centre reader (the
     default since session 11), a third, ``centre`` uint8 ``[batch, 1, size, size]``: the
-    centre zoom of channel 0 (:func:`ichscan.models.small_set.centre_planes`, PIL);
-    `OnnxPredictor` computes both. Inside
-    the graph the backbones' antialiased resize is a pair of fixed matrices and the forest
-    walks a fixed number of levels, so the graph has no data-dependent control flow.
+    centre zoom of channel 0 (:func:`ichscan.models.small_set.centre_planes`, PIL), and,
+    when it has a blob forest (the default since session 12), a fourth, ``blobs`` float32
+    ``[batch, 16, 22]``: the blob tables of channel 0
+    (:func:`ichscan.models.blobs.batch_blobs`); `OnnxPredictor` computes all of them. Inside
+    the graph the backbones' antialiased resize is a pair of fixed matrices and the forests
+    walk a fixed number of levels, so the graph has no data-dependent control flow.
 ``OUT`` with ``.study.onnx`` for ``.onnx`` (when the bundle has a study model).
     input  ``embeddings`` float32 ``[batch, slices, D]``, ``mask`` bool ``[batch, slices]``;
     output ``slice_probs`` ``[batch, slices, labels]``, ``scan_probs`` ``[batch, labels]``.
@@ -45,9 +47,10 @@ import torch
 from torch import nn
 
 from ichscan.errors import IchscanError
+from ichscan.models.blobs import MAX_BLOBS, N_BLOB_FEATURES, batch_blobs
 from ichscan.models.bundle import Bundle, BundleError, load_bundle, read_config
 from ichscan.models.density import batch_density
-from ichscan.models.small_set import ResizeMatrix, SmallSetModel, centre_planes
+from ichscan.models.small_set import ResizeMatrix, SideInputs, SmallSetModel, centre_planes
 from ichscan.preprocess.head_crop import CENTRE_SHARE
 
 __all__ = ["OnnxPredictor", "export_onnx", "study_onnx_path", "weights_sha256"]
@@ -82,29 +85,34 @@ class _SliceEnsemble(nn.Module):
 
 
 class _SmallSetSlices(nn.Module):
-    """The small-set ensemble with its density features, and its centre zoom when it reads
-    one, as inputs (see module notes)."""
+    """The small-set ensemble with its density features, its centre zoom when it reads one
+    and its blob tables when it has a blob forest, as inputs (see module notes)."""
 
     def __init__(self, model: SmallSetModel, size: int) -> None:
         super().__init__()
         self.model = model
         self.resize = ResizeMatrix(size)
-        self.steps = model.forest.depth()
+        self.steps = model.forest_depths()
 
     def forward(
-        self, image: torch.Tensor, density: torch.Tensor, centre: torch.Tensor | None = None
+        self,
+        image: torch.Tensor,
+        density: torch.Tensor,
+        centre: torch.Tensor | None = None,
+        blobs: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        embedding = self.model.embed_with(image, density, self.resize, self.steps, centre)
+        side = SideInputs(density, centre, blobs)
+        embedding = self.model.embed_with(image, side, self.resize, self.steps)
         return torch.sigmoid(self.model.head(embedding)), embedding
 
 
 def _graph_inputs(image: torch.Tensor, small_set: SmallSetModel | None) -> tuple[torch.Tensor, ...]:
     """The graph's inputs for ``image``: the image alone, or for a small-set model the image
-    and what it computes in NumPy (``side_inputs``: density, and the centre zoom if read)."""
+    and what it computes in NumPy (``side_inputs``: density, then the centre zoom and the
+    blob tables where the model has them)."""
     if small_set is None:
         return (image,)
-    density, centre = small_set.side_inputs(image)
-    return (image, density) if centre is None else (image, density, centre)
+    return (image, *(t for t in small_set.side_inputs(image) if t is not None))
 
 
 class _StudyProbs(nn.Module):
@@ -239,6 +247,9 @@ def export_onnx(model_dir: str | Path, out_path: str | Path | None = None) -> Pa
     small_set_model = bundle.members[0] if small_set else None
     assert small_set_model is None or isinstance(small_set_model, SmallSetModel)
     centre = small_set_model is not None and small_set_model.needs_centre
+    blobs = small_set_model is not None and small_set_model.has_blob_forest
+    if blobs and not centre:  # the graph's inputs are positional: blobs come after centre
+        raise ExportError(model_dir, "a blob forest without a centre reader cannot be exported")
     out = Path(out_path) if out_path is not None else model_dir / DEFAULT_NAME
     out.parent.mkdir(parents=True, exist_ok=True)
     size = int(bundle.input["size"])
@@ -249,6 +260,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path | None = None) -> Pa
         "ichscan_note": "uint8 image [batch, 3, size, size] in"
         + (", with its float32 density features [batch, 29]" if small_set else "")
         + (" and uint8 centre zoom [batch, 1, size, size]" if centre else "")
+        + (f" and float32 blob tables [batch, {MAX_BLOBS}, {N_BLOB_FEATURES}]" if blobs else "")
         + ", probabilities out; research software, not a medical device",
     }
     if centre:  # what OnnxPredictor zooms by: the share the centre reader was trained on
@@ -258,7 +270,7 @@ def export_onnx(model_dir: str | Path, out_path: str | Path | None = None) -> Pa
     image = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=generator)
     if small_set_model is not None:
         slice_model: nn.Module = _SmallSetSlices(small_set_model, size).eval()
-        inputs = ["image", "density", *(["centre"] if centre else [])]
+        inputs = ["image", "density"] + ["centre"] * centre + ["blobs"] * blobs
     else:
         slice_model = _SliceEnsemble(bundle.members).eval()
         inputs = ["image"]
@@ -306,10 +318,11 @@ class OnnxPredictor:
         if not self.path.is_file():
             raise BundleError(self.path, "ONNX model not found; run `ichscan export MODEL_DIR`")
         self.session = _session(self.path, threads)
-        # A small-set graph takes the density features, and maybe the centre zoom, beside
-        # the image (module notes).
+        # A small-set graph takes the density features, and maybe the centre zoom and the
+        # blob tables, beside the image (module notes).
         inputs = {i.name for i in self.session.get_inputs()}
         self.needs_density = "density" in inputs
+        self.needs_blobs = "blobs" in inputs
         meta = self.session.get_modelmeta().custom_metadata_map
         self.centre_share = (
             float(meta.get(META_CENTRE_SHARE, CENTRE_SHARE)) if "centre" in inputs else None
@@ -362,6 +375,8 @@ class OnnxPredictor:
                 feed["density"] = batch_density(views[:, 0])
             if self.centre_share is not None:
                 feed["centre"] = centre_planes(views[:, 0], self.centre_share)
+            if self.needs_blobs:
+                feed["blobs"] = batch_blobs(views[:, 0])
             p, emb = self.session.run(None, feed)
             probs.append(p.reshape(-1, n, p.shape[-1]).mean(0))
             embs.append(emb[:n])

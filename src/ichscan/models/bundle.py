@@ -249,7 +249,10 @@ def load_bundle(root: str | Path, device: str | torch.device = "cpu") -> Bundle:
     config = read_config(root)
     members = []
     for name in config["members"]:
-        model = build_member(config)
+        try:
+            model = build_member(config)
+        except ValueError as exc:  # a bundle this version cannot rebuild
+            raise BundleError(root / "bundle.json", str(exc)) from None
         model.load_state_dict(_load_state(root / name))
         members.append(model.eval())
     study = None

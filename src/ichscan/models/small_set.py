@@ -23,12 +23,18 @@ NumPy beside the density features):
   and look);
 - per reader, a **pooled logistic regression** on the average- and max-pooled maps;
 - one **density forest** on the brain crop: a random forest on 29 hand-made density features
-  (ichscan.models.density), stored as tensors (ichscan.models.forest).
+  (ichscan.models.density), stored as tensors (ichscan.models.forest);
+- one **blob forest** (since session 12): a random forest that scores each bright blob of
+  the brain crop on its own (ichscan.models.blobs: size, brightness, saturation,
+  surroundings, shape, depth, symmetry), trained as multiple-instance learning; a slice's
+  logit is its most blood-like blob's. It tells a small bleed from calcified choroid plexus
+  or the skull's bright rim, which the density forest's whole-slice numbers cannot.
 
 ``embed`` returns the members' logits per slice (the MIL heads, then the regressions, then
-the forest) and ``head`` is their fixed weighted sum, so the ensemble plugs into the same
-predictor as a fine-tuned network (flip TTA included). ``hemorrhage_map`` is the mean logit
-map of the MIL heads that see the whole square: where the model thinks the bleed is.
+the density forest, then the blob forest) and ``head`` is their fixed weighted sum, so the
+ensemble plugs into the same predictor as a fine-tuned network (flip TTA included).
+``hemorrhage_map`` is the mean logit map of the MIL heads that see the whole square: where
+the model thinks the bleed is.
 
 Bundles from before readers had crops list backbones only, all on the brain, and still load
 and predict as they did.
@@ -38,7 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -46,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ichscan.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from ichscan.models.blobs import MAX_BLOBS, N_BLOB_FEATURES, batch_blobs, blob_present
 from ichscan.models.density import N_FEATURES, batch_density
 from ichscan.models.forest import ForestModule
 from ichscan.preprocess.head_crop import BRAIN_AND_HEAD, CENTRE_SHARE, centre_zoom
@@ -134,12 +141,21 @@ def readers_for(crop: str) -> tuple[Reader, ...]:
 # Logit weights of the MIL heads, the pooled regressions and the forest: each kind's share
 # is split evenly between the backbones.
 MIL_WEIGHT, POOLED_WEIGHT, FOREST_WEIGHT = 0.5, 0.25, 0.25
+# The blob forest is added at the density forest's weight, not carved out of the others'
+# (research/recipe_lab/SESSION12.md: it raised both real sets that way).
+BLOB_WEIGHT = 0.25
 _CLIP = 1e-4
 
 
-def member_weights(readers: int) -> list[float]:
-    """Logit weight of each member, in ``embed``'s order (MIL heads, regressions, forest)."""
-    return [MIL_WEIGHT / readers] * readers + [POOLED_WEIGHT / readers] * readers + [FOREST_WEIGHT]
+def member_weights(readers: int, blob_forest: bool = False) -> list[float]:
+    """Logit weight of each member, in ``embed``'s order (MIL heads, regressions, density
+    forest, then the blob forest when the model has one)."""
+    return (
+        [MIL_WEIGHT / readers] * readers
+        + [POOLED_WEIGHT / readers] * readers
+        + [FOREST_WEIGHT]
+        + ([BLOB_WEIGHT] if blob_forest else [])
+    )
 
 
 class LiteMaps(nn.Module):
@@ -308,6 +324,15 @@ def clipped_logit(p: torch.Tensor) -> torch.Tensor:
     return torch.logit(p.clamp(_CLIP, 1 - _CLIP))
 
 
+def blob_logit(forest: ForestModule, blobs: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+    """float [N, MAX_BLOBS, F] blob tables → [N]: the clipped logit of each slice's most
+    blood-like blob (probability 0, clipped, for a slice without blobs)."""
+    flat = blobs.reshape(-1, blobs.shape[-1])
+    p = forest(flat, steps).reshape(-1, blobs.shape[1]).float()
+    p = torch.where(blob_present(blobs), p, torch.zeros_like(p))
+    return clipped_logit(p.amax(dim=1))
+
+
 def member_logits(
     mil: Sequence[MILEnsemble],
     logistic: Sequence[PooledLogistic],
@@ -316,16 +341,34 @@ def member_logits(
     density: torch.Tensor,
     source: torch.Tensor,
     forest_steps: int | None = None,
+    blob_forest: ForestModule | None = None,
+    blobs: torch.Tensor | None = None,
+    blob_steps: int | None = None,
 ) -> torch.Tensor:
-    """[N, 2·R + 1] logits of the R MIL heads, the R pooled regressions (one of each per
-    reader, ``maps`` in the same order) and the density forest: what training scores and
-    what SmallSetModel.embed returns."""
-    return torch.stack(
+    """[N, 2·R + 1 (+ 1)] logits of the R MIL heads, the R pooled regressions (one of each
+    per reader, ``maps`` in the same order), the density forest and, when given, the blob
+    forest on ``blobs``: what training scores and what SmallSetModel.embed returns."""
+    members = (
         [m(fine, deep, source) for m, (fine, deep) in zip(mil, maps, strict=True)]
         + [lr(pooled_features(*m)) for lr, m in zip(logistic, maps, strict=True)]
-        + [clipped_logit(forest(density, forest_steps).float())],
-        dim=1,
+        + [clipped_logit(forest(density, forest_steps).float())]
     )
+    if blob_forest is not None:
+        if blobs is None:
+            raise ValueError("this model has a blob forest: give it the blob tables")
+        members.append(blob_logit(blob_forest, blobs, blob_steps))
+    return torch.stack(members, dim=1)
+
+
+class SideInputs(NamedTuple):
+    """What SmallSetModel computes in NumPy from the brain plane (outside an ONNX graph,
+    which takes them as inputs): density features [N, 29]; the centre zoom, uint8
+    [N, 1, H, W], when a reader takes it; the blob tables [N, MAX_BLOBS, F] when the model
+    has a blob forest."""
+
+    density: torch.Tensor
+    centre: torch.Tensor | None = None
+    blobs: torch.Tensor | None = None
 
 
 class SmallSetModel(nn.Module):
@@ -341,10 +384,13 @@ class SmallSetModel(nn.Module):
         readers: Sequence[Reader] = READERS,
         maps: Sequence[LiteMaps] | None = None,
         centre_share: float = CENTRE_SHARE,
+        blob_forest_shape: tuple[int, int] | None = None,
     ) -> None:
         """``maps``: one extractor per backbone of ``readers``, in order of first use, already
         built (training has them); else built here. ``centre_share``: the centre zoom's
-        side as a share of the brain's extent (what the centre reader was trained on)."""
+        side as a share of the brain's extent (what the centre reader was trained on).
+        ``blob_forest_shape``: None for a model without a blob forest (bundles from before
+        session 12)."""
         super().__init__()
         self.readers = tuple(readers)
         self.centre_share = float(centre_share)
@@ -358,8 +404,9 @@ class SmallSetModel(nn.Module):
         self.mil = nn.ModuleList(MILEnsemble(m, sources, mil_heads) for m in specs)
         self.logistic = nn.ModuleList(PooledLogistic(m.pooled_features) for m in specs)
         self.forest = ForestModule(*forest_shape)
+        self.blob_forest = None if blob_forest_shape is None else ForestModule(*blob_forest_shape)
         self.source = source
-        weights = member_weights(len(self.readers))
+        weights = member_weights(len(self.readers), self.has_blob_forest)
         self.embed_dim = len(weights)
         self.head = nn.Linear(self.embed_dim, 1)
         with torch.no_grad():
@@ -391,10 +438,12 @@ class SmallSetModel(nn.Module):
     def needs_centre(self) -> bool:
         return reads_centre(self.readers)
 
-    def side_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """What the model computes in NumPy from the brain plane of ``x`` (outside an ONNX
-        graph, which takes them as inputs): the density features [N, 29] and, when a reader
-        takes it, the centre zoom, uint8 [N, 1, H, W]."""
+    @property
+    def has_blob_forest(self) -> bool:
+        return self.blob_forest is not None
+
+    def side_inputs(self, x: torch.Tensor) -> SideInputs:
+        """What the model computes in NumPy from the brain plane of ``x`` (SideInputs)."""
         brain = x[:, 0] if x.dtype == torch.uint8 else (x[:, 0] * 255).round().byte()
         brain_np = brain.cpu().numpy()
         density = torch.from_numpy(batch_density(brain_np)).to(x.device)
@@ -403,7 +452,10 @@ class SmallSetModel(nn.Module):
             if self.needs_centre
             else None
         )
-        return density, centre
+        blobs = (
+            torch.from_numpy(batch_blobs(brain_np)).to(x.device) if self.has_blob_forest else None
+        )
+        return SideInputs(density, centre, blobs)
 
     def planes(self, x: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
         """float [N, P, H, W] in [0, 1], indexed by CROP_PLANES: the input's planes, then the
@@ -423,24 +475,37 @@ class SmallSetModel(nn.Module):
         ]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        density, centre = self.side_inputs(x)
-        return self.embed_with(x, density, centre=centre)
+        return self.embed_with(x, self.side_inputs(x))
 
     def embed_with(
         self,
         x: torch.Tensor,
-        density: torch.Tensor,
+        side: SideInputs,
         resize: nn.Module | None = None,
-        forest_steps: int | None = None,
-        centre: torch.Tensor | None = None,
+        forest_steps: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """``embed`` from the input and what ``side_inputs`` computes (elsewhere, in NumPy,
-        outside an ONNX graph); ``resize`` and ``forest_steps`` make it exportable."""
-        source = torch.full_like(density[:, 0], self.source, dtype=torch.long)
-        maps = self.feature_maps(self.planes(x, centre), resize)
+        outside an ONNX graph); ``resize`` and ``forest_steps`` (the density and the blob
+        forest's depths) make it exportable."""
+        source = torch.full_like(side.density[:, 0], self.source, dtype=torch.long)
+        maps = self.feature_maps(self.planes(x, side.centre), resize)
+        steps = forest_steps or (None, None)
         return member_logits(
-            self.mil, self.logistic, self.forest, maps, density, source, forest_steps
+            self.mil,
+            self.logistic,
+            self.forest,
+            maps,
+            side.density,
+            source,
+            steps[0],
+            self.blob_forest,
+            side.blobs,
+            steps[1],
         )
+
+    def forest_depths(self) -> tuple[int, int]:
+        """(density forest, blob forest) depths: the fixed walks an exported graph takes."""
+        return self.forest.depth(), self.blob_forest.depth() if self.blob_forest else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
@@ -485,15 +550,33 @@ def small_set_config(model: SmallSetModel) -> dict[str, Any]:
         "mil_heads": len(model.mil[0].heads),
         "source": int(model.source),
         "forest_shape": list(model.forest.left.shape),
-        "member_weights": member_weights(len(model.readers)),
+        "member_weights": member_weights(len(model.readers), model.has_blob_forest),
         "density_features": N_FEATURES,
         "pooled_features": [lr.coef.numel() for lr in model.logistic],
         **({"centre_share": model.centre_share} if model.needs_centre else {}),
+        **(
+            {
+                "blob_forest_shape": list(model.blob_forest.left.shape),
+                "blob_features": N_BLOB_FEATURES,
+                "max_blobs": MAX_BLOBS,
+            }
+            if model.blob_forest is not None
+            else {}
+        ),
     }
 
 
 def build_small_set(config: dict[str, Any]) -> SmallSetModel:
     spec = config["small_set"]
+    blob_shape = spec.get("blob_forest_shape")
+    if blob_shape is not None and (
+        spec.get("blob_features") != N_BLOB_FEATURES or spec.get("max_blobs") != MAX_BLOBS
+    ):
+        raise ValueError(
+            f"the bundle's blob forest reads {spec.get('max_blobs')} blobs of "
+            f"{spec.get('blob_features')} features; this ichscan makes {MAX_BLOBS} of "
+            f"{N_BLOB_FEATURES}: predict with the ichscan version that trained it"
+        )
     return SmallSetModel(
         sources=int(spec["sources"]),
         source=int(spec["source"]),
@@ -501,6 +584,7 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
         mil_heads=int(spec.get("mil_heads", 1)),
         readers=bundle_readers(spec),
         centre_share=float(spec.get("centre_share", CENTRE_SHARE)),
+        blob_forest_shape=None if blob_shape is None else (int(blob_shape[0]), int(blob_shape[1])),
     )
 
 

@@ -23,7 +23,12 @@ Steps (ichscan.models.small_set describes the model):
    each source with its own bias: one random view per slice per epoch, label smoothing,
    AdamW, one-cycle. The pooled logistic regressions (one per reader, all eight views)
    and the density forest (brain crop) train on the main set's slices only: their features
-   differ in scale between sources.
+   differ in scale between sources. The blob forest (brain crop) trains on all training
+   slices, like the MIL heads: a blob's numbers are relative to its own slice's brain, and
+   the other set's blobs raised both real sets (research/recipe_lab/SESSION12.md). It
+   scores every bright blob of a slice (and of its mirror image) on its own and learns by
+   multiple-instance learning: first every blob of a positive slice counts as blood, then
+   only the two that the forest's out-of-bag votes find most blood-like.
 4. The decision threshold comes from inner cross-validation on the training slices (the
    ensemble refitted without each inner fold and scored on it): by default where a logistic
    calibration of those scores crosses 0.5 (``--threshold calibrated``), which did as well
@@ -50,6 +55,7 @@ import torchvision.transforms.v2.functional as TF
 
 from ichscan.data.cache import PreparedCache
 from ichscan.errors import IchscanError
+from ichscan.models.blobs import batch_blobs, blob_present
 from ichscan.models.bundle import input_spec, new_config, save_bundle
 from ichscan.models.density import batch_density
 from ichscan.models.forest import ForestModule
@@ -354,6 +360,51 @@ def fit_forest(density: np.ndarray, rows: np.ndarray, y: np.ndarray, seed: int) 
     return ForestModule.from_sklearn(forest.fit(density[rows], y[rows]))
 
 
+BLOB_TREES = 400
+BLOB_KEEP = 2  # blobs per positive slice taken as blood in the second round
+
+
+def _blob_trees(x: np.ndarray, label: np.ndarray, seed: int, oob: bool) -> Any:
+    from sklearn.ensemble import RandomForestClassifier
+
+    return RandomForestClassifier(
+        BLOB_TREES,
+        min_samples_leaf=3,
+        class_weight="balanced_subsample",
+        oob_score=oob,
+        random_state=seed,
+        n_jobs=1,
+    ).fit(x, label)
+
+
+def fit_blob_forest(blobs: np.ndarray, rows: np.ndarray, y: np.ndarray, seed: int) -> ForestModule:
+    """A forest on single blobs, from slice labels (multiple-instance learning).
+    ``blobs``: [2, N, MAX_BLOBS, F], each slice's blob tables and its mirror image's.
+
+    A positive slice's blobs are not all blood (calcifications and the skull's rim sit
+    beside the bleed), so a first forest learns from every blob of a positive slice as
+    blood; its out-of-bag votes then pick the ``BLOB_KEEP`` most blood-like blobs of each
+    positive slice, and a second forest learns from those and every negative slice's blobs.
+    Both rebalance the classes (a negative slice has blobs too, more of them)."""
+    tables = blobs[:, rows]  # [2, n, K, F]
+    present = blob_present(tables)
+    x = tables[present]
+    owner = np.broadcast_to(np.arange(len(rows))[None, :, None], present.shape)[present]
+    label = y[rows][owner]
+    if len(x) == 0:  # not one blob in the training slices: a forest that finds no blood
+        x, label, owner = np.zeros((1, blobs.shape[-1]), np.float32), np.zeros(1, int), label
+    if len(np.unique(label)) < 2:  # one class: nothing to pick among
+        return ForestModule.from_sklearn(_blob_trees(x, label, seed, oob=False))
+    forest = _blob_trees(x, label, seed, oob=True)
+    votes = np.nan_to_num(forest.oob_decision_function_[:, 1], nan=0.0)
+    keep = label == 0
+    for slice_ in np.unique(owner[label == 1]):
+        mine = np.flatnonzero(owner == slice_)
+        keep[mine[np.argsort(-votes[mine], kind="stable")[:BLOB_KEEP]]] = True
+    forest = _blob_trees(x[keep], label[keep], seed, oob=False)
+    return ForestModule.from_sklearn(forest)
+
+
 @dataclass
 class TrainingFeatures:
     """Everything the learners read, per slice of the run (train and validation)."""
@@ -361,6 +412,7 @@ class TrainingFeatures:
     maps: list[FeatureMaps]  # one per reader
     pooled: list[torch.Tensor]  # [V, N, 2·(C + C')] per reader
     density: np.ndarray  # [N, 29]
+    blobs: np.ndarray  # [2, N, MAX_BLOBS, F]: the blob tables of each slice and its mirror
     y: np.ndarray  # [N] 0/1
     source: np.ndarray  # [N] 0 main, 1.. --extra-train sets
     sources: int
@@ -371,6 +423,7 @@ class Members:
     mil: list[MILEnsemble]  # one per reader
     logistic: list[PooledLogistic]  # one per reader
     forest: ForestModule
+    blob_forest: ForestModule
 
 
 def fit_members(
@@ -381,6 +434,7 @@ def fit_members(
         [fit_mil(m, rows, data.y, data.source, data.sources, seed, settings) for m in data.maps],
         [fit_logistic(pooled, main, data.y) for pooled in data.pooled],
         fit_forest(data.density, main, data.y, seed),
+        fit_blob_forest(data.blobs, rows, data.y, seed),
     )
 
 
@@ -389,21 +443,31 @@ def members_logits(
     members: Members, data: TrainingFeatures, rows: np.ndarray, views: Sequence[int] = (0, 1)
 ) -> np.ndarray:
     """float [V, N, M]: the members' logits of ``rows`` (source 0) in ``views`` of the cached
-    ones; by default the identity and the mirror, as the predictor computes them."""
+    ones; by default the identity and the mirror, as the predictor computes them (the blob
+    tables exist for those two)."""
     density = torch.from_numpy(data.density[rows])
     source = torch.zeros(len(rows), dtype=torch.long)
     out = []
     for view in views:
         maps = [m.take(rows, view) for m in data.maps]
-        logits = member_logits(members.mil, members.logistic, members.forest, maps, density, source)
+        logits = member_logits(
+            members.mil,
+            members.logistic,
+            members.forest,
+            maps,
+            density,
+            source,
+            blob_forest=members.blob_forest,
+            blobs=torch.from_numpy(data.blobs[view, rows]),
+        )
         out.append(logits.numpy())
     return np.stack(out)
 
 
 def combine(logits: np.ndarray) -> np.ndarray:
-    """[V, N, M] member logits → [N] probability: the fixed weighted sum per view, sigmoid,
-    mean over views (what SmallSetModel.head and the predictor's TTA do)."""
-    z = logits @ np.asarray(member_weights((logits.shape[-1] - 1) // 2))
+    """[V, N, 2·R + 2] member logits → [N] probability: the fixed weighted sum per view,
+    sigmoid, mean over views (what SmallSetModel.head and the predictor's TTA do)."""
+    z = logits @ np.asarray(member_weights((logits.shape[-1] - 2) // 2, blob_forest=True))
     return (1.0 / (1.0 + np.exp(-z))).mean(axis=0)
 
 
@@ -421,7 +485,7 @@ def inner_oof(
     main = rows[data.source[rows] == 0]
     extra = rows[data.source[rows] != 0]
     k = min(folds, int(np.bincount(data.y[main], minlength=2).min()))
-    oof = np.zeros((2, len(main), len(member_weights(len(data.maps)))))
+    oof = np.zeros((2, len(main), len(member_weights(len(data.maps), blob_forest=True))))
     if k < 2:
         return main, np.full(oof.shape, np.nan)
     split = StratifiedKFold(k, shuffle=True, random_state=seed).split(main, data.y[main])
@@ -547,10 +611,12 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     for extractor in extractors.values():
         extractor.cpu()  # the bundle holds CPU tensors: it loads on any machine
     feature_seconds = time.monotonic() - t0
+    brain = greys["brain"]
     features = TrainingFeatures(
         maps,
         [pooled_views(m) for m in maps],
-        batch_density(greys["brain"]),
+        batch_density(brain),
+        np.stack([batch_blobs(brain), batch_blobs(np.ascontiguousarray(brain[..., ::-1]))]),
         y,
         src,
         len(source_names),
@@ -578,10 +644,12 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         mil_heads=len(final.mil[0].heads),
         readers=readers,
         maps=list(extractors.values()),
+        blob_forest_shape=tuple(final.blob_forest.left.shape),
     )
     model.mil = torch.nn.ModuleList(final.mil)
     model.logistic = torch.nn.ModuleList(final.logistic)
     model.forest = final.forest
+    model.blob_forest = final.blob_forest
     metrics: dict[str, Any] = {"validation_slices": len(va)}
     if len(va):
         p_val = combine(members_logits(final, features, va))

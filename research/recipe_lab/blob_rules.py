@@ -1,0 +1,82 @@
+"""Session 12: the blob forest. Every bright blob of the brain crop is a sample
+(ichscan.models.blobs.batch_blobs, identity and mirror); a forest learns from slice labels
+by multiple-instance learning (ichscan.train.small_set.fit_blob_forest) and a slice scores
+its most blood-like blob (ichscan.models.small_set.blob_logit): the product's own code.
+Per fold of saved `cv_members.py --no-inner` runs (three brain readers, head, centre), the
+blob forest is fitted on the fold's training slices and scored on its validation slices,
+and the five-reader sum is compared with it (pooled AUC, right at 0.5):
+
+- five: the shipped five-reader sum (session 11);
+- blob, forest: the blob forest and the density forest alone;
+- swap: the blob forest in the density forest's place (weight 0.25);
+- add: the blob forest added at weight 0.25 beside the density forest (what ships).
+
+``--main``: the blob forest learns from the main set's training slices only (like the
+density forest) instead of all of them (like the MIL heads).
+
+    PYTHONPATH=src .venv/bin/python research/recipe_lab/blob_rules.py [--main] CACHE \
+        BRAIN.npz+HEAD.npz+ZOOM.npz [...]
+
+CACHE is the prepared cache the runs were made from (its row order is theirs).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from head_rules import score_line
+from scipy.special import expit
+from zoom_rules import fold_parts, weighted_sum
+
+from ichscan.data.cache import PreparedCache
+from ichscan.models.blobs import batch_blobs
+from ichscan.models.small_set import blob_logit
+from ichscan.train.small_set import fit_blob_forest
+
+RULES = ("five", "blob", "forest", "swap", "add")
+
+
+def blob_tables(cache_dir: str) -> np.ndarray:
+    """[2, N, MAX_BLOBS, F]: the blob tables of every usable slice and of its mirror."""
+    cache = PreparedCache(cache_dir)
+    brain = np.stack([np.asarray(cache[int(r)])[..., 0] for r in np.flatnonzero(cache.ok)])
+    return np.stack([batch_blobs(brain), batch_blobs(np.ascontiguousarray(brain[..., ::-1]))])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--main", action="store_true", help="fit on the main set only")
+    parser.add_argument("cache")
+    parser.add_argument("groups", nargs="+")
+    args = parser.parse_args()
+    tables = blob_tables(args.cache)
+    for group in args.groups:
+        runs = [np.load(p) for p in group.split("+")]
+        y_all, source = runs[0]["y"], runs[0]["source"]
+        fit_on = np.flatnonzero(source == 0) if args.main else np.arange(len(y_all))
+        scores: dict[str, list[np.ndarray]] = {k: [] for k in RULES}
+        labels = []
+        for fold, (rows, y, readers, forest) in enumerate(fold_parts(runs)):
+            blob_forest = fit_blob_forest(tables, np.setdiff1d(fit_on, rows), y_all, fold)
+            with torch.no_grad():
+                blob = np.stack(
+                    [blob_logit(blob_forest, torch.from_numpy(t[rows])).numpy() for t in tables]
+                )
+            five = weighted_sum(readers, forest)
+            for name, z in (
+                ("five", five),
+                ("blob", blob),
+                ("forest", forest[..., 0]),
+                ("swap", weighted_sum(readers, blob[..., None])),
+                ("add", five + 0.25 * blob),
+            ):
+                scores[name].append(expit(z).mean(0))
+            labels.append(y)
+        y = np.concatenate(labels)
+        print(score_line(group, y, {k: np.concatenate(v) for k, v in scores.items()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
