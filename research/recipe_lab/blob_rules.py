@@ -48,6 +48,7 @@ def blob_tables(cache_dir: str) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--main", action="store_true", help="fit on the main set only")
+    parser.add_argument("--wrong", action="store_true", help="list the slices add gets wrong")
     parser.add_argument("cache")
     parser.add_argument("groups", nargs="+")
     args = parser.parse_args()
@@ -57,7 +58,7 @@ def main() -> None:
         y_all, source = runs[0]["y"], runs[0]["source"]
         fit_on = np.flatnonzero(source == 0) if args.main else np.arange(len(y_all))
         scores: dict[str, list[np.ndarray]] = {k: [] for k in RULES}
-        labels = []
+        labels, wrong = [], []
         for fold, (rows, y, readers, forest) in enumerate(fold_parts(runs)):
             blob_forest = fit_blob_forest(tables, np.setdiff1d(fit_on, rows), y_all, fold)
             with torch.no_grad():
@@ -74,8 +75,14 @@ def main() -> None:
             ):
                 scores[name].append(expit(z).mean(0))
             labels.append(y)
+            add = scores["add"][-1]
+            wrong += [
+                f"{r}:{y[k]}:{add[k]:.2f}" for k, r in enumerate(rows) if (add[k] >= 0.5) != y[k]
+            ]
         y = np.concatenate(labels)
         print(score_line(group, y, {k: np.concatenate(v) for k, v in scores.items()}), flush=True)
+        if args.wrong:  # row:truth:probability, rows in the cache's usable-row order
+            print("  add wrong:", " ".join(wrong), flush=True)
 
 
 if __name__ == "__main__":

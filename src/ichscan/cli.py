@@ -587,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "small-set", "finetune"],
         default="auto",
         help="small-set: frozen EfficientNet-Lite0, Lite1 and Lite2 maps of brain-cropped "
-        "brain-window slices + MIL heads, pooled logistic regressions and a density forest "
+        "brain-window slices + MIL heads, pooled logistic regressions, a density forest and "
+        "a blob forest "
         "(for a binary label and at most 1,000 slices); finetune: train --arch end to end "
         "with the options above; "
         "auto (default): small-set when it applies, else finetune",

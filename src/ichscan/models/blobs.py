@@ -10,7 +10,7 @@ against the skull; it rarely has a mirror twin in the other hemisphere. So every
 blob (brighter than the brain's median by ``ABOVE`` grey levels) gets its own row: size,
 brightness, saturation, texture, surroundings, shape, depth, position and symmetry. A
 forest scores each blob, and a slice scores its most blood-like blob
-(ichscan.models.small_set.BlobMember; research/recipe_lab/SESSION12.md).
+(ichscan.models.small_set.blob_logit; research/recipe_lab/SESSION12.md).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ichscan.preprocess.head_crop import brain_region
 MAX_BLOBS = 16  # the largest ones; a slice with more has them in its count feature
 N_BLOB_FEATURES = 22
 ABOVE = 40  # grey levels over the brain's median (a 40/80 window: about 12 HU)
-_MIN_PIXELS = 8  # smaller is noise at 320 px (about 2 mm² on a 25 cm head)
+_MIN_PIXELS = 8  # smaller is noise: about 5 mm² where a 25 cm head spans 320 px
 _ERODE = 3  # px off the brain's edge, where the skull's partial volume is bright
 _NEAR, _FAR = 4, 10  # px: the rings a blob's surroundings are read in
 _SATURATED = 250  # grey: calcium and bone, not blood, in a brain window

@@ -560,7 +560,7 @@ def small_set_config(model: SmallSetModel) -> dict[str, Any]:
                 "blob_features": N_BLOB_FEATURES,
                 "max_blobs": MAX_BLOBS,
             }
-            if model.blob_forest is not None
+            if model.has_blob_forest
             else {}
         ),
     }
