@@ -203,23 +203,30 @@ def test_forced_small_set_on_a_large_set_is_refused(
         )
 
 
+def older_model(full, readers, maps):
+    """A SmallSetModel of ``full``'s first len(readers) readers' trained members and its
+    density forest, without a blob forest: what bundles before session 12 held."""
+    from ichscan.models.small_set import SmallSetModel
+
+    model = SmallSetModel(
+        full.mil[0].sources, 0, tuple(full.forest.left.shape), readers=readers, maps=maps
+    )
+    for i in range(len(readers)):
+        model.mil[i], model.logistic[i] = full.mil[i], full.logistic[i]
+    model.forest = full.forest
+    return model
+
+
 def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_path: Path) -> None:
     """Lite0-only bundles (no "backbones" in bundle.json, one module where there is now a
     list) load as a one-backbone ensemble and predict what they did."""
     from ichscan.models.bundle import load_bundle
-    from ichscan.models.small_set import Reader, SmallSetModel
+    from ichscan.models.small_set import Reader
 
     model, _, _ = trained
     config = json.loads((model / "bundle.json").read_text())
     new = load_bundle(model).members[0]
-    lite0 = SmallSetModel(
-        new.mil[0].sources,
-        0,
-        tuple(new.forest.left.shape),
-        readers=[Reader("efficientnet_lite0")],
-        maps=[new.maps[0]],
-    )
-    lite0.mil[0], lite0.logistic[0], lite0.forest = new.mil[0], new.logistic[0], new.forest
+    lite0 = older_model(new, [Reader("efficientnet_lite0")], [new.maps[0]])
     old_layout = {
         k.replace("maps.0.", "maps.")
         .replace("mil.0.", "mil.")
@@ -251,19 +258,12 @@ def test_a_bundle_from_before_the_blob_forest_still_predicts(trained, tmp_path: 
     predict their own weighted sum, which the blob forest's vote then moves."""
     from ichscan.data.cache import PreparedCache
     from ichscan.models.bundle import load_bundle
-    from ichscan.models.small_set import SmallSetModel, member_weights
+    from ichscan.models.small_set import member_weights
 
     model, _, _ = trained
     config = json.loads((model / "bundle.json").read_text())
     full = load_bundle(model).members[0]
-    old_model = SmallSetModel(
-        full.mil[0].sources,
-        0,
-        tuple(full.forest.left.shape),
-        readers=full.readers,
-        maps=list(full.maps),
-    )
-    old_model.mil, old_model.logistic, old_model.forest = full.mil, full.logistic, full.forest
+    old_model = older_model(full, full.readers, list(full.maps))
     old = tmp_path / "old"
     old.mkdir()
     torch.save(old_model.state_dict(), old / config["members"][0])
@@ -307,22 +307,13 @@ def test_a_bundle_from_before_readers_still_predicts(
     which list backbones but no readers, load with their own networks and member weights and
     predict what that ensemble does."""
     from ichscan.models.bundle import load_bundle
-    from ichscan.models.small_set import Reader, SmallSetModel, member_weights
+    from ichscan.models.small_set import Reader, member_weights
 
     model, _, _ = trained
     config = json.loads((model / "bundle.json").read_text())
     full = load_bundle(model).members[0]
     backbones = list(full.backbones[:networks])
-    old_model = SmallSetModel(
-        full.mil[0].sources,
-        0,
-        tuple(full.forest.left.shape),
-        readers=[Reader(b) for b in backbones],
-        maps=list(full.maps[:networks]),
-    )
-    for i in range(networks):
-        old_model.mil[i], old_model.logistic[i] = full.mil[i], full.logistic[i]
-    old_model.forest = full.forest
+    old_model = older_model(full, [Reader(b) for b in backbones], list(full.maps[:networks]))
     old = tmp_path / "old"
     old.mkdir()
     torch.save(old_model.state_dict(), old / config["members"][0])
