@@ -9,7 +9,9 @@ and the five-reader sum is compared with it (pooled AUC, right at 0.5):
 - five: the shipped five-reader sum (session 11);
 - blob, forest: the blob forest and the density forest alone;
 - swap: the blob forest in the density forest's place (weight 0.25);
-- add: the blob forest added at weight 0.25 beside the density forest (what ships).
+- add: the blob forest added at weight 0.25 beside the density forest (what ships);
+- add±6, add±4: the same with every member's logit clipped to [-k, k] first (session 11's
+  bounded votes, clip_rules.py).
 
 ``--main``: the blob forest learns from the main set's training slices only (like the
 density forest) instead of all of them (like the MIL heads).
@@ -35,7 +37,7 @@ from ichscan.models.blobs import batch_blobs
 from ichscan.models.small_set import blob_logit
 from ichscan.train.small_set import fit_blob_forest
 
-RULES = ("five", "blob", "forest", "swap", "add")
+RULES = ("five", "blob", "forest", "swap", "add", "add±6", "add±4")
 
 
 def blob_tables(cache_dir: str) -> np.ndarray:
@@ -72,6 +74,9 @@ def main() -> None:
                 ("forest", forest[..., 0]),
                 ("swap", weighted_sum(readers, blob[..., None])),
                 ("add", five + 0.25 * blob),
+                # bounded votes (session 11's clip_rules) with the blob forest beside them
+                ("add±6", weighted_sum(readers, forest, 6.0) + 0.25 * np.clip(blob, -6, 6)),
+                ("add±4", weighted_sum(readers, forest, 4.0) + 0.25 * np.clip(blob, -4, 4)),
             ):
                 scores[name].append(expit(z).mean(0))
             labels.append(y)
