@@ -47,10 +47,9 @@ import torch
 from torch import nn
 
 from ichscan.errors import IchscanError
-from ichscan.models.blobs import MAX_BLOBS, N_BLOB_FEATURES, batch_blobs
+from ichscan.models.blobs import MAX_BLOBS, N_BLOB_FEATURES
 from ichscan.models.bundle import Bundle, BundleError, load_bundle, read_config
-from ichscan.models.density import batch_density
-from ichscan.models.small_set import ResizeMatrix, SideInputs, SmallSetModel, centre_planes
+from ichscan.models.small_set import ResizeMatrix, SideInputs, SmallSetModel, side_arrays
 from ichscan.preprocess.head_crop import CENTRE_SHARE
 
 __all__ = ["OnnxPredictor", "export_onnx", "study_onnx_path", "weights_sha256"]
@@ -372,11 +371,14 @@ class OnnxPredictor:
             views = np.concatenate([batch, batch[..., ::-1]]) if self.tta else batch
             feed = {"image": views}
             if self.needs_density:
-                feed["density"] = batch_density(views[:, 0])
-            if self.centre_share is not None:
-                feed["centre"] = centre_planes(views[:, 0], self.centre_share)
-            if self.needs_blobs:
-                feed["blobs"] = batch_blobs(views[:, 0])
+                density, centre, blobs = side_arrays(
+                    np.ascontiguousarray(views[:, 0]), self.centre_share, self.needs_blobs
+                )
+                feed["density"] = density
+                if centre is not None:
+                    feed["centre"] = centre
+                if blobs is not None:
+                    feed["blobs"] = blobs
             p, emb = self.session.run(None, feed)
             probs.append(p.reshape(-1, n, p.shape[-1]).mean(0))
             embs.append(emb[:n])

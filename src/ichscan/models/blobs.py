@@ -33,14 +33,15 @@ _DARK_BELOW = 25  # grey levels under the median: CSF (choroid plexus sits in it
 _MARGIN = _FAR + 1
 
 
-def blob_table(grey: np.ndarray) -> np.ndarray:
+def blob_table(grey: np.ndarray, brain: np.ndarray | None = None) -> np.ndarray:
     """uint8 [H, W] brain-cropped brain-window slice → float32 [MAX_BLOBS, N_BLOB_FEATURES]:
     one row per candidate blob, largest first, rows of zeros after the last. A real row's
     first value (log of the area in pixels) is at least log 8 > 0: what tells it from padding
-    (:func:`blob_present`). A slice without enough brain gives no rows."""
+    (:func:`blob_present`). A slice without enough brain gives no rows. ``brain``: the
+    slice's ``brain_region`` when the caller has it already."""
     table = np.zeros((MAX_BLOBS, N_BLOB_FEATURES), dtype=np.float32)
     g = np.asarray(grey, dtype=np.float32)
-    brain = brain_region(grey)
+    brain = brain_region(grey) if brain is None else brain
     if brain.sum() < 500:
         return table
     inner = ndi.binary_erosion(brain, iterations=_ERODE)

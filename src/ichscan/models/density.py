@@ -52,22 +52,23 @@ def _asymmetry(g: np.ndarray, inner: np.ndarray) -> list[float]:
     return [float(np.abs(d).mean()), float((d > 40).mean()), float((d > 60).mean())]
 
 
-def inner_brain(grey: np.ndarray) -> np.ndarray | None:
+def inner_brain(grey: np.ndarray, brain: np.ndarray | None = None) -> np.ndarray | None:
     """Where the features look: the brain eroded by 8 px, clear of the skull's partial-volume
     rim, which is as bright as blood (the whole brain when that leaves too little); None
-    when there is not enough brain (the vertex, a blank image)."""
-    brain = brain_region(grey)
+    when there is not enough brain (the vertex, a blank image). ``brain``: the slice's
+    ``brain_region`` when the caller has it already."""
+    brain = brain_region(grey) if brain is None else brain
     inner = ndi.binary_erosion(brain, iterations=8)
     if inner.sum() < 500:
         inner = brain
     return inner if inner.sum() >= 50 else None
 
 
-def density_features(grey: np.ndarray) -> np.ndarray:
+def density_features(grey: np.ndarray, brain: np.ndarray | None = None) -> np.ndarray:
     """uint8 [H, W] brain-cropped brain-window slice → float32 [29]. A slice without enough
-    brain (the vertex, a blank image) gives zeros."""
+    brain (the vertex, a blank image) gives zeros. ``brain``: as for :func:`inner_brain`."""
     g = np.asarray(grey, dtype=np.float32)
-    inner = inner_brain(grey)
+    inner = inner_brain(grey, brain)
     if inner is None:
         return np.zeros(N_FEATURES, dtype=np.float32)
     v = g[inner]

@@ -52,10 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ichscan.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from ichscan.models.blobs import MAX_BLOBS, N_BLOB_FEATURES, batch_blobs, blob_present
-from ichscan.models.density import N_FEATURES, batch_density
+from ichscan.models.blobs import MAX_BLOBS, N_BLOB_FEATURES, blob_present, blob_table
+from ichscan.models.density import N_FEATURES, density_features
 from ichscan.models.forest import ForestModule
-from ichscan.preprocess.head_crop import BRAIN_AND_HEAD, CENTRE_SHARE, centre_zoom
+from ichscan.preprocess.head_crop import BRAIN_AND_HEAD, CENTRE_SHARE, brain_region, centre_zoom
 
 RECIPE = "small-set"
 CROP_SIZE = 320  # the cached, cropped slice
@@ -445,17 +445,12 @@ class SmallSetModel(nn.Module):
     def side_inputs(self, x: torch.Tensor) -> SideInputs:
         """What the model computes in NumPy from the brain plane of ``x`` (SideInputs)."""
         brain = x[:, 0] if x.dtype == torch.uint8 else (x[:, 0] * 255).round().byte()
-        brain_np = brain.cpu().numpy()
-        density = torch.from_numpy(batch_density(brain_np)).to(x.device)
-        centre = (
-            torch.from_numpy(centre_planes(brain_np, self.centre_share)).to(x.device)
-            if self.needs_centre
-            else None
+        arrays = side_arrays(
+            brain.cpu().numpy(),
+            self.centre_share if self.needs_centre else None,
+            self.has_blob_forest,
         )
-        blobs = (
-            torch.from_numpy(batch_blobs(brain_np)).to(x.device) if self.has_blob_forest else None
-        )
-        return SideInputs(density, centre, blobs)
+        return SideInputs(*(a if a is None else torch.from_numpy(a).to(x.device) for a in arrays))
 
     def planes(self, x: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
         """float [N, P, H, W] in [0, 1], indexed by CROP_PLANES: the input's planes, then the
@@ -526,9 +521,28 @@ class SmallSetModel(nn.Module):
 
 def centre_planes(brain: np.ndarray, share: float = CENTRE_SHARE) -> np.ndarray:
     """uint8 [N, H, W] brain planes → uint8 [N, 1, H, W]: their centre zooms."""
-    if len(brain) == 0:
-        return brain[:, None]
-    return np.stack([centre_zoom(b, share) for b in brain])[:, None]
+    return side_arrays(brain, share, blobs=False)[1]  # type: ignore[return-value]
+
+
+def side_arrays(
+    brain: np.ndarray, centre_share: float | None, blobs: bool
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """uint8 [N, H, W] brain planes → what a SmallSetModel computes in NumPy beside its
+    networks (SideInputs, as arrays): the density features float32 [N, 29]; the centre
+    zooms uint8 [N, 1, H, W] when ``centre_share`` is given; the blob tables float32
+    [N, MAX_BLOBS, F] when ``blobs``. Each slice's brain region, which all three start
+    from, is found once. The model, the ONNX predictor and training all call this."""
+    density = np.zeros((len(brain), N_FEATURES), dtype=np.float32)
+    centre = None if centre_share is None else np.zeros_like(brain)[:, None]
+    tables = np.zeros((len(brain), MAX_BLOBS, N_BLOB_FEATURES), np.float32) if blobs else None
+    for i, grey in enumerate(brain):
+        region = brain_region(grey)
+        density[i] = density_features(grey, region)
+        if centre is not None:
+            centre[i, 0] = centre_zoom(grey, centre_share, region)  # type: ignore[arg-type]
+        if tables is not None:
+            tables[i] = blob_table(grey, region)
+    return density, centre, tables
 
 
 def _one_backbone_layout(state: dict[str, Any], prefix: str, *_: Any) -> None:

@@ -220,7 +220,9 @@ def brain_region(grey: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(np.isin(labels, parts))
 
 
-def centre_zoom(grey: np.ndarray, share: float = CENTRE_SHARE) -> np.ndarray:
+def centre_zoom(
+    grey: np.ndarray, share: float = CENTRE_SHARE, brain: np.ndarray | None = None
+) -> np.ndarray:
     """The middle of a ``brain``-cropped slice magnified: a square of ``share`` times the
     brain's larger extent around the centre of its bounding box (basal ganglia, thalami,
     ventricles on a mid-level slice), resized bilinearly back to the slice's size. A small
@@ -228,8 +230,9 @@ def centre_zoom(grey: np.ndarray, share: float = CENTRE_SHARE) -> np.ndarray:
     fills about half the square; here it covers (1/share)² times more. Blank stays blank.
 
     Mirror-equivariant (the box is centred on the bounding box's continuous centre), so the
-    mirror view of the zoom is the zoom of the mirror view, as flip TTA assumes."""
-    brain = brain_region(grey)
+    mirror view of the zoom is the zoom of the mirror view, as flip TTA assumes. ``brain``:
+    the slice's :func:`brain_region` when the caller has it already."""
+    brain = brain_region(grey) if brain is None else brain
     if not brain.any():
         return np.zeros_like(grey)
     rows, cols = np.flatnonzero(brain.any(axis=1)), np.flatnonzero(brain.any(axis=0))

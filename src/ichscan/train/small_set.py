@@ -57,7 +57,6 @@ from ichscan.data.cache import PreparedCache
 from ichscan.errors import IchscanError
 from ichscan.models.blobs import batch_blobs, blob_present
 from ichscan.models.bundle import input_spec, new_config, save_bundle
-from ichscan.models.density import batch_density
 from ichscan.models.forest import ForestModule
 from ichscan.models.small_set import (
     BACKBONES,
@@ -73,15 +72,16 @@ from ichscan.models.small_set import (
     PooledLogistic,
     Reader,
     SmallSetModel,
-    centre_planes,
     chunked_maps,
     member_logits,
     member_weights,
     pooled_features,
     readers_for,
     reads_centre,
+    side_arrays,
     small_set_config,
 )
+from ichscan.preprocess.head_crop import CENTRE_SHARE
 from ichscan.progress import progress_bar
 from ichscan.threads import torch_threads
 from ichscan.train.data import HEAD_READER_CROP
@@ -567,8 +567,14 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     greys = {
         c: np.ascontiguousarray(planes[:, i]) for c, i in CROP_PLANES.items() if i < len(planes[0])
     }
-    if reads_centre(readers):  # derived from the brain plane, as predict does
-        greys[CENTRE_READER.crop] = centre_planes(greys["brain"])[:, 0]
+    brain = greys["brain"]
+    # Derived from the brain plane, as predict does (the mirror's blob tables too: TTA).
+    density, centre, blobs = side_arrays(
+        brain, CENTRE_SHARE if reads_centre(readers) else None, blobs=True
+    )
+    if centre is not None:
+        greys[CENTRE_READER.crop] = centre[:, 0]
+    mirror_blobs = batch_blobs(np.ascontiguousarray(brain[..., ::-1]))
     local = {int(r): i for i, r in enumerate(rows)}
     y = labels[rows].astype(np.int64)
     src = source[rows]
@@ -611,12 +617,11 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     for extractor in extractors.values():
         extractor.cpu()  # the bundle holds CPU tensors: it loads on any machine
     feature_seconds = time.monotonic() - t0
-    brain = greys["brain"]
     features = TrainingFeatures(
         maps,
         [pooled_views(m) for m in maps],
-        batch_density(brain),
-        np.stack([batch_blobs(brain), batch_blobs(np.ascontiguousarray(brain[..., ::-1]))]),
+        density,
+        np.stack([blobs, mirror_blobs]),
         y,
         src,
         len(source_names),
