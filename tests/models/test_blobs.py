@@ -110,6 +110,25 @@ def test_batch_blobs_stacks_slices_and_takes_an_empty_batch() -> None:
     assert batch_blobs(np.zeros((0, 320, 320), np.uint8)).shape == (0, MAX_BLOBS, N_BLOB_FEATURES)
 
 
+@pytest.mark.parametrize(("dy", "dx"), [(0, 0), (37, 5), (3, 90)])
+def test_the_table_does_not_depend_on_where_the_brain_lies_in_the_square(dy, dx) -> None:
+    """blob_table works on the brain's bounding box: moved within a larger square, or up to
+    the square's edge, the same slice gives the same table (a bleed, a calcified pair and
+    the skull's rim included)."""
+    grey = brain_disc()
+    disc(grey, 130, 210, 8, 170)
+    disc(grey, 200, 120, 5, 255)
+    disc(grey, 200, 200, 5, 255)
+    disc(grey, 160, 45, 4, 180)  # at the brain's edge
+    brain = grey[40:281, 40:281]  # the disc's bounding box, flush with the square's edge
+    canvas = np.zeros((brain.shape[0] + 100, brain.shape[1] + 100), np.uint8)
+    canvas[dy : dy + brain.shape[0], dx : dx + brain.shape[1]] = brain
+    want = blob_table(grey)
+    assert blob_present(want).sum() >= 3
+    np.testing.assert_allclose(blob_table(brain), want, rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(blob_table(canvas), want, rtol=1e-6, atol=1e-5)
+
+
 def real_brain(name: str) -> np.ndarray:
     from PIL import Image
 
