@@ -95,6 +95,7 @@ def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
     assert len(config["small_set"]["member_weights"]) == 10
     assert config["small_set"]["member_weights"][-2:] == [0.25, 0.25]
     assert config["small_set"]["blob_features"] == 22
+    assert config["small_set"]["vote_bound"] == 6.0
     assert config["training"]["feature_maps_computed"] == 64
     assert summary["metrics"]["validation_slices"] == 4
 
@@ -248,14 +249,15 @@ def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_pa
 
 
 def forget_blob_forest(config: dict) -> None:
-    """A bundle.json as sessions before 12 wrote it: no blob forest."""
-    for key in ("blob_forest_shape", "blob_features", "max_blobs"):
+    """A bundle.json as sessions before 12 wrote it: no blob forest, no bound on the votes."""
+    for key in ("blob_forest_shape", "blob_features", "max_blobs", "vote_bound"):
         del config["small_set"][key]
 
 
 def test_a_bundle_from_before_the_blob_forest_still_predicts(trained, tmp_path: Path) -> None:
     """Session-11 bundles (readers, a centre reader, no blob forest) load without one and
-    predict their own weighted sum, which the blob forest's vote then moves."""
+    predict their own unbounded weighted sum; the new model bounds each vote, blob forest's
+    included."""
     from ichscan.data.cache import PreparedCache
     from ichscan.models.bundle import load_bundle
     from ichscan.models.small_set import member_weights
@@ -274,12 +276,13 @@ def test_a_bundle_from_before_the_blob_forest_still_predicts(trained, tmp_path: 
     assert not loaded.has_blob_forest and loaded.embed_dim == 2 * len(full.readers) + 1
     cache = np.stack([np.asarray(PreparedCache(model / "cache")[i]) for i in range(4)])
     x = torch.from_numpy(cache.transpose(0, 3, 1, 2)[:, [0, 0, 0]].copy())
+    weights = torch.tensor(member_weights(len(full.readers), blob_forest=True))
     with torch.no_grad():
         new_embedding = full.embed(x)
         assert torch.allclose(loaded.embed(x), new_embedding[:, :-1], atol=1e-5)
-        without_blobs = loaded(x)[:, 0]
-        with_blobs = without_blobs + 0.25 * new_embedding[:, -1]
-        assert torch.allclose(full(x)[:, 0], with_blobs, atol=1e-4)
+        assert torch.allclose(loaded(x)[:, 0], new_embedding[:, :-1] @ weights[:-1], atol=1e-4)
+        bounded = new_embedding.clamp(-6.0, 6.0) @ weights
+        assert torch.allclose(full(x)[:, 0], bounded, atol=1e-4)
 
 
 def test_a_bundle_with_other_blob_features_is_refused(trained, tmp_path: Path) -> None:

@@ -31,8 +31,10 @@ NumPy beside the density features):
   or the skull's bright rim, which the density forest's whole-slice numbers cannot.
 
 ``embed`` returns the members' logits per slice (the MIL heads, then the regressions, then
-the density forest, then the blob forest) and ``head`` is their fixed weighted sum, so the
-ensemble plugs into the same predictor as a fine-tuned network (flip TTA included).
+the density forest, then the blob forest) and ``head`` is their fixed weighted sum, each
+first bounded to ±``VOTE_BOUND`` (since session 13: one member's confident mistake can no
+longer outvote the rest), so the ensemble plugs into the same predictor as a fine-tuned
+network (flip TTA included).
 ``hemorrhage_map`` is the mean logit map of the MIL heads that see the whole square: where
 the model thinks the bleed is.
 
@@ -144,6 +146,11 @@ MIL_WEIGHT, POOLED_WEIGHT, FOREST_WEIGHT = 0.5, 0.25, 0.25
 # The blob forest is added at the density forest's weight, not carved out of the others'
 # (research/recipe_lab/SESSION12.md: it raised both real sets that way).
 BLOB_WEIGHT = 0.25
+# Every member's logit is bounded to ±VOTE_BOUND before the sum: a pooled regression on a
+# near-constant feature can reach logits in the tens, and the forests ±9.2, so one member's
+# confident mistake could outvote the rest (research/recipe_lab/SESSION13.md: ±6 was chosen
+# on five splits of each real set, then scored on fresh ones before it shipped).
+VOTE_BOUND = 6.0
 _CLIP = 1e-4
 
 
@@ -360,6 +367,25 @@ def member_logits(
     return torch.stack(members, dim=1)
 
 
+class BoundedVotes(nn.Linear):
+    """The fixed weighted sum of the member logits, each first clipped to ±``bound`` (None:
+    unbounded, as bundles from before session 13 were trained). A Linear underneath, so the
+    state dict keeps the ``head.weight``/``head.bias`` of older bundles."""
+
+    def __init__(self, members: int, weights: Sequence[float], bound: float | None) -> None:
+        super().__init__(members, 1)
+        self.bound = bound
+        with torch.no_grad():
+            self.weight.copy_(torch.tensor([list(weights)]))
+            self.bias.zero_()
+        self.requires_grad_(False)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.bound is not None:
+            logits = logits.clamp(-self.bound, self.bound)
+        return super().forward(logits)
+
+
 class SideInputs(NamedTuple):
     """What SmallSetModel computes in NumPy from the brain plane (outside an ONNX graph,
     which takes them as inputs): density features [N, 29]; the centre zoom, uint8
@@ -385,12 +411,14 @@ class SmallSetModel(nn.Module):
         maps: Sequence[LiteMaps] | None = None,
         centre_share: float = CENTRE_SHARE,
         blob_forest_shape: tuple[int, int] | None = None,
+        vote_bound: float | None = None,
     ) -> None:
         """``maps``: one extractor per backbone of ``readers``, in order of first use, already
         built (training has them); else built here. ``centre_share``: the centre zoom's
         side as a share of the brain's extent (what the centre reader was trained on).
         ``blob_forest_shape``: None for a model without a blob forest (bundles from before
-        session 12)."""
+        session 12). ``vote_bound``: the bound on each member's logit before the sum (None
+        for bundles from before session 13; training gives VOTE_BOUND)."""
         super().__init__()
         self.readers = tuple(readers)
         self.centre_share = float(centre_share)
@@ -408,11 +436,7 @@ class SmallSetModel(nn.Module):
         self.source = source
         weights = member_weights(len(self.readers), self.has_blob_forest)
         self.embed_dim = len(weights)
-        self.head = nn.Linear(self.embed_dim, 1)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.tensor([weights]))
-            self.head.bias.zero_()
-        self.head.requires_grad_(False)
+        self.head = BoundedVotes(self.embed_dim, weights, vote_bound)
         self._register_load_state_dict_pre_hook(_one_backbone_layout)
 
     @property
@@ -565,6 +589,7 @@ def small_set_config(model: SmallSetModel) -> dict[str, Any]:
         "source": int(model.source),
         "forest_shape": list(model.forest.left.shape),
         "member_weights": member_weights(len(model.readers), model.has_blob_forest),
+        **({"vote_bound": model.head.bound} if model.head.bound is not None else {}),
         "density_features": N_FEATURES,
         "pooled_features": [lr.coef.numel() for lr in model.logistic],
         **({"centre_share": model.centre_share} if model.needs_centre else {}),
@@ -599,6 +624,7 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
         readers=bundle_readers(spec),
         centre_share=float(spec.get("centre_share", CENTRE_SHARE)),
         blob_forest_shape=None if blob_shape is None else (int(blob_shape[0]), int(blob_shape[1])),
+        vote_bound=None if spec.get("vote_bound") is None else float(spec["vote_bound"]),
     )
 
 

@@ -65,6 +65,7 @@ from ichscan.models.small_set import (
     CROP_SIZE,
     MAP_SOURCES,
     RECIPE,
+    VOTE_BOUND,
     LiteMaps,
     MapSource,
     MILEnsemble,
@@ -464,10 +465,12 @@ def members_logits(
     return np.stack(out)
 
 
-def combine(logits: np.ndarray) -> np.ndarray:
-    """[V, N, 2·R + 2] member logits → [N] probability: the fixed weighted sum per view,
-    sigmoid, mean over views (what SmallSetModel.head and the predictor's TTA do)."""
-    z = logits @ np.asarray(member_weights((logits.shape[-1] - 2) // 2, blob_forest=True))
+def combine(logits: np.ndarray, bound: float = VOTE_BOUND) -> np.ndarray:
+    """[V, N, 2·R + 2] member logits → [N] probability: the fixed weighted sum per view of
+    the logits bounded to ±``bound``, sigmoid, mean over views (what SmallSetModel.head and
+    the predictor's TTA do)."""
+    weights = member_weights((logits.shape[-1] - 2) // 2, blob_forest=True)
+    z = np.clip(logits, -bound, bound) @ np.asarray(weights)
     return (1.0 / (1.0 + np.exp(-z))).mean(axis=0)
 
 
@@ -650,6 +653,7 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         readers=readers,
         maps=list(extractors.values()),
         blob_forest_shape=tuple(final.blob_forest.left.shape),
+        vote_bound=VOTE_BOUND,
     )
     model.mil = torch.nn.ModuleList(final.mil)
     model.logistic = torch.nn.ModuleList(final.logistic)
