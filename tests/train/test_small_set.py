@@ -302,6 +302,28 @@ def test_a_bundle_with_other_blob_features_is_refused(trained, tmp_path: Path) -
         load_bundle(copy)
 
 
+@pytest.mark.parametrize("bound", [0, -6, "6", True, None])
+def test_a_bundle_with_a_broken_vote_bound_is_refused(trained, tmp_path: Path, bound) -> None:
+    """A hand-edited bound of 0 would make every slice 0.5, a negative one every slice the
+    same: one clear error naming the bundle instead. Null, like no key at all (bundles from
+    before session 13), loads unbounded."""
+    import shutil
+
+    from ichscan.models.bundle import BundleError, load_bundle
+
+    model, _, _ = trained
+    copy = tmp_path / "model"
+    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("cache"))
+    config = json.loads((copy / "bundle.json").read_text())
+    config["small_set"]["vote_bound"] = bound
+    (copy / "bundle.json").write_text(json.dumps(config))
+    if bound is None:
+        assert load_bundle(copy).members[0].head.bound is None
+        return
+    with pytest.raises(BundleError, match=r"bundle\.json.*vote_bound must be a positive"):
+        load_bundle(copy)
+
+
 @pytest.mark.parametrize("networks", [2, 3])
 def test_a_bundle_from_before_readers_still_predicts(
     trained, tmp_path: Path, networks: int

@@ -616,6 +616,13 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
             f"{spec.get('blob_features')} features; this ichscan makes {MAX_BLOBS} of "
             f"{N_BLOB_FEATURES}: predict with the ichscan version that trained it"
         )
+    bound = spec.get("vote_bound")
+    if bound is not None and (
+        isinstance(bound, bool)
+        or not isinstance(bound, (int, float))
+        or not 0 < bound < float("inf")
+    ):
+        raise ValueError(f"vote_bound must be a positive number of logits, not {bound!r}")
     return SmallSetModel(
         sources=int(spec["sources"]),
         source=int(spec["source"]),
@@ -624,7 +631,7 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
         readers=bundle_readers(spec),
         centre_share=float(spec.get("centre_share", CENTRE_SHARE)),
         blob_forest_shape=None if blob_shape is None else (int(blob_shape[0]), int(blob_shape[1])),
-        vote_bound=None if spec.get("vote_bound") is None else float(spec["vote_bound"]),
+        vote_bound=None if bound is None else float(bound),
     )
 
 
