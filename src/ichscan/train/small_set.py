@@ -29,7 +29,9 @@ Steps (ichscan.models.small_set describes the model):
    scores every bright blob of a slice (and of its mirror image) on its own and learns by
    multiple-instance learning: first every blob of a positive slice counts as blood, then
    only the two that the forest's out-of-bag votes find most blood-like.
-4. The decision threshold comes from inner cross-validation on the training slices (the
+4. The members' logits, each bounded to ±6, are summed with fixed weights
+   (ichscan.models.small_set.BoundedVotes); training's ``combine`` does the same.
+5. The decision threshold comes from inner cross-validation on the training slices (the
    ensemble refitted without each inner fold and scored on it): by default where a logistic
    calibration of those scores crosses 0.5 (``--threshold calibrated``), which did as well
    as Youden's J or better on 17 of the 18 real split × set × ensemble cells measured
