@@ -285,19 +285,25 @@ def test_a_bundle_from_before_the_blob_forest_still_predicts(trained, tmp_path: 
         assert torch.allclose(full(x)[:, 0], bounded, atol=1e-4)
 
 
-def test_a_bundle_with_other_blob_features_is_refused(trained, tmp_path: Path) -> None:
-    """A blob forest trained on another version's blob tables would read the wrong columns:
-    one clear error naming the bundle, not wrong probabilities."""
+def edited_copy(model: Path, tmp_path: Path, **small_set: object) -> Path:
+    """A copy of the bundle at ``model`` whose bundle.json ``small_set`` section has the
+    given values: a hand-edited or other-version bundle."""
     import shutil
 
-    from ichscan.models.bundle import BundleError, load_bundle
-
-    model, _, _ = trained
     copy = tmp_path / "model"
     shutil.copytree(model, copy, ignore=shutil.ignore_patterns("cache"))
     config = json.loads((copy / "bundle.json").read_text())
-    config["small_set"]["blob_features"] = 23
+    config["small_set"].update(small_set)
     (copy / "bundle.json").write_text(json.dumps(config))
+    return copy
+
+
+def test_a_bundle_with_other_blob_features_is_refused(trained, tmp_path: Path) -> None:
+    """A blob forest trained on another version's blob tables would read the wrong columns:
+    one clear error naming the bundle, not wrong probabilities."""
+    from ichscan.models.bundle import BundleError, load_bundle
+
+    copy = edited_copy(trained[0], tmp_path, blob_features=23)
     with pytest.raises(BundleError, match=r"bundle\.json.*blobs of 23 features.*16 of 22"):
         load_bundle(copy)
 
@@ -307,16 +313,9 @@ def test_a_bundle_with_a_broken_vote_bound_is_refused(trained, tmp_path: Path, b
     """A hand-edited bound of 0 would make every slice 0.5, a negative one every slice the
     same: one clear error naming the bundle instead. Null, like no key at all (bundles from
     before session 13), loads unbounded."""
-    import shutil
-
     from ichscan.models.bundle import BundleError, load_bundle
 
-    model, _, _ = trained
-    copy = tmp_path / "model"
-    shutil.copytree(model, copy, ignore=shutil.ignore_patterns("cache"))
-    config = json.loads((copy / "bundle.json").read_text())
-    config["small_set"]["vote_bound"] = bound
-    (copy / "bundle.json").write_text(json.dumps(config))
+    copy = edited_copy(trained[0], tmp_path, vote_bound=bound)
     if bound is None:
         assert load_bundle(copy).members[0].head.bound is None
         return

@@ -373,8 +373,16 @@ class BoundedVotes(nn.Linear):
     state dict keeps the ``head.weight``/``head.bias`` of older bundles."""
 
     def __init__(self, members: int, weights: Sequence[float], bound: float | None) -> None:
+        # A bound of 0 would make every slice 0.5 and a negative one every slice the same;
+        # bundle.json is hand-editable, so its value is checked here, where it is used.
+        if bound is not None and (
+            isinstance(bound, bool)
+            or not isinstance(bound, (int, float))
+            or not 0 < bound < float("inf")
+        ):
+            raise ValueError(f"vote_bound must be a positive number of logits, not {bound!r}")
         super().__init__(members, 1)
-        self.bound = bound
+        self.bound = None if bound is None else float(bound)
         with torch.no_grad():
             self.weight.copy_(torch.tensor([list(weights)]))
             self.bias.zero_()
@@ -616,13 +624,6 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
             f"{spec.get('blob_features')} features; this ichscan makes {MAX_BLOBS} of "
             f"{N_BLOB_FEATURES}: predict with the ichscan version that trained it"
         )
-    bound = spec.get("vote_bound")
-    if bound is not None and (
-        isinstance(bound, bool)
-        or not isinstance(bound, (int, float))
-        or not 0 < bound < float("inf")
-    ):
-        raise ValueError(f"vote_bound must be a positive number of logits, not {bound!r}")
     return SmallSetModel(
         sources=int(spec["sources"]),
         source=int(spec["source"]),
@@ -631,7 +632,7 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
         readers=bundle_readers(spec),
         centre_share=float(spec.get("centre_share", CENTRE_SHARE)),
         blob_forest_shape=None if blob_shape is None else (int(blob_shape[0]), int(blob_shape[1])),
-        vote_bound=None if bound is None else float(bound),
+        vote_bound=spec.get("vote_bound"),
     )
 
 
