@@ -11,7 +11,8 @@ and the five-reader sum is compared with it (pooled AUC, right at 0.5):
 - swap: the blob forest in the density forest's place (weight 0.25);
 - add: the blob forest added at weight 0.25 beside the density forest (what ships);
 - add±6, add±4: the same with every member's logit clipped to [-k, k] first (session 11's
-  bounded votes, clip_rules.py).
+  bounded votes, clip_rules.py; add±6 ships since session 13);
+- add±6 b0.5: add±6 with the blob forest at weight 0.5 (session 13, a candidate).
 
 ``--main``: the blob forest learns from the main set's training slices only (like the
 density forest) instead of all of them (like the MIL heads).
@@ -37,7 +38,7 @@ from ichscan.models.blobs import batch_blobs
 from ichscan.models.small_set import blob_logit
 from ichscan.train.small_set import fit_blob_forest
 
-RULES = ("five", "blob", "forest", "swap", "add", "add±6", "add±4")
+RULES = ("five", "blob", "forest", "swap", "add", "add±6", "add±4", "add±6 b0.5")
 
 
 def blob_tables(cache_dir: str) -> np.ndarray:
@@ -77,6 +78,8 @@ def main() -> None:
                 # bounded votes (session 11's clip_rules) with the blob forest beside them
                 ("add±6", weighted_sum(readers, forest, 6.0) + 0.25 * np.clip(blob, -6, 6)),
                 ("add±4", weighted_sum(readers, forest, 4.0) + 0.25 * np.clip(blob, -4, 4)),
+                # session 13: the blob forest's weight doubled, under the shipped bound
+                ("add±6 b0.5", weighted_sum(readers, forest, 6.0) + 0.5 * np.clip(blob, -6, 6)),
             ):
                 scores[name].append(expit(z).mean(0))
             labels.append(y)
