@@ -12,13 +12,12 @@ Files (``export_onnx(MODEL_DIR, OUT)``, by default ``MODEL_DIR/model.onnx``):
            ``embedding`` float32 ``[batch, D]``: the first member's embedding, which the study
                          model reads.
     A small-set bundle's graph has a second input, ``density`` float32 ``[batch, 29]``:
-    the density features of each image's grey (channel 0), which are NumPy/SciPy code
-    (:func:`ichscan.models.density.batch_density`), and, when it has a centre reader (the
-    default since session 11), a third, ``centre`` uint8 ``[batch, 1, size, size]``: the
-    centre zoom of channel 0 (:func:`ichscan.models.small_set.centre_planes`, PIL), and,
-    when it has a blob forest (the default since session 12), a fourth, ``blobs`` float32
-    ``[batch, 16, 22]``: the blob tables of channel 0
-    (:func:`ichscan.models.blobs.batch_blobs`); `OnnxPredictor` computes all of them. Inside
+    the density features of each image's grey (channel 0), which are NumPy/SciPy code,
+    and, when it has a centre reader (the default since session 11), a third, ``centre``
+    uint8 ``[batch, 1, size, size]``: the centre zoom of channel 0 (PIL), and, when it has
+    a blob forest (the default since session 12), a fourth, ``blobs`` float32
+    ``[batch, 16, 22]``: the blob tables of channel 0. `OnnxPredictor` computes all of
+    them with :func:`ichscan.models.small_set.side_arrays`, as the model itself does. Inside
     the graph the backbones' antialiased resize is a pair of fixed matrices and the forests
     walk a fixed number of levels, so the graph has no data-dependent control flow.
 ``OUT`` with ``.study.onnx`` for ``.onnx`` (when the bundle has a study model).

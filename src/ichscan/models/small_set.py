@@ -551,11 +551,6 @@ class SmallSetModel(nn.Module):
         ).mean(0)
 
 
-def centre_planes(brain: np.ndarray, share: float = CENTRE_SHARE) -> np.ndarray:
-    """uint8 [N, H, W] brain planes → uint8 [N, 1, H, W]: their centre zooms."""
-    return side_arrays(brain, share, blobs=False)[1]  # type: ignore[return-value]
-
-
 def side_arrays(
     brain: np.ndarray, centre_share: float | None, blobs: bool
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:

@@ -68,6 +68,7 @@ from ichscan.models.small_set import (
     MAP_SOURCES,
     RECIPE,
     VOTE_BOUND,
+    BoundedVotes,
     LiteMaps,
     MapSource,
     MILEnsemble,
@@ -467,13 +468,15 @@ def members_logits(
     return np.stack(out)
 
 
-def combine(logits: np.ndarray, bound: float = VOTE_BOUND) -> np.ndarray:
-    """[V, N, 2·R + 2] member logits → [N] probability: the fixed weighted sum per view of
-    the logits bounded to ±``bound``, sigmoid, mean over views (what SmallSetModel.head and
-    the predictor's TTA do)."""
-    weights = member_weights((logits.shape[-1] - 2) // 2, blob_forest=True)
-    z = np.clip(logits, -bound, bound) @ np.asarray(weights)
-    return (1.0 / (1.0 + np.exp(-z))).mean(axis=0)
+def combine(logits: np.ndarray) -> np.ndarray:
+    """[V, N, 2·R + 2] member logits → [N] probability: the model's own head (BoundedVotes,
+    the bounded weighted sum) per view, sigmoid, mean over views (the predictor's TTA)."""
+    members = logits.shape[-1]
+    weights = member_weights((members - 2) // 2, blob_forest=True)
+    votes = BoundedVotes(members, weights, VOTE_BOUND).double()
+    with torch.no_grad():
+        z = votes(torch.from_numpy(np.asarray(logits, dtype=np.float64)))[..., 0]
+    return torch.sigmoid(z).mean(0).numpy()
 
 
 def inner_oof(
