@@ -1,0 +1,121 @@
+"""Session 14: rules on the members' out-of-fold logits with the blob forest's logit cached,
+so that many rules can be scored without refitting the blob forest each time.
+
+``dump``: for each BRAIN+HEAD+ZOOM group of saved `cv_members.py --no-inner` runs, fit the
+product's blob forest per fold (as blob_rules.py does) and save its [V, N] validation logits
+beside the group's first run (``*.blob.npz``). ``score``: print each rule's pooled AUC and
+slices right at 0.5 per group and summed over the groups.
+
+    PYTHONPATH=src:research/recipe_lab .venv/bin/python research/recipe_lab/vote_rules.py \
+        dump CACHE BRAIN.npz+HEAD.npz+ZOOM.npz [...]
+    PYTHONPATH=src:research/recipe_lab .venv/bin/python research/recipe_lab/vote_rules.py \
+        score BRAIN.npz+HEAD.npz+ZOOM.npz [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import expit
+from zoom_rules import fold_parts, weighted_sum
+
+from ichscan.evaluate.metrics import roc_auc
+
+BOUND = 6.0
+
+
+def blob_path(group: str) -> Path:
+    first = Path(group.split("+")[0])
+    return first.with_suffix(".blob.npz")
+
+
+def dump(cache: str, groups: list[str]) -> None:
+    from blob_rules import blob_tables
+
+    from ichscan.models.small_set import blob_logit
+    from ichscan.train.small_set import fit_blob_forest
+
+    tables = blob_tables(cache)
+    for group in groups:
+        runs = [np.load(p) for p in group.split("+")]
+        y_all = runs[0]["y"]
+        out = {}
+        for fold, (rows, _, _, _) in enumerate(fold_parts(runs)):
+            forest = fit_blob_forest(tables, np.setdiff1d(np.arange(len(y_all)), rows), y_all, fold)
+            with torch.no_grad():
+                out[f"blob_{fold}"] = np.stack(
+                    [blob_logit(forest, torch.from_numpy(t[rows])).numpy() for t in tables]
+                )
+        np.savez(blob_path(group), **out)
+        print("wrote", blob_path(group), flush=True)
+
+
+def shipped(readers, forest, blob, w_blob=0.25):
+    return weighted_sum(readers, forest, BOUND) + w_blob * np.clip(blob, -BOUND, BOUND)
+
+
+Rule = Callable[[list[np.ndarray], np.ndarray, np.ndarray], np.ndarray]
+
+RULES: dict[str, Rule] = {
+    "ships": shipped,
+    # the blob forest's vote for blood counts twice, its vote against as shipped
+    "b+0.5": lambda r, f, b: weighted_sum(r, f, BOUND)
+    + 0.25 * np.clip(b, -BOUND, BOUND)
+    + 0.25 * np.clip(b, 0, BOUND),
+    "b+0.75": lambda r, f, b: weighted_sum(r, f, BOUND)
+    + 0.25 * np.clip(b, -BOUND, BOUND)
+    + 0.5 * np.clip(b, 0, BOUND),
+    "b0.5": lambda r, f, b: shipped(r, f, b, 0.5),
+}
+
+
+def score(groups: list[str], rules: dict[str, Rule]) -> None:
+    totals = {k: [0, 0, []] for k in rules}
+    for group in groups:
+        runs = [np.load(p) for p in group.split("+")]
+        blobs = np.load(blob_path(group))
+        ys, probs = [], {k: [] for k in rules}
+        for fold, (_, y, readers, forest) in enumerate(fold_parts(runs)):
+            blob = blobs[f"blob_{fold}"]
+            for k, rule in rules.items():
+                probs[k].append(expit(rule(readers, forest, blob)).mean(0))
+            ys.append(y)
+        y = np.concatenate(ys)
+        parts = [Path(group.split("+")[0]).stem]
+        for k in rules:
+            p = np.concatenate(probs[k])
+            auc, right = roc_auc(y, p), int(((p >= 0.5) == y).sum())
+            totals[k][0] += right
+            totals[k][1] += len(y)
+            totals[k][2].append(auc)
+            parts.append(f"{k}: {auc:.4f} {right}")
+        print("  ".join(parts), flush=True)
+    print(
+        "all  "
+        + "  ".join(
+            f"{k}: mean AUC {np.mean(t[2]):.4f} right {t[0]} of {t[1]}" for k, t in totals.items()
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dump")
+    d.add_argument("cache")
+    d.add_argument("groups", nargs="+")
+    s = sub.add_parser("score")
+    s.add_argument("groups", nargs="+")
+    args = parser.parse_args()
+    if args.command == "dump":
+        dump(args.cache, args.groups)
+    else:
+        score(args.groups, RULES)
+
+
+if __name__ == "__main__":
+    main()
