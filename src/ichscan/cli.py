@@ -588,8 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="small-set: frozen EfficientNet-Lite0, Lite1 and Lite2 maps of brain-cropped "
         "brain-window slices + MIL heads, pooled logistic regressions, a density forest and "
-        "a blob forest, their logits each bounded to ±6 and summed, the blob forest's vote "
-        "for blood at twice its vote against "
+        "a blob forest, their logits each bounded to ±6 and summed "
         "(for a binary label and at most 1,000 slices); finetune: train --arch end to end "
         "with the options above; "
         "auto (default): small-set when it applies, else finetune",

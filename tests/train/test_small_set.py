@@ -96,7 +96,6 @@ def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
     assert config["small_set"]["member_weights"][-2:] == [0.25, 0.25]
     assert config["small_set"]["blob_features"] == 22
     assert config["small_set"]["vote_bound"] == 6.0
-    assert config["small_set"]["blob_extra_for_blood"] == 0.25
     assert config["training"]["feature_maps_computed"] == 64
     assert summary["metrics"]["validation_slices"] == 4
 
@@ -251,20 +250,14 @@ def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_pa
 
 def forget_blob_forest(config: dict) -> None:
     """A bundle.json as sessions before 12 wrote it: no blob forest, no bound on the votes."""
-    for key in (
-        "blob_forest_shape",
-        "blob_features",
-        "max_blobs",
-        "vote_bound",
-        "blob_extra_for_blood",
-    ):
+    for key in ("blob_forest_shape", "blob_features", "max_blobs", "vote_bound"):
         del config["small_set"][key]
 
 
 def test_a_bundle_from_before_the_blob_forest_still_predicts(trained, tmp_path: Path) -> None:
     """Session-11 bundles (readers, a centre reader, no blob forest) load without one and
     predict their own unbounded weighted sum; the new model bounds each vote, blob forest's
-    included, and counts the blob forest's vote for blood at twice its vote against."""
+    included."""
     from ichscan.data.cache import PreparedCache
     from ichscan.models.bundle import load_bundle
     from ichscan.models.small_set import member_weights
@@ -288,33 +281,8 @@ def test_a_bundle_from_before_the_blob_forest_still_predicts(trained, tmp_path: 
         new_embedding = full.embed(x)
         assert torch.allclose(loaded.embed(x), new_embedding[:, :-1], atol=1e-5)
         assert torch.allclose(loaded(x)[:, 0], new_embedding[:, :-1] @ weights[:-1], atol=1e-4)
-        bounded = new_embedding.clamp(-6.0, 6.0)
-        want = bounded @ weights + 0.25 * bounded[:, -1].clamp(min=0)
-        assert torch.allclose(full(x)[:, 0], want, atol=1e-4)
-
-
-def test_a_session_13_bundle_predicts_its_symmetric_votes(trained, tmp_path: Path) -> None:
-    """Bundles from session 13 (a blob forest, bounded votes, no blob_extra_for_blood) load
-    with the blob forest's votes for and against weighed the same, as they were trained."""
-    from ichscan.data.cache import PreparedCache
-    from ichscan.models.bundle import load_bundle
-    from ichscan.models.small_set import member_weights
-
-    model = trained[0]
-    copy = edited_copy(model, tmp_path)
-    config = json.loads((copy / "bundle.json").read_text())
-    del config["small_set"]["blob_extra_for_blood"]
-    (copy / "bundle.json").write_text(json.dumps(config))
-    old, new = load_bundle(copy).members[0], load_bundle(model).members[0]
-    cache = np.stack([np.asarray(PreparedCache(model / "cache")[i]) for i in range(4)])
-    x = torch.from_numpy(cache.transpose(0, 3, 1, 2)[:, [0, 0, 0]].copy())
-    weights = torch.tensor(member_weights(len(new.readers), blob_forest=True))
-    with torch.no_grad():
-        bounded = new.embed(x).clamp(-6.0, 6.0)
-        assert torch.allclose(old(x)[:, 0], bounded @ weights, atol=1e-4)
-        assert torch.allclose(
-            new(x)[:, 0] - old(x)[:, 0], 0.25 * bounded[:, -1].clamp(min=0), atol=1e-4
-        )
+        bounded = new_embedding.clamp(-6.0, 6.0) @ weights
+        assert torch.allclose(full(x)[:, 0], bounded, atol=1e-4)
 
 
 def edited_copy(model: Path, tmp_path: Path, **small_set: object) -> Path:
@@ -352,19 +320,6 @@ def test_a_bundle_with_a_broken_vote_bound_is_refused(trained, tmp_path: Path, b
         assert load_bundle(copy).members[0].head.bound is None
         return
     with pytest.raises(BundleError, match=r"bundle\.json.*vote_bound must be a positive"):
-        load_bundle(copy)
-
-
-@pytest.mark.parametrize("extra", [-0.25, "0.25", True, None])
-def test_a_bundle_with_a_broken_blob_extra_for_blood_is_refused(
-    trained, tmp_path: Path, extra
-) -> None:
-    """A negative extra weight would make a vote for blood count against it: one clear error
-    naming the bundle, not quietly inverted votes."""
-    from ichscan.models.bundle import BundleError, load_bundle
-
-    copy = edited_copy(trained[0], tmp_path, blob_extra_for_blood=extra)
-    with pytest.raises(BundleError, match=r"bundle\.json.*blob_extra_for_blood"):
         load_bundle(copy)
 
 

@@ -151,11 +151,6 @@ BLOB_WEIGHT = 0.25
 # confident mistake could outvote the rest (research/recipe_lab/SESSION13.md: ±6 was chosen
 # on five splits of each real set, then scored on fresh ones before it shipped).
 VOTE_BOUND = 6.0
-# The blob forest's vote for blood counts this much more than its vote against: a blob it
-# finds blood-like is specific evidence, a slice without one is weak evidence of no bleed
-# (a small, deep or thin bleed makes no blob that stands out). research/recipe_lab/
-# SESSION14.md: chosen on nine lab splits of each real set, then scored on fresh ones.
-BLOB_EXTRA_FOR_BLOOD = 0.25
 _CLIP = 1e-4
 
 
@@ -168,12 +163,6 @@ def member_weights(readers: int, blob_forest: bool = False) -> list[float]:
         + [FOREST_WEIGHT]
         + ([BLOB_WEIGHT] if blob_forest else [])
     )
-
-
-def extra_for_blood(readers: int, blob_extra: float) -> list[float]:
-    """Extra weight of each member's (bounded) logit when it is positive, in ``embed``'s
-    order: ``blob_extra`` for the blob forest, the last member, 0 for the others."""
-    return [0.0] * (2 * readers + 1) + [blob_extra]
 
 
 class LiteMaps(nn.Module):
@@ -380,58 +369,29 @@ def member_logits(
 
 class BoundedVotes(nn.Linear):
     """The fixed weighted sum of the member logits, each first clipped to ±``bound`` (None:
-    unbounded, as bundles from before session 13 were trained), plus ``extra_for_blood``
-    times each clipped logit's positive part (None: none, as before session 14): a member
-    whose vote for blood counts more than its vote against. A Linear underneath, so the
+    unbounded, as bundles from before session 13 were trained). A Linear underneath, so the
     state dict keeps the ``head.weight``/``head.bias`` of older bundles."""
 
-    def __init__(
-        self,
-        members: int,
-        weights: Sequence[float],
-        bound: float | None,
-        extra_for_blood: Sequence[float] | None = None,
-    ) -> None:
+    def __init__(self, members: int, weights: Sequence[float], bound: float | None) -> None:
         # A bound of 0 would make every slice 0.5 and a negative one every slice the same;
-        # bundle.json is hand-editable, so its values are checked here, where they are used.
-        if bound is not None and not _positive_number(bound):
-            raise ValueError(f"vote_bound must be a positive number of logits, not {bound!r}")
-        extra = list(extra_for_blood) if extra_for_blood is not None else [0.0] * members
-        if len(extra) != members or not all(
-            _positive_number(e) or (_number(e) and e == 0) for e in extra
+        # bundle.json is hand-editable, so its value is checked here, where it is used.
+        if bound is not None and (
+            isinstance(bound, bool)
+            or not isinstance(bound, (int, float))
+            or not 0 < bound < float("inf")
         ):
-            raise ValueError(
-                f"the extra weights for blood (bundle.json's blob_extra_for_blood) must be "
-                f"{members} numbers of at least 0, not {extra_for_blood!r}"
-            )
+            raise ValueError(f"vote_bound must be a positive number of logits, not {bound!r}")
         super().__init__(members, 1)
         self.bound = None if bound is None else float(bound)
         with torch.no_grad():
             self.weight.copy_(torch.tensor([list(weights)]))
             self.bias.zero_()
         self.requires_grad_(False)
-        # Not in the state dict: bundle.json holds it, and older bundles have no such key.
-        self.register_buffer(
-            "extra_for_blood", torch.tensor([float(e) for e in extra]), persistent=False
-        )
-        self._asymmetric = any(e > 0 for e in extra)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         if self.bound is not None:
             logits = logits.clamp(-self.bound, self.bound)
-        out = super().forward(logits)
-        if self._asymmetric:
-            extra = self.extra_for_blood.to(logits.dtype)
-            out = out + (logits.clamp(min=0) * extra).sum(dim=-1, keepdim=True)
-        return out
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _positive_number(value: object) -> bool:
-    return _number(value) and 0 < value < float("inf")  # type: ignore[operator]
+        return super().forward(logits)
 
 
 class SideInputs(NamedTuple):
@@ -460,16 +420,13 @@ class SmallSetModel(nn.Module):
         centre_share: float = CENTRE_SHARE,
         blob_forest_shape: tuple[int, int] | None = None,
         vote_bound: float | None = None,
-        blob_extra_for_blood: float = 0.0,
     ) -> None:
         """``maps``: one extractor per backbone of ``readers``, in order of first use, already
         built (training has them); else built here. ``centre_share``: the centre zoom's
         side as a share of the brain's extent (what the centre reader was trained on).
         ``blob_forest_shape``: None for a model without a blob forest (bundles from before
         session 12). ``vote_bound``: the bound on each member's logit before the sum (None
-        for bundles from before session 13; training gives VOTE_BOUND). ``blob_extra_for_blood``:
-        how much more the blob forest's vote for blood counts than its vote against (0 for
-        bundles from before session 14; training gives BLOB_EXTRA_FOR_BLOOD)."""
+        for bundles from before session 13; training gives VOTE_BOUND)."""
         super().__init__()
         self.readers = tuple(readers)
         self.centre_share = float(centre_share)
@@ -487,14 +444,7 @@ class SmallSetModel(nn.Module):
         self.source = source
         weights = member_weights(len(self.readers), self.has_blob_forest)
         self.embed_dim = len(weights)
-        if blob_extra_for_blood and not self.has_blob_forest:
-            raise ValueError("blob_extra_for_blood needs a model with a blob forest")
-        extra = (
-            extra_for_blood(len(self.readers), blob_extra_for_blood)
-            if self.has_blob_forest
-            else None
-        )
-        self.head = BoundedVotes(self.embed_dim, weights, vote_bound, extra)
+        self.head = BoundedVotes(self.embed_dim, weights, vote_bound)
         self._register_load_state_dict_pre_hook(_one_backbone_layout)
 
     @property
@@ -643,11 +593,6 @@ def small_set_config(model: SmallSetModel) -> dict[str, Any]:
         "forest_shape": list(model.forest.left.shape),
         "member_weights": member_weights(len(model.readers), model.has_blob_forest),
         **({"vote_bound": model.head.bound} if model.head.bound is not None else {}),
-        **(
-            {"blob_extra_for_blood": float(model.head.extra_for_blood[-1])}
-            if model.has_blob_forest and float(model.head.extra_for_blood[-1]) > 0
-            else {}
-        ),
         "density_features": N_FEATURES,
         "pooled_features": [lr.coef.numel() for lr in model.logistic],
         **({"centre_share": model.centre_share} if model.needs_centre else {}),
@@ -683,7 +628,6 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
         centre_share=float(spec.get("centre_share", CENTRE_SHARE)),
         blob_forest_shape=None if blob_shape is None else (int(blob_shape[0]), int(blob_shape[1])),
         vote_bound=spec.get("vote_bound"),
-        blob_extra_for_blood=spec.get("blob_extra_for_blood", 0.0),
     )
 
 

@@ -29,9 +29,8 @@ Steps (ichscan.models.small_set describes the model):
    scores every bright blob of a slice (and of its mirror image) on its own and learns by
    multiple-instance learning: first every blob of a positive slice counts as blood, then
    only the two that the forest's out-of-bag votes find most blood-like.
-4. The members' logits, each bounded to ±6, are summed with fixed weights, the blob
-   forest's vote for blood at twice its vote against (ichscan.models.small_set.BoundedVotes,
-   research/recipe_lab/SESSION14.md); training's ``combine`` does the same.
+4. The members' logits, each bounded to ±6, are summed with fixed weights
+   (ichscan.models.small_set.BoundedVotes); training's ``combine`` does the same.
 5. The decision threshold comes from inner cross-validation on the training slices (the
    ensemble refitted without each inner fold and scored on it): by default where a logistic
    calibration of those scores crosses 0.5 (``--threshold calibrated``), which did as well
@@ -63,7 +62,6 @@ from ichscan.models.bundle import input_spec, new_config, save_bundle
 from ichscan.models.forest import ForestModule
 from ichscan.models.small_set import (
     BACKBONES,
-    BLOB_EXTRA_FOR_BLOOD,
     CENTRE_READER,
     CROP_PLANES,
     CROP_SIZE,
@@ -79,7 +77,6 @@ from ichscan.models.small_set import (
     Reader,
     SmallSetModel,
     chunked_maps,
-    extra_for_blood,
     member_logits,
     member_weights,
     pooled_features,
@@ -473,12 +470,10 @@ def members_logits(
 
 def combine(logits: np.ndarray) -> np.ndarray:
     """[V, N, 2·R + 2] member logits → [N] probability: the model's own head (BoundedVotes,
-    the bounded weighted sum, the blob forest's vote for blood weighed more) per view,
-    sigmoid, mean over views (the predictor's TTA)."""
+    the bounded weighted sum) per view, sigmoid, mean over views (the predictor's TTA)."""
     members = logits.shape[-1]
     weights = member_weights((members - 2) // 2, blob_forest=True)
-    extra = extra_for_blood((members - 2) // 2, BLOB_EXTRA_FOR_BLOOD)
-    votes = BoundedVotes(members, weights, VOTE_BOUND, extra).double()
+    votes = BoundedVotes(members, weights, VOTE_BOUND).double()
     with torch.no_grad():
         z = votes(torch.from_numpy(np.asarray(logits, dtype=np.float64)))[..., 0]
     return torch.sigmoid(z).mean(0).numpy()
@@ -664,7 +659,6 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
         maps=list(extractors.values()),
         blob_forest_shape=tuple(final.blob_forest.left.shape),
         vote_bound=VOTE_BOUND,
-        blob_extra_for_blood=BLOB_EXTRA_FOR_BLOOD,
     )
     model.mil = torch.nn.ModuleList(final.mil)
     model.logistic = torch.nn.ModuleList(final.logistic)
