@@ -6,8 +6,8 @@
 # run, all eight on one GPU at once (two data-loader workers each: 16 cores). `--select
 # last`: no epoch is chosen on the fold being scored.
 #
-# Sized for one device call (10 minutes at most; a session has 15 minutes of device time,
-# the machine's start included). Here first, where the registries are reachable:
+# The `gpu` tests run first. Sized for one device call (10 minutes at most; a session has 15
+# minutes of device time, the machine's start included): about 1 + 7 minutes. Here first, where the registries are reachable:
 #   bash research/recipe_lab/gpu_stage.sh          # wheels + the two sets into .gpu/
 #   SMOKE=1 bash research/recipe_lab/gpu_finetune.sh   # the same script on this CPU, tiny
 # then one device call: command "bash research/recipe_lab/gpu_finetune.sh", carry [".gpu"],
@@ -16,7 +16,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench_out/gpu_ft}
-LIMIT=${LIMIT:-480}  # seconds per run: a run that overruns is stopped and says so
+LIMIT=${LIMIT:-420}  # seconds per run: a run that overruns is stopped and says so
 PY=${PYTHON:-python3}
 [ -d .gpu/whl ] && [ -d .gpu/data ] || { echo "gpu_finetune: no .gpu/: run gpu_stage.sh here first"; exit 1; }
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -36,6 +36,12 @@ rm -rf "$RUNS" && mkdir -p "$RUNS"
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU";
   "$PY" -c "import torch, ichscan; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } > "$RUNS/environment.txt" 2>&1 || { cat "$RUNS/environment.txt"; exit 1; }
+# First the `gpu` tests (synthetic data, about a minute): mixed precision, predicting on the
+# GPU as on the CPU, the Lite maps on CUDA. They have never run: no GPU was lent before.
+GPU_TESTS="tests/train/test_small_set.py tests/train/test_loop.py tests/models/test_lite_maps.py
+  tests/infer/test_predictor.py"
+timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -rs $GPU_TESTS > "$RUNS/gpu_tests.txt" 2>&1
+echo "exit $?" >> "$RUNS/gpu_tests.txt"
 started=$(date +%s)
 setting() {  # name, then the training options that make it (after EXTRA: they win)
   local name=$1; shift
@@ -58,6 +64,7 @@ else
 fi
 wait
 { cat "$RUNS/environment.txt"
+  echo "== gpu tests"; tail -12 "$RUNS/gpu_tests.txt"
   for f in "$RUNS"/*.log; do
     echo "== $(basename "$f" .log)"
     grep -q "ROC AUC" "$f" && grep -E "ROC AUC|accuracy|training time|^exit" "$f" || tail -4 "$f"
