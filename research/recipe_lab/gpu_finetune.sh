@@ -7,7 +7,8 @@
 # last`: no epoch is chosen on the fold being scored.
 #
 # The `gpu` tests run first. Sized for one device call (10 minutes at most; a session has 15
-# minutes of device time, the machine's start included): about 1 + 7 minutes. Here first, where the registries are reachable:
+# minutes of device time, the machine's start included): about 1 + 7 minutes. Here first,
+# where the registries are reachable:
 #   bash research/recipe_lab/gpu_stage.sh          # wheels + the two sets into .gpu/
 #   SMOKE=1 bash research/recipe_lab/gpu_finetune.sh   # the same script on this CPU, tiny
 # then one device call: command "bash research/recipe_lab/gpu_finetune.sh", carry [".gpu"],
@@ -31,8 +32,10 @@ else
   SETS="head_ct rsna_png"; EXTRA="--device cuda"; WORKERS=2
 fi
 export PYTHONUNBUFFERED=1
-RUNS=$OUT/runs
-rm -rf "$RUNS" && mkdir -p "$RUNS"
+# The runs' fold bundles stay outside $OUT: the device tool returns what $OUT holds (8 files
+# at most), so only the summary and the tar of logs and metrics go there.
+RUNS=${RUNS:-/tmp/ichscan_gpu_ft}
+rm -rf "$RUNS" && mkdir -p "$RUNS" "$OUT"
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo "no GPU";
   "$PY" -c "import torch, ichscan; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 } > "$RUNS/environment.txt" 2>&1 || { cat "$RUNS/environment.txt"; exit 1; }
@@ -71,6 +74,7 @@ wait
   done
 } > "$OUT/summary.txt"
 # Logs, metrics and predictions only: the fold bundles stay behind (the tool returns 8 files).
+OUT_ABS=$(cd "$OUT" && pwd)
 (cd "$RUNS" && find . -name '*.log' -o -name '*.json' -o -name '*.csv' -o -name '*.txt' \
-  | tar czf ../runs.tar.gz -T -)
+  | tar czf "$OUT_ABS/runs.tar.gz" -T -)
 cat "$OUT/summary.txt"

@@ -62,13 +62,9 @@ Rule = Callable[[list[np.ndarray], np.ndarray, np.ndarray], np.ndarray]
 
 RULES: dict[str, Rule] = {
     "ships": shipped,
-    # the blob forest's vote for blood counts twice, its vote against as shipped
-    "b+0.5": lambda r, f, b: weighted_sum(r, f, BOUND)
-    + 0.25 * np.clip(b, -BOUND, BOUND)
-    + 0.25 * np.clip(b, 0, BOUND),
-    "b+0.75": lambda r, f, b: weighted_sum(r, f, BOUND)
-    + 0.25 * np.clip(b, -BOUND, BOUND)
-    + 0.5 * np.clip(b, 0, BOUND),
+    # the blob forest's vote for blood counts twice (three times), its vote against as shipped
+    "b+0.5": lambda r, f, b: shipped(r, f, b) + 0.25 * np.clip(b, 0, BOUND),
+    "b+0.75": lambda r, f, b: shipped(r, f, b) + 0.5 * np.clip(b, 0, BOUND),
     "b0.5": lambda r, f, b: shipped(r, f, b, 0.5),
 }
 
