@@ -48,6 +48,21 @@ def blob_tables(cache_dir: str) -> np.ndarray:
     return np.stack([batch_blobs(brain), batch_blobs(np.ascontiguousarray(brain[..., ::-1]))])
 
 
+def fold_blob_logits(tables: np.ndarray, runs: list, fit_on: np.ndarray | None = None):
+    """Per fold of saved BRAIN[+HEAD[+ZOOM]] runs: fold_parts' (rows, labels, readers, density
+    forest) and the blob forest's [V, N] validation logits, the forest fitted on the fold's
+    training slices among ``fit_on`` (default: all) from ``tables`` ([2, N, MAX_BLOBS, F])."""
+    y_all = runs[0]["y"]
+    fit_on = np.arange(len(y_all)) if fit_on is None else fit_on
+    for fold, (rows, y, readers, forest) in enumerate(fold_parts(runs)):
+        blob_forest = fit_blob_forest(tables, np.setdiff1d(fit_on, rows), y_all, fold)
+        with torch.no_grad():
+            blob = np.stack(
+                [blob_logit(blob_forest, torch.from_numpy(t[rows])).numpy() for t in tables]
+            )
+        yield rows, y, readers, forest, blob
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--main", action="store_true", help="fit on the main set only")
@@ -58,16 +73,10 @@ def main() -> None:
     tables = blob_tables(args.cache)
     for group in args.groups:
         runs = [np.load(p) for p in group.split("+")]
-        y_all, source = runs[0]["y"], runs[0]["source"]
-        fit_on = np.flatnonzero(source == 0) if args.main else np.arange(len(y_all))
+        fit_on = np.flatnonzero(runs[0]["source"] == 0) if args.main else None
         scores: dict[str, list[np.ndarray]] = {k: [] for k in RULES}
         labels, wrong = [], []
-        for fold, (rows, y, readers, forest) in enumerate(fold_parts(runs)):
-            blob_forest = fit_blob_forest(tables, np.setdiff1d(fit_on, rows), y_all, fold)
-            with torch.no_grad():
-                blob = np.stack(
-                    [blob_logit(blob_forest, torch.from_numpy(t[rows])).numpy() for t in tables]
-                )
+        for rows, y, readers, forest, blob in fold_blob_logits(tables, runs, fit_on):
             five = weighted_sum(readers, forest)
             for name, z in (
                 ("five", five),

@@ -16,16 +16,13 @@ import types
 from pathlib import Path
 
 import numpy as np
-import torch
+from blob_rules import fold_blob_logits
 from scipy.special import expit
 from vote_rules import blob_path, shipped
-from zoom_rules import fold_parts
 
 import ichscan.models.blobs
 from ichscan.data.cache import PreparedCache
 from ichscan.evaluate.metrics import roc_auc
-from ichscan.models.small_set import blob_logit
-from ichscan.train.small_set import fit_blob_forest
 
 CSF_BELOW = 75
 
@@ -58,15 +55,9 @@ def main() -> None:
     )
     for group in groups:
         runs = [np.load(p) for p in group.split("+")]
-        y_all, cached = runs[0]["y"], np.load(blob_path(group))
+        cached = np.load(blob_path(group))
         ys, probs = [], {"ships": [], "dark": []}
-        for fold, (rows, y, readers, forest) in enumerate(fold_parts(runs)):
-            fit = np.setdiff1d(np.arange(len(y_all)), rows)
-            dark_forest = fit_blob_forest(tables, fit, y_all, fold)
-            with torch.no_grad():
-                dark = np.stack(
-                    [blob_logit(dark_forest, torch.from_numpy(t[rows])).numpy() for t in tables]
-                )
+        for fold, (_, y, readers, forest, dark) in enumerate(fold_blob_logits(tables, runs)):
             for name, blob in (("ships", cached[f"blob_{fold}"]), ("dark", dark)):
                 probs[name].append(expit(shipped(readers, forest, blob)).mean(0))
             ys.append(y)

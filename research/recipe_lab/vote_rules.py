@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.special import expit
 from zoom_rules import fold_parts, weighted_sum
 
@@ -34,23 +33,13 @@ def blob_path(group: str) -> Path:
 
 
 def dump(cache: str, groups: list[str]) -> None:
-    from blob_rules import blob_tables
-
-    from ichscan.models.small_set import blob_logit
-    from ichscan.train.small_set import fit_blob_forest
+    from blob_rules import blob_tables, fold_blob_logits
 
     tables = blob_tables(cache)
     for group in groups:
         runs = [np.load(p) for p in group.split("+")]
-        y_all = runs[0]["y"]
-        out = {}
-        for fold, (rows, _, _, _) in enumerate(fold_parts(runs)):
-            forest = fit_blob_forest(tables, np.setdiff1d(np.arange(len(y_all)), rows), y_all, fold)
-            with torch.no_grad():
-                out[f"blob_{fold}"] = np.stack(
-                    [blob_logit(forest, torch.from_numpy(t[rows])).numpy() for t in tables]
-                )
-        np.savez(blob_path(group), **out)
+        parts = fold_blob_logits(tables, runs)
+        np.savez(blob_path(group), **{f"blob_{i}": p[-1] for i, p in enumerate(parts)})
         print("wrote", blob_path(group), flush=True)
 
 
