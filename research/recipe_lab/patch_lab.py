@@ -75,7 +75,9 @@ def blob_boxes(grey: np.ndarray) -> np.ndarray:
             continue
         ys, xs = np.nonzero(labels[found[j]] == j + 1)
         r, c = found[j][0].start + top0 + ys.mean(), found[j][1].start + left0 + xs.mean()
-        out.append((r, c, found[j][0].stop - found[j][0].start, found[j][1].stop - found[j][1].start))
+        out.append(
+            (r, c, found[j][0].stop - found[j][0].start, found[j][1].stop - found[j][1].start)
+        )
     return np.asarray(out, dtype=np.float64).reshape(-1, 4)
 
 
@@ -160,15 +162,18 @@ def dump(cache: str, patch_file: str, groups: list[str]) -> None:
         print("wrote", patch_path(group), flush=True)
 
 
-def score(groups: list[str]) -> None:
-    totals: dict[str, list] = {k: [0, 0, []] for k in ("ships", "patch")}
+def score(groups: list[str], name: str = "patch", path=None) -> None:
+    """Pooled AUC and slices right at 0.5 of the shipped rule and of the candidate (its
+    forest's logits, ``{name}_{fold}`` in ``path(group)``, in the blob forest's place)."""
+    path = path or patch_path
+    totals: dict[str, list] = {k: [0, 0, []] for k in ("ships", name)}
     for group in groups:
         runs = [np.load(p) for p in group.split("+")]
-        blobs, cand = np.load(blob_path(group)), np.load(patch_path(group))
+        blobs, cand = np.load(blob_path(group)), np.load(path(group))
         ys, probs = [], {k: [] for k in totals}
         for fold, (_, y, readers, forest) in enumerate(fold_parts(runs)):
             base = weighted_sum(readers, forest, BOUND)
-            for k, b in (("ships", blobs[f"blob_{fold}"]), ("patch", cand[f"patch_{fold}"])):
+            for k, b in (("ships", blobs[f"blob_{fold}"]), (name, cand[f"{name}_{fold}"])):
                 probs[k].append(expit(base + 0.25 * np.clip(b, -BOUND, BOUND)).mean(0))
             ys.append(y)
         y = np.concatenate(ys)
