@@ -32,12 +32,10 @@ import numpy as np
 import torch
 from blob_rules import blob_tables
 from scipy import ndimage as ndi
-from scipy.special import expit
-from vote_rules import BOUND, blob_path
-from zoom_rules import fold_parts, weighted_sum
+from vote_rules import score, shipped
+from zoom_rules import fold_parts
 
 from ichscan.data.cache import PreparedCache
-from ichscan.evaluate.metrics import roc_auc
 from ichscan.models import blobs as B
 from ichscan.models.small_set import LiteMaps, blob_logit
 from ichscan.preprocess.head_crop import brain_region
@@ -162,53 +160,23 @@ def dump(cache: str, patch_file: str, groups: list[str]) -> None:
         print("wrote", patch_path(group), flush=True)
 
 
-def score(groups: list[str], name: str = "patch", path=None) -> None:
-    """Pooled AUC and slices right at 0.5 of the shipped rule and of the candidate (its
-    forest's logits, ``{name}_{fold}`` in ``path(group)``, in the blob forest's place)."""
-    path = path or patch_path
-    totals: dict[str, list] = {k: [0, 0, []] for k in ("ships", name)}
-    for group in groups:
-        runs = [np.load(p) for p in group.split("+")]
-        blobs, cand = np.load(blob_path(group)), np.load(path(group))
-        ys, probs = [], {k: [] for k in totals}
-        for fold, (_, y, readers, forest) in enumerate(fold_parts(runs)):
-            base = weighted_sum(readers, forest, BOUND)
-            for k, b in (("ships", blobs[f"blob_{fold}"]), (name, cand[f"{name}_{fold}"])):
-                probs[k].append(expit(base + 0.25 * np.clip(b, -BOUND, BOUND)).mean(0))
-            ys.append(y)
-        y = np.concatenate(ys)
-        parts = [Path(group.split("+")[0]).stem]
-        for k, t in totals.items():
-            p = np.concatenate(probs[k])
-            auc, right = roc_auc(y, p), int(((p >= 0.5) == y).sum())
-            t[0] += right
-            t[1] += len(y)
-            t[2].append(auc)
-            parts.append(f"{k}: {auc:.4f} {right}")
-        print("  ".join(parts), flush=True)
-    print(
-        "all  "
-        + "  ".join(
-            f"{k}: mean AUC {np.mean(t[2]):.4f} right {t[0]} of {t[1]}" for k, t in totals.items()
-        )
-    )
-
-
-def main() -> None:
+def lab_cli(name: str, dump_fn, path_fn) -> None:
+    """``dump CACHE STORE.npz GROUP...`` or ``score GROUP...`` for a blob-forest candidate
+    whose per-fold logits ``dump_fn`` writes to ``path_fn(group)`` as ``{name}_{fold}``."""
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("dump")
     d.add_argument("cache")
-    d.add_argument("patches")
+    d.add_argument("store", help="where the per-slice inputs of the candidate are cached")
     d.add_argument("groups", nargs="+")
     s = sub.add_parser("score")
     s.add_argument("groups", nargs="+")
     args = parser.parse_args()
     if args.command == "dump":
-        dump(args.cache, args.patches, args.groups)
+        dump_fn(args.cache, args.store, args.groups)
     else:
-        score(args.groups)
+        score(args.groups, {"ships": shipped}, {name: path_fn})
 
 
 if __name__ == "__main__":
-    main()
+    lab_cli("patch", dump, patch_path)

@@ -20,13 +20,12 @@ this forest's logit in the blob forest's place.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 from blob_rules import blob_tables
-from patch_lab import blob_boxes, score
+from patch_lab import blob_boxes, lab_cli
 from scipy import ndimage as ndi
 from zoom_rules import fold_parts
 
@@ -153,21 +152,5 @@ def dump(cache: str, synth_file: str, groups: list[str]) -> None:
         print("wrote", synth_path(group), flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("dump")
-    d.add_argument("cache")
-    d.add_argument("synth")
-    d.add_argument("groups", nargs="+")
-    s = sub.add_parser("score")
-    s.add_argument("groups", nargs="+")
-    args = parser.parse_args()
-    if args.command == "dump":
-        dump(args.cache, args.synth, args.groups)
-    else:
-        score(args.groups, "synth", synth_path)
-
-
 if __name__ == "__main__":
-    main()
+    lab_cli("synth", dump, synth_path)

@@ -58,20 +58,32 @@ RULES: dict[str, Rule] = {
 }
 
 
-def score(groups: list[str], rules: dict[str, Rule]) -> None:
-    totals = {k: [0, 0, []] for k in rules}
+def score(
+    groups: list[str],
+    rules: dict[str, Rule],
+    candidates: dict[str, Callable[[str], Path]] | None = None,
+) -> None:
+    """``candidates``: name → where a group's other blob-forest logits are (``{name}_{fold}``,
+    patch_lab.py, synth_lab.py), scored as the shipped rule with them in the blob forest's
+    place."""
+    candidates = candidates or {}
+    names = [*rules, *candidates]
+    totals = {k: [0, 0, []] for k in names}
     for group in groups:
         runs = [np.load(p) for p in group.split("+")]
         blobs = np.load(blob_path(group))
-        ys, probs = [], {k: [] for k in rules}
+        others = {k: np.load(path(group)) for k, path in candidates.items()}
+        ys, probs = [], {k: [] for k in names}
         for fold, (_, y, readers, forest) in enumerate(fold_parts(runs)):
             blob = blobs[f"blob_{fold}"]
             for k, rule in rules.items():
                 probs[k].append(expit(rule(readers, forest, blob)).mean(0))
+            for k, other in others.items():
+                probs[k].append(expit(shipped(readers, forest, other[f"{k}_{fold}"])).mean(0))
             ys.append(y)
         y = np.concatenate(ys)
         parts = [Path(group.split("+")[0]).stem]
-        for k in rules:
+        for k in names:
             p = np.concatenate(probs[k])
             auc, right = roc_auc(y, p), int(((p >= 0.5) == y).sum())
             totals[k][0] += right
