@@ -55,6 +55,12 @@ RULES: dict[str, Rule] = {
     "b+0.5": lambda r, f, b: shipped(r, f, b) + 0.25 * np.clip(b, 0, BOUND),
     "b+0.75": lambda r, f, b: shipped(r, f, b) + 0.5 * np.clip(b, 0, BOUND),
     "b0.5": lambda r, f, b: shipped(r, f, b, 0.5),
+    # session 15: the density forest's vote against blood bounded at -2 (a whole-slice
+    # statistic cannot rule out a small bleed)
+    "dfloor": lambda r, f, b: (
+        shipped(r, f, b)
+        + 0.25 * (np.clip(f[..., 0], -2, BOUND) - np.clip(f[..., 0], -BOUND, BOUND))
+    ),
 }
 
 
