@@ -26,6 +26,7 @@ CACHE is the prepared cache the runs were made from (its row order is theirs).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -48,19 +49,46 @@ def blob_tables(cache_dir: str) -> np.ndarray:
     return np.stack([batch_blobs(brain), batch_blobs(np.ascontiguousarray(brain[..., ::-1]))])
 
 
-def fold_blob_logits(tables: np.ndarray, runs: list, fit_on: np.ndarray | None = None):
+def fold_forest_logits(runs: list, fit: Callable):
     """Per fold of saved BRAIN[+HEAD[+ZOOM]] runs: fold_parts' (rows, labels, readers, density
-    forest) and the blob forest's [V, N] validation logits, the forest fitted on the fold's
-    training slices among ``fit_on`` (default: all) from ``tables`` ([2, N, MAX_BLOBS, F])."""
+    forest) and a blob forest's [V, N] validation logits, where ``fit(train, y, fold)`` gives
+    the forest fitted on the fold's training slices and the [V, N, MAX_BLOBS, F] tables it
+    reads."""
     y_all = runs[0]["y"]
-    fit_on = np.arange(len(y_all)) if fit_on is None else fit_on
+    everything = np.arange(len(y_all))
     for fold, (rows, y, readers, forest) in enumerate(fold_parts(runs)):
-        blob_forest = fit_blob_forest(tables, np.setdiff1d(fit_on, rows), y_all, fold)
+        blob_forest, tables = fit(np.setdiff1d(everything, rows), y_all, fold)
         with torch.no_grad():
             blob = np.stack(
                 [blob_logit(blob_forest, torch.from_numpy(t[rows])).numpy() for t in tables]
             )
         yield rows, y, readers, forest, blob
+
+
+def blob_fit(tables: np.ndarray, fit_on: np.ndarray | None = None) -> Callable:
+    """The ``fit`` of fold_forest_logits for the product's blob forest on ``tables`` ([2, N,
+    MAX_BLOBS, F]), fitted on the fold's training slices among ``fit_on`` (default: all)."""
+
+    def fit(train: np.ndarray, y: np.ndarray, fold: int):
+        rows = train if fit_on is None else np.intersect1d(train, fit_on)
+        return fit_blob_forest(tables, rows, y, fold), tables
+
+    return fit
+
+
+def fold_blob_logits(tables: np.ndarray, runs: list, fit_on: np.ndarray | None = None):
+    """fold_forest_logits of the product's blob forest (blob_fit)."""
+    return fold_forest_logits(runs, blob_fit(tables, fit_on))
+
+
+def dump_fold_logits(groups: list[str], name: str, path: Callable, fit: Callable) -> None:
+    """Save each group's fold_forest_logits(runs, fit) in ``path(group)`` as
+    ``{name}_{fold}`` (what vote_rules.score reads)."""
+    for group in groups:
+        runs = [np.load(p) for p in group.split("+")]
+        parts = fold_forest_logits(runs, fit)
+        np.savez(path(group), **{f"{name}_{i}": p[-1] for i, p in enumerate(parts)})
+        print("wrote", path(group), flush=True)
 
 
 def main() -> None:

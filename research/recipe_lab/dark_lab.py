@@ -6,23 +6,22 @@ whose shipped blob logits `vote_rules.py dump` cached, and the shipped rule scor
 (pooled AUC, right at 0.5). Result in SESSION14.md: no help.
 
     PYTHONPATH=src:research/recipe_lab .venv/bin/python research/recipe_lab/dark_lab.py \
-        CACHE BRAIN.npz+HEAD.npz+ZOOM.npz [...]
+        dump CACHE TABLES.npz BRAIN.npz+HEAD.npz+ZOOM.npz [...]
+    PYTHONPATH=src:research/recipe_lab .venv/bin/python research/recipe_lab/dark_lab.py \
+        score BRAIN.npz+HEAD.npz+ZOOM.npz [...]
 """
 
 from __future__ import annotations
 
-import sys
 import types
 from pathlib import Path
 
 import numpy as np
-from blob_rules import fold_blob_logits
-from scipy.special import expit
-from vote_rules import blob_path, shipped
+from blob_rules import blob_fit, dump_fold_logits
+from vote_rules import lab_cli
 
 import ichscan.models.blobs
 from ichscan.data.cache import PreparedCache
-from ichscan.evaluate.metrics import roc_auc
 
 CSF_BELOW = 75
 
@@ -45,29 +44,24 @@ def forked_blobs() -> types.ModuleType:
     return module
 
 
-def main() -> None:
-    cache_dir, groups = sys.argv[1], sys.argv[2:]
-    blobs = forked_blobs()
-    cache = PreparedCache(cache_dir)
-    brain = np.stack([np.asarray(cache[int(r)])[..., 0] for r in np.flatnonzero(cache.ok)])
-    tables = np.stack(
-        [blobs.batch_blobs(brain), blobs.batch_blobs(np.ascontiguousarray(brain[..., ::-1]))]
-    )
-    for group in groups:
-        runs = [np.load(p) for p in group.split("+")]
-        cached = np.load(blob_path(group))
-        ys, probs = [], {"ships": [], "dark": []}
-        for fold, (_, y, readers, forest, dark) in enumerate(fold_blob_logits(tables, runs)):
-            for name, blob in (("ships", cached[f"blob_{fold}"]), ("dark", dark)):
-                probs[name].append(expit(shipped(readers, forest, blob)).mean(0))
-            ys.append(y)
-        y = np.concatenate(ys)
-        line = [Path(group.split("+")[0]).stem]
-        for name, parts in probs.items():
-            p = np.concatenate(parts)
-            line.append(f"{name}: AUC {roc_auc(y, p):.4f} right {int(((p >= 0.5) == y).sum())}")
-        print("  ".join(line), flush=True)
+def dark_path(group: str) -> Path:
+    return Path(group.split("+")[0]).with_suffix(".dark.npz")
+
+
+def dump(cache_dir: str, store: str, groups: list[str]) -> None:
+    """The forked blob tables of every slice and its mirror (cached in ``store``), then each
+    group's blob forest on them per fold, saved as ``dark_{fold}``."""
+    if Path(store).exists():
+        tables = np.load(store)["tables"]
+    else:
+        blobs = forked_blobs()
+        cache = PreparedCache(cache_dir)
+        brain = np.stack([np.asarray(cache[int(r)])[..., 0] for r in np.flatnonzero(cache.ok)])
+        mirror = np.ascontiguousarray(brain[..., ::-1])
+        tables = np.stack([blobs.batch_blobs(brain), blobs.batch_blobs(mirror)])
+        np.savez(store, tables=tables)
+    dump_fold_logits(groups, "dark", dark_path, blob_fit(tables))
 
 
 if __name__ == "__main__":
-    main()
+    lab_cli("dark", dump, dark_path)

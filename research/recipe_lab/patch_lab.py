@@ -25,19 +25,17 @@ logits for the shipped rule).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
-from blob_rules import blob_tables
+from blob_rules import blob_tables, dump_fold_logits
 from scipy import ndimage as ndi
-from vote_rules import score, shipped
-from zoom_rules import fold_parts
+from vote_rules import lab_cli
 
 from ichscan.data.cache import PreparedCache
 from ichscan.models import blobs as B
-from ichscan.models.small_set import LiteMaps, blob_logit
+from ichscan.models.small_set import LiteMaps
 from ichscan.preprocess.head_crop import brain_region
 from ichscan.train.small_set import fit_blob_forest
 
@@ -144,38 +142,12 @@ def dump(cache: str, patch_file: str, groups: list[str]) -> None:
     assert features.shape[:3] == tables.shape[:3]
     # The boxes are blob_table's rows: a patch exactly where the table has a blob.
     assert np.array_equal(np.abs(features).sum(-1) > 0, B.blob_present(tables))
-    for group in groups:
-        runs = [np.load(p) for p in group.split("+")]
-        y_all = runs[0]["y"]
-        out = {}
-        for fold, (rows, _, _, _) in enumerate(fold_parts(runs)):
-            train = np.setdiff1d(np.arange(len(y_all)), rows)
-            enriched = with_components(tables, features, train)
-            forest = fit_blob_forest(enriched, train, y_all, fold)
-            with torch.no_grad():
-                out[f"patch_{fold}"] = np.stack(
-                    [blob_logit(forest, torch.from_numpy(t[rows])).numpy() for t in enriched]
-                )
-        np.savez(patch_path(group), **out)
-        print("wrote", patch_path(group), flush=True)
 
+    def fit(train: np.ndarray, y: np.ndarray, fold: int):
+        enriched = with_components(tables, features, train)
+        return fit_blob_forest(enriched, train, y, fold), enriched
 
-def lab_cli(name: str, dump_fn, path_fn) -> None:
-    """``dump CACHE STORE.npz GROUP...`` or ``score GROUP...`` for a blob-forest candidate
-    whose per-fold logits ``dump_fn`` writes to ``path_fn(group)`` as ``{name}_{fold}``."""
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("dump")
-    d.add_argument("cache")
-    d.add_argument("store", help="where the per-slice inputs of the candidate are cached")
-    d.add_argument("groups", nargs="+")
-    s = sub.add_parser("score")
-    s.add_argument("groups", nargs="+")
-    args = parser.parse_args()
-    if args.command == "dump":
-        dump_fn(args.cache, args.store, args.groups)
-    else:
-        score(args.groups, {"ships": shipped}, {name: path_fn})
+    dump_fold_logits(groups, "patch", patch_path, fit)
 
 
 if __name__ == "__main__":

@@ -23,15 +23,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-from blob_rules import blob_tables
-from patch_lab import blob_boxes, lab_cli
+from blob_rules import blob_tables, dump_fold_logits
+from patch_lab import blob_boxes
 from scipy import ndimage as ndi
-from zoom_rules import fold_parts
+from vote_rules import lab_cli
 
 from ichscan.data.cache import PreparedCache
 from ichscan.models.blobs import blob_present, blob_table
-from ichscan.models.small_set import blob_logit
 from ichscan.preprocess.head_crop import brain_region
 from ichscan.train import small_set as ss
 from ichscan.train.small_set import ForestModule, _blob_trees
@@ -137,19 +135,12 @@ def dump(cache: str, synth_file: str, groups: list[str]) -> None:
     tables = blob_tables(cache)
     y_all = np.load(groups[0].split("+")[0])["y"]
     extra, owner = synthetic_rows(cache, y_all, Path(synth_file))
-    for group in groups:
-        runs = [np.load(p) for p in group.split("+")]
-        assert np.array_equal(runs[0]["y"], y_all)
-        out = {}
-        for fold, (rows, _, _, _) in enumerate(fold_parts(runs)):
-            train = np.setdiff1d(np.arange(len(y_all)), rows)
-            forest = fit_with_synthetic(tables, train, y_all, fold, extra[np.isin(owner, train)])
-            with torch.no_grad():
-                out[f"synth_{fold}"] = np.stack(
-                    [blob_logit(forest, torch.from_numpy(t[rows])).numpy() for t in tables]
-                )
-        np.savez(synth_path(group), **out)
-        print("wrote", synth_path(group), flush=True)
+
+    def fit(train: np.ndarray, y: np.ndarray, fold: int):
+        assert np.array_equal(y, y_all), "groups on different slices"
+        return fit_with_synthetic(tables, train, y, fold, extra[np.isin(owner, train)]), tables
+
+    dump_fold_logits(groups, "synth", synth_path, fit)
 
 
 if __name__ == "__main__":

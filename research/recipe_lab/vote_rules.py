@@ -33,14 +33,9 @@ def blob_path(group: str) -> Path:
 
 
 def dump(cache: str, groups: list[str]) -> None:
-    from blob_rules import blob_tables, fold_blob_logits
+    from blob_rules import blob_fit, blob_tables, dump_fold_logits
 
-    tables = blob_tables(cache)
-    for group in groups:
-        runs = [np.load(p) for p in group.split("+")]
-        parts = fold_blob_logits(tables, runs)
-        np.savez(blob_path(group), **{f"blob_{i}": p[-1] for i, p in enumerate(parts)})
-        print("wrote", blob_path(group), flush=True)
+    dump_fold_logits(groups, "blob", blob_path, blob_fit(blob_tables(cache)))
 
 
 def shipped(readers, forest, blob, w_blob=0.25):
@@ -103,6 +98,25 @@ def score(
             f"{k}: mean AUC {np.mean(t[2]):.4f} right {t[0]} of {t[1]}" for k, t in totals.items()
         )
     )
+
+
+def lab_cli(name: str, dump_fn: Callable, path_fn: Callable[[str], Path]) -> None:
+    """``dump CACHE STORE.npz GROUP...`` or ``score GROUP...`` for a blob-forest candidate
+    whose per-fold logits ``dump_fn`` writes to ``path_fn(group)`` as ``{name}_{fold}``
+    (patch_lab.py, synth_lab.py, dark_lab.py)."""
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dump")
+    d.add_argument("cache")
+    d.add_argument("store", help="where the per-slice inputs of the candidate are cached")
+    d.add_argument("groups", nargs="+")
+    s = sub.add_parser("score")
+    s.add_argument("groups", nargs="+")
+    args = parser.parse_args()
+    if args.command == "dump":
+        dump_fn(args.cache, args.store, args.groups)
+    else:
+        score(args.groups, {"ships": shipped}, {name: path_fn})
 
 
 def main() -> None:
