@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ichscan.errors import InputError, MissingDecoderError
 from ichscan.io.dicom import (
@@ -130,6 +132,14 @@ def test_padding_value_inside_hu_range_is_still_air() -> None:
     assert table[3000] == -1024 and table[2999] == 2999 - 1024
 
 
+def test_padding_value_outside_the_stored_bits_is_still_air() -> None:
+    """12-bit unsigned with PixelPaddingValue 63536 (-2000 written as US): the padding word
+    is air although masking to 12 bits would read it as 2096."""
+    enc = PixelEncoding(16, 12, False, 1.0, -1024.0, 63536, None, False)
+    table = hu_lookup_table(enc)
+    assert table[63536] == -1024 and table[2096] == 2096 - 1024
+
+
 def test_signed_12_bit_with_and_without_sign_extension() -> None:
     enc = PixelEncoding(16, 12, True, 1.0, 0.0, None, None, False)
     table = hu_lookup_table(enc)
@@ -140,21 +150,72 @@ def test_signed_12_bit_with_and_without_sign_extension() -> None:
     assert table[100] == 100
 
 
-def test_monochrome1_with_rescale_gives_true_hu(tmp_path: Path, phantom_volume: np.ndarray) -> None:
-    path = _one_slice(tmp_path, phantom_volume[6], photometric="MONOCHROME1")
+@pytest.mark.parametrize("storage", ["int16", "uint16", "uint12"])
+def test_monochrome1_with_rescale_gives_true_hu(
+    tmp_path: Path, phantom_volume: np.ndarray, storage: str
+) -> None:
+    """The mirror is folded into a negative slope; for 12-bit unsigned storage that is slope
+    -1 with intercept 3071, which must not be taken for an RSNA wrapped image."""
+    path = _one_slice(tmp_path, phantom_volume[6], photometric="MONOCHROME1", storage=storage)
     ds = pydicom.dcmread(path)
     assert ds.PhotometricInterpretation == "MONOCHROME1"
-    hu, _ = read_slice_hu(path)
-    np.testing.assert_array_equal(hu, np.clip(phantom_volume[6], -1024, None))
+    hu, header = read_slice_hu(path)
+    assert not header.encoding.rsna_wrap_fix
+    np.testing.assert_array_equal(hu, np.clip(phantom_volume[6], -1024, 3071))
 
 
-def test_monochrome1_without_rescale_is_inverted_back(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["int16", "uint16", "uint12"])
+def test_monochrome1_without_rescale_is_inverted_back(tmp_path: Path, storage: str) -> None:
+    """Mirrored within the stored range, signed storage included (-1 - v, not 4095 - v)."""
     hu_in = np.array([[0, 100], [1000, 3000]], dtype=np.int16)
+    if storage == "int16":
+        hu_in = hu_in - 1024
     path = _one_slice(
-        tmp_path, hu_in, photometric="MONOCHROME1", write_rescale=False, storage="uint12"
+        tmp_path, hu_in, photometric="MONOCHROME1", write_rescale=False, storage=storage
     )
     hu, _ = read_slice_hu(path)
     np.testing.assert_array_equal(hu, hu_in)
+
+
+@pytest.mark.parametrize("storage", ["uint12", "int12"])
+def test_bits_above_bits_stored_are_not_part_of_the_value(
+    tmp_path: Path, phantom_volume: np.ndarray, storage: str
+) -> None:
+    """BitsStored 12 in 16 allocated with bit 15 set (an old overlay plane) in half of the
+    image: the HU are those of the clean file, and agree with pydicom's pixel_array."""
+    image = np.clip(phantom_volume[6], -1024, 2047)
+    path = _one_slice(tmp_path, image, storage="uint12")
+    ds = pydicom.dcmread(path)
+    stored = ds.pixel_array.astype(np.int64)
+    if storage == "int12":  # 12-bit two's complement, not sign-extended, HU stored as is
+        ds.PixelRepresentation = 1
+        ds.RescaleIntercept = "0"
+        stored = (image.astype(np.int64)) & 0x0FFF
+    dirty = stored.astype(np.uint16)
+    dirty[:, : dirty.shape[1] // 2] |= 0x8000
+    ds.PixelData = dirty.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    hu, _ = read_slice_hu(path)
+    np.testing.assert_array_equal(hu, image)
+    reference = pydicom.dcmread(path).pixel_array.astype(np.int64) + int(ds.RescaleIntercept)
+    np.testing.assert_array_equal(hu, np.maximum(reference, -1024))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits_stored=st.integers(8, 16),
+    signed=st.booleans(),
+    invert=st.booleans(),
+    high=st.integers(0, 0xFF),
+)
+def test_hu_table_ignores_bits_above_bits_stored(
+    bits_stored: int, signed: bool, invert: bool, high: int
+) -> None:
+    enc = PixelEncoding(16, bits_stored, signed, 1.0, -1024.0, None, None, False, invert)
+    table = hu_lookup_table(enc)
+    stored = np.arange(1 << bits_stored)
+    garbage = (high << 8) & 0xFFFF & ~((1 << bits_stored) - 1)
+    np.testing.assert_array_equal(table[stored | garbage], table[stored])
 
 
 COMPRESSIONS = ["rle", "jpegls", "jpeg2000", "jpeg-lossless", "deflate"]

@@ -228,7 +228,14 @@ def header_from_dataset(
     signed = (_fast_us(ds, "PixelRepresentation") or 0) == 1
     # RSNA 2019: some 12-bit unsigned images carry an intercept near 0 while their stored
     # values wrap at 4096; the top solutions shifted by 1000, unwrapped, and used -1000.
-    rsna_fix = bits_stored == 12 and not signed and intercept is not None and intercept > -100
+    # The fix is in slope-1 units: a mirrored 12-bit image (slope -1, intercept 3071) is valid.
+    rsna_fix = (
+        bits_stored == 12
+        and not signed
+        and slope in (None, 1)
+        and intercept is not None
+        and intercept > -100
+    )
     slope = 1.0 if slope is None or slope == 0 else slope
     intercept = 0.0 if intercept is None else intercept
     if rsna_fix:
@@ -395,26 +402,31 @@ def hu_lookup_table(encoding: PixelEncoding) -> np.ndarray:
     """
     size = 1 << min(encoding.bits_allocated, 16)
     raw = np.arange(size, dtype=np.int64)
-    values = raw.copy()
+    bits = max(1, min(encoding.bits_stored, encoding.bits_allocated, 16))
+    # Bits above BitsStored are not part of the value (PS3.5 8.1.1; overlays once lived
+    # there), whether the decoder sign-extended into them or left garbage: mask, then take
+    # bit BitsStored-1 as the sign of signed data. pydicom's pixel_array does the same, so
+    # the native fast path and the decoded compressed path agree.
+    values = raw & ((1 << bits) - 1)
     if encoding.signed:
-        if encoding.bits_allocated >= 16:
-            values = np.where(raw >= 1 << 15, raw - (1 << 16), raw)
-        b = encoding.bits_stored
-        if b < encoding.bits_allocated:
-            # Either the decoder sign-extended (high bits set) or it did not (bit b-1 set).
-            low = raw < (1 << b)
-            values = np.where(low & (raw >= 1 << (b - 1)), raw - (1 << b), values)
+        values = np.where(values >= 1 << (bits - 1), values - (1 << bits), values)
     is_padding = np.zeros(size, dtype=bool)
     if encoding.padding_value is not None:
         lo = encoding.padding_value
         hi = encoding.padding_limit if encoding.padding_limit is not None else lo
         lo, hi = min(lo, hi), max(lo, hi)
-        is_padding = (values >= lo) & (values <= hi)
+        # A padding value may lie outside the stored bits (-2000 in a 12-bit unsigned
+        # image): match it on the full allocated word too.
+        word = np.where(raw >= size >> 1, raw - size, raw) if encoding.signed else raw
+        is_padding = ((values >= lo) & (values <= hi)) | ((word >= lo) & (word <= hi))
     if encoding.rsna_wrap_fix:
         values = values + 1000
         values = np.where(values >= 4096, values - 4096, values)
     if encoding.invert:
-        values = ((1 << encoding.bits_stored) - 1) - values
+        # Mirror within the stored range: 4095 - v for 12-bit unsigned, -1 - v for signed.
+        low = -(1 << (bits - 1)) if encoding.signed else 0
+        high = (1 << (bits - 1)) - 1 if encoding.signed else (1 << bits) - 1
+        values = low + high - values
     hu = np.rint(values * encoding.slope + encoding.intercept)
     hu[is_padding] = AIR_HU
     hu = np.clip(hu, AIR_HU, np.iinfo(np.int16).max)
