@@ -92,6 +92,62 @@ def test_convert_without_reslice(series_dir: Path, tmp_path: Path) -> None:
     assert nib.load(out).shape == (64, 64, 12)
 
 
+def test_convert_into_an_existing_folder_writes_inside_it(
+    series_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert main(["convert", str(series_dir), str(folder)]) == 0
+    written = folder / "series.nii.gz"
+    assert nib.load(written).shape == (64, 64, 12)
+    assert not (tmp_path / "out.nii").exists()
+    assert capsys.readouterr().out.startswith(f"wrote {written} ")
+
+
+@pytest.mark.parametrize("name", ["scan", "scan.img", "scan.png"])
+def test_convert_refuses_an_output_that_is_not_nifti(
+    series_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    assert main(["convert", str(series_dir), str(tmp_path / name)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert name in line and ".nii or .nii.gz" in line
+    assert not list(tmp_path.glob("scan*"))
+
+
+@pytest.mark.parametrize("slices", ["0", "-3", "many"])
+def test_preview_slices_must_be_a_positive_count(
+    series_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], slices: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["preview", str(series_dir), "--out", str(tmp_path / "p.png"), "--slices", slices])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "--slices" in err and "Traceback" not in err
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["info", ""],
+        ["convert", "", "o.nii"],
+        ["convert", "x.dcm", ""],
+        ["preview", "", "--out", "p.png"],
+        ["predict", "", "--model", "m", "--out", "o.csv"],
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(
+    argv: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.dcm").write_bytes(b"not dicom")  # what a scan of "." would find
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "empty path" in err and "bad.dcm" not in err
+
+
 def test_preview_montage(series_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "preview.png"
     assert (
@@ -248,7 +304,33 @@ def test_prepare_lists_unreadable_files_and_exits_1(
         )
         == 1
     )
-    assert "could not be read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "could not be read" in err
+    assert f"bad file {root / 'images' / '5.png'}: " in err  # named on the console too
+
+
+def test_prepare_lists_the_first_bad_files_and_counts_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ichscan.cli import MAX_LISTED
+
+    root = tmp_path / "set"
+    (root / "images").mkdir(parents=True)
+    n_bad = MAX_LISTED + 5
+    for i in range(20 + n_bad):
+        path = root / "images" / f"{i:03d}.png"
+        if i < n_bad:
+            path.write_bytes(b"not a png")
+        else:
+            Image.fromarray(np.full((16, 16), 5 * i, np.uint8)).save(path)
+    (root / "labels.csv").write_text(
+        "id,hemorrhage\n" + "".join(f"{i:03d},{i % 2}\n" for i in range(20 + n_bad))
+    )
+    argv = ["prepare", str(root), "--out", str(tmp_path / "c"), "--size", "16", "--folds", "2"]
+    assert main([*argv, "--workers", "1"]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len([line for line in lines if line.startswith("bad file ")]) == MAX_LISTED
+    assert any("and 5 more" in line for line in lines), lines
 
 
 def test_train_unknown_architecture_is_one_line(tmp_path: Path) -> None:
@@ -337,6 +419,29 @@ def test_cli_evaluate_writes_report(cli_model: tuple[Path, Path], tmp_path: Path
     assert main(["evaluate", str(model), str(data), "--out", str(tmp_path / "r")]) == 0
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert "slice" in json.dumps(metrics) and (tmp_path / "r" / "report.html").exists()
+
+
+def test_cli_evaluate_names_bad_and_missing_files_and_exits_1(
+    cli_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    data, model = cli_model
+    copy = tmp_path / "cohort"
+    shutil.copytree(data, copy)
+    files = sorted(copy.rglob("*.dcm"))
+    cut, gone = files[3], files[10]
+    cut.write_bytes(cut.read_bytes()[:-2000])  # header intact, pixel data truncated
+    gone.unlink()
+    capsys.readouterr()
+    assert main(["evaluate", str(model), str(copy), "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err
+    assert f"{cut}: truncated pixel data" in err
+    assert "no file" in err and "Traceback" not in err
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["data"]["n_skipped_inputs"] == 2
+    assert {e["path"] for e in metrics["data"]["skipped_inputs"]} >= {str(cut)}
+    assert metrics["slice"]["labels"]  # the good slices are still evaluated
 
 
 def test_cli_export_and_onnx_predict(cli_model: tuple[Path, Path], tmp_path: Path) -> None:

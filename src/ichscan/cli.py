@@ -18,6 +18,10 @@ from ichscan import __version__
 from ichscan.errors import IchscanError
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
+# Bad or missing inputs listed on the console, one line each; the rest are counted (all of
+# them are in the command's report file).
+MAX_LISTED = 10
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def _console(stderr: bool = False):
@@ -32,6 +36,29 @@ def _fmt(value: Any, unit: str = "") -> str:
     if isinstance(value, float):
         return f"{value:.3g}{unit}"
     return f"{value}{unit}"
+
+
+def _shown(text: str) -> str:
+    """A path or message as one printable line (a file name may hold a newline)."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def _list_bad(lines: Sequence[str], total: int, where: str | Path | None = None) -> None:
+    """One stderr line per bad or missing input: the first MAX_LISTED, then a count."""
+    for line in lines[:MAX_LISTED]:
+        print(_shown(line), file=sys.stderr)
+    more = total - min(len(lines), MAX_LISTED)
+    if more > 0:
+        print(f"... and {more} more" + (f" (all in {where})" if where else ""), file=sys.stderr)
+
+
+def _bad_lines(entries: Sequence[dict[str, str]]) -> list[str]:
+    from ichscan.evaluate.report import NO_FILE
+
+    return [
+        f"{'missing file' if e['reason'] == NO_FILE else 'bad file'} {e['path']}: {e['reason']}"
+        for e in entries
+    ]
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -108,14 +135,34 @@ def _partial(scan) -> int:
     return EXIT_PARTIAL if any(w.startswith("skipped ") for w in scan.warnings) else EXIT_OK
 
 
+def _nifti_out(out: str, source: str) -> Path:
+    """Where convert writes: ``out`` itself, or inside it when it is a folder (named after
+    the input). Anything else is refused before the scan is read: nibabel would add .nii to
+    a bare name, write an Analyze pair for .img, or fail late on an unknown suffix."""
+    from ichscan.io.image import IMAGE_SUFFIXES
+
+    path = Path(out)
+    if path.is_dir():
+        stem = Path(source).resolve().name
+        for suffix in (*NIFTI_SUFFIXES, ".dcm", ".zip", *IMAGE_SUFFIXES):
+            if stem.lower().endswith(suffix) and len(stem) > len(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        return path / f"{stem or 'scan'}.nii.gz"
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise IchscanError(out, "the output must be a .nii or .nii.gz file, or a folder")
+    return path
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from ichscan.io.nifti import write_nifti
     from ichscan.preprocess.reslice import reslice_scan
 
+    target = _nifti_out(args.out, args.path)
     scan = _load_for_cli(args.path, args.series)
     if args.thickness:
         scan = reslice_scan(scan, args.thickness)
-    out = write_nifti(scan, args.out)
+    out = write_nifti(scan, target)
     print(
         f"wrote {out} ({scan.n_slices} slices, {scan.shape[1]}x{scan.shape[2]}, "
         f"spacing {scan.spacing[0]:.3g}x{scan.spacing[1]:.3g}x{scan.spacing[2]:.3g} mm)"
@@ -210,10 +257,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         f"prepared {result.n_ok} slice(s) into {result.n_shards} shard(s) under {out} "
         f"({result.n_skipped_shards} shard(s) already done) in {result.seconds:.1f} s"
     )
+    from ichscan.evaluate.report import skipped_inputs
+
+    skipped = skipped_inputs(report, result.report)
     if result.n_bad:
-        err.print(f"{result.n_bad} slice(s) could not be read: see {result.report}")
-        return EXIT_PARTIAL
-    return EXIT_OK
+        err.print(f"{result.n_bad} slice(s) could not be read (listed in {result.report})")
+    _list_bad(_bad_lines(skipped), len(skipped), result.report if result.n_bad else None)
+    return EXIT_PARTIAL if skipped else EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -344,11 +394,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tta=_tta(args),
         progress=True,
     )
+    data = result["data"]
+    skipped = data.get("skipped_inputs", [])
+    _list_bad(_bad_lines(skipped), int(data.get("n_skipped_inputs", len(skipped))), "metrics.json")
     print(
         f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'} "
         "(open the HTML file in a browser; it works offline)"
     )
-    return EXIT_OK if result else EXIT_ERROR
+    # Done, but on fewer inputs than the labels promise: the convention of predict.
+    left_out = data.get("n_skipped_inputs", 0) or data.get("unreadable_slices", 0)
+    return EXIT_PARTIAL if left_out else EXIT_OK
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -418,8 +473,28 @@ def cmd_listen(args: argparse.Namespace) -> int:
     )
 
 
+def _path(text: str) -> str:
+    """A path argument: an empty one would be read as the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path ('') names no file or folder")
+    return text
+
+
+def _count(text: str) -> int:
+    """A positive number of things (slices...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive count (1 or more)")
+    return value
+
+
 def _add_common_input(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="DICOM file, DICOM folder, zip of DICOM, NIfTI or PNG/JPEG")
+    p.add_argument(
+        "path", type=_path, help="DICOM file, DICOM folder, zip of DICOM, NIfTI or PNG/JPEG"
+    )
     p.add_argument(
         "--series",
         metavar="UID",
@@ -439,13 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "info", help="describe the series in a DICOM file/folder/zip, NIfTI or image"
     )
-    p.add_argument("path", help="DICOM file, DICOM folder, zip of DICOM, NIfTI or PNG/JPEG")
+    p.add_argument(
+        "path", type=_path, help="DICOM file, DICOM folder, zip of DICOM, NIfTI or PNG/JPEG"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="write the selected series as int16 HU NIfTI")
     _add_common_input(p)
-    p.add_argument("out", help="output .nii or .nii.gz")
+    p.add_argument(
+        "out", type=_path, help="output .nii or .nii.gz, or a folder to write NAME.nii.gz in"
+    )
     p.add_argument(
         "--thickness",
         type=float,
@@ -456,14 +535,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preview", help="PNG montage of slices in several windows")
     _add_common_input(p)
-    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--out", type=_path, required=True, help="output PNG")
     p.add_argument(
         "--windows",
         default="brain,subdural,bone",
         help="comma-separated presets (brain, subdural, bone, soft_tissue) or C/W "
         "pairs like 50/150 (default: %(default)s)",
     )
-    p.add_argument("--slices", type=int, default=8, help="number of slices (default: 8)")
+    p.add_argument("--slices", type=_count, default=8, help="number of slices (default: 8)")
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("synth", help="write synthetic head CT phantoms (tests and demos only)")
@@ -484,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare",
         help="adapt a dataset, split it, and preprocess every slice once into a streaming cache",
     )
-    p.add_argument("data", help="dataset folder (RSNA, CQ500, images + labels.csv, NIfTI, DICOM)")
+    p.add_argument(
+        "data", type=_path, help="dataset folder (RSNA, CQ500, images + labels.csv, NIfTI, DICOM)"
+    )
     p.add_argument("--out", required=True, help="cache folder")
     p.add_argument("--windows", default="brain,subdural,bone")
     p.add_argument("--size", type=int, default=256)
@@ -627,7 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
         "predict",
         help="per-slice and per-scan probabilities for DICOM files/folders/zips, NIfTI or PNG/JPEG",
     )
-    p.add_argument("inputs", nargs="+", help="inputs; each DICOM series found is one scan")
+    p.add_argument(
+        "inputs", type=_path, nargs="+", help="inputs; each DICOM series found is one scan"
+    )
     p.add_argument("--model", required=True, help="model folder (bundle)")
     p.add_argument("--out", required=True, help="FILE.csv (+ FILE.scans.csv) or FILE.json")
     p.add_argument(
@@ -661,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="metrics.json, plots and report.html on a labelled dataset or prepared cache",
     )
     p.add_argument("model", help="model folder (bundle)")
-    p.add_argument("data", help="dataset folder (any layout) or prepared cache")
+    p.add_argument("data", type=_path, help="dataset folder (any layout) or prepared cache")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
@@ -671,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "explain", help="Grad-CAM overlays, montage of the most suspicious slices, heatmaps.npy"
     )
-    p.add_argument("input", help="DICOM file/folder/zip, NIfTI or PNG/JPEG")
+    p.add_argument("input", type=_path, help="DICOM file/folder/zip, NIfTI or PNG/JPEG")
     p.add_argument("--model", required=True)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--label", help="label to explain (default: any / the first label)")

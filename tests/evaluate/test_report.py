@@ -252,3 +252,32 @@ def test_bootstrap_auc_matches_sklearn_and_brackets_it() -> None:
 def test_scan_truth_is_any_slice() -> None:
     y = np.array([[0, -1, -1], [1, 0, -1], [0, 0, -1]])
     assert scan_truth(y).tolist() == [1, 0, -1]
+
+
+def test_skipped_inputs_lists_bad_missing_and_unreadable_once(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from ichscan.evaluate.report import NO_FILE, skipped_inputs
+
+    adapter = SimpleNamespace(
+        bad_files=[{"path": "/d/ID_mr.dcm", "reason": "modality is MR, not CT"}],
+        labels_without_files=["ID_gone", "ID_mr"],  # ID_mr is the unreadable file's label
+    )
+    prepared = tmp_path / "report.json"
+    prepared.write_text(
+        json.dumps(
+            {
+                "bad": [
+                    {"path": "/d/ID_cut.dcm", "member": "", "reason": "truncated pixel data"},
+                    {"path": "/d/s.zip", "member": "a/1.dcm", "reason": "empty pixel data"},
+                ]
+            }
+        )
+    )
+    assert skipped_inputs(adapter, prepared) == [
+        {"path": "/d/ID_mr.dcm", "reason": "modality is MR, not CT"},
+        {"path": "ID_gone", "reason": NO_FILE},
+        {"path": "/d/ID_cut.dcm", "reason": "truncated pixel data"},
+        {"path": "/d/s.zip!a/1.dcm", "reason": "empty pixel data"},
+    ]
+    assert skipped_inputs(None, tmp_path / "absent.json") == []

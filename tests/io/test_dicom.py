@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,17 @@ from hypothesis import strategies as st
 from ichscan.errors import InputError, MissingDecoderError
 from ichscan.io.dicom import (
     PixelEncoding,
+    check_ct_slice,
     hu_lookup_table,
     read_header,
     read_slice_hu,
 )
 from ichscan.io.dicom_write import write_ct_series, write_dataset_without_pixels
+
+
+def read_header_checked(path: Path) -> None:
+    """What series discovery does with each file: header only, then the CT checks."""
+    check_ct_slice(read_header(path), str(path))
 
 
 def _one_slice(tmp_path: Path, hu: np.ndarray, **kw) -> Path:
@@ -341,3 +348,101 @@ def test_preamble_less_dicom_is_still_read(tmp_path: Path, phantom_volume: np.nd
     bare.write_bytes(buf.getvalue())
     assert b"DICM" not in bare.read_bytes()[:200]
     np.testing.assert_array_equal(read_slice_hu(bare)[0], read_slice_hu(path)[0])
+
+
+def test_deeply_nested_sequences_are_one_clear_error(
+    tmp_path: Path, phantom_volume: np.ndarray
+) -> None:
+    """5000 nested sequences exhaust pydicom's recursion: a corrupt file, not a traceback."""
+    path = _one_slice(tmp_path, phantom_volume[6])
+    data = path.read_bytes()
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    item_end = struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+    sq = struct.pack("<HH", 0x0008, 0x1115) + b"SQ\0\0" + struct.pack("<I", 0xFFFFFFFF)
+    sq_end = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+    at = data.find(struct.pack("<HH", 0x0010, 0x0020))
+    path.write_bytes(data[:at] + (sq + item) * 5000 + (item_end + sq_end) * 5000 + data[at:])
+    with pytest.raises(InputError, match="nested too deep"):
+        read_slice_hu(path)
+
+
+def _edited(path: Path, **tags: object) -> Path:
+    ds = pydicom.dcmread(path)
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_empty_pixel_data(tmp_path: Path, phantom_volume: np.ndarray) -> None:
+    path = _edited(_one_slice(tmp_path, phantom_volume[6]), PixelData=b"")
+    with pytest.raises(InputError, match="empty pixel data"):
+        read_header_checked(path)
+    with pytest.raises(InputError, match="empty pixel data"):
+        read_slice_hu(path)
+
+
+def test_rows_columns_that_do_not_match_the_pixel_data(
+    tmp_path: Path, phantom_volume: np.ndarray
+) -> None:
+    """Rows halved on a full image would silently read half the buffer as the image."""
+    path = _edited(_one_slice(tmp_path, phantom_volume[6]), Rows=32)
+    with pytest.raises(InputError, match="Rows/Columns do not match the pixel data"):
+        read_header_checked(path)
+    with pytest.raises(InputError, match="Rows/Columns do not match the pixel data"):
+        read_slice_hu(path)
+
+
+def test_matrix_larger_than_any_ct_is_refused_from_the_header(
+    tmp_path: Path, phantom_volume: np.ndarray
+) -> None:
+    path = _edited(_one_slice(tmp_path, phantom_volume[6]), Rows=65535, Columns=65535)
+    with pytest.raises(InputError, match="65535x65535: larger than any CT image"):
+        read_header_checked(path)
+
+
+@pytest.mark.parametrize(
+    ("tags", "problem"),
+    [
+        ({"RescaleSlope": "nan"}, "RescaleSlope nan"),
+        ({"RescaleSlope": "1e308"}, "RescaleSlope 1e+308"),
+        ({"RescaleIntercept": "inf"}, "RescaleIntercept inf"),
+        ({"BitsStored": 40}, "BitsStored 40 does not fit BitsAllocated 16"),
+        ({"PixelRepresentation": 7}, "PixelRepresentation 7"),
+        ({"BitsAllocated": 32}, "BitsAllocated 32"),
+    ],
+)
+def test_nonsense_pixel_encoding_is_refused(
+    tmp_path: Path, phantom_volume: np.ndarray, tags: dict, problem: str
+) -> None:
+    path = _edited(_one_slice(tmp_path, phantom_volume[6]), **tags)
+    with pytest.raises(InputError, match=re.escape(problem)):
+        read_slice_hu(path)
+
+
+def test_non_finite_or_zero_geometry_counts_as_missing(
+    tmp_path: Path, phantom_volume: np.ndarray
+) -> None:
+    path = _edited(
+        _one_slice(tmp_path, phantom_volume[6]),
+        ImagePositionPatient=["nan", "0", "0"],
+        PixelSpacing=["0", "0"],
+        SliceThickness="inf",
+    )
+    header = read_header(path)
+    assert header.position is None
+    assert header.pixel_spacing is None
+    assert header.slice_thickness is None
+
+
+def test_deflate_bomb_is_refused_before_inflating(
+    tmp_path: Path, phantom_volume: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ichscan.io import dicom
+
+    path = _one_slice(tmp_path, phantom_volume[6], compression="deflate")
+    hu, _ = read_slice_hu(path)  # under the limit: read as usual
+    np.testing.assert_array_equal(hu, np.clip(phantom_volume[6], -1024, None))
+    monkeypatch.setattr(dicom, "MAX_INFLATED_BYTES", 4096)
+    with pytest.raises(InputError, match="inflates to more than"):
+        read_header(path)

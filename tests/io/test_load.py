@@ -210,3 +210,26 @@ def test_not_an_image(tmp_path: Path) -> None:
     (tmp_path / "x.png").write_bytes(b"not a png")
     with pytest.raises(InputError, match="not a readable image"):
         ichscan.load(tmp_path / "x.png")
+
+
+def test_folder_of_two_patients_says_two_patients(
+    tmp_path: Path, phantom_volume: np.ndarray
+) -> None:
+    for patient in ("PA", "PB"):
+        write_ct_series(phantom_volume, tmp_path / patient, patient_id=patient)
+    scan = ichscan.load(tmp_path)
+    (warning,) = [w for w in scan.warnings if "holds" in w]
+    assert "holds 2 studies of 2 patients; loaded patient P" in warning
+
+
+def test_two_patients_sharing_one_series_uid_are_not_one_volume(
+    tmp_path: Path, phantom_volume: np.ndarray
+) -> None:
+    for patient, z in (("PA", 0.0), ("PB", 500.0)):
+        write_ct_series(
+            phantom_volume, tmp_path, patient_id=patient, series_uid="1.2.3.4", origin=(0, 0, z)
+        )
+    scan = ichscan.load(tmp_path)
+    assert scan.n_slices == phantom_volume.shape[0]
+    assert any("holds 2 studies of 2 patients" in w for w in scan.warnings)
+    assert any("SeriesInstanceUID 1.2.3.4 is shared by 2" in w for w in scan.warnings)

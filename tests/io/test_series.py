@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from ichscan.errors import InputError
 from ichscan.io.dicom_write import write_ct_series
-from ichscan.io.series import discover
+from ichscan.io.series import discover, iter_files
 
 
 def test_order_by_position_not_file_name_or_instance_number(
@@ -126,9 +127,16 @@ def test_mixed_matrix_sizes_in_one_folder_are_two_series(tmp_path: Path) -> None
 
 def test_mixed_sizes_inside_one_series_drop_minority(tmp_path: Path) -> None:
     uid = "1.2.826.0.1.3680043.8.498.2"
-    write_ct_series(np.zeros((12, 32, 32), np.int16), tmp_path / "a", series_uid=uid)
+    study = "1.2.826.0.1.3680043.8.498.1"  # one study: another study's slices are split off
     write_ct_series(
-        np.zeros((1, 48, 48), np.int16), tmp_path / "b", series_uid=uid, origin=(0.0, 0.0, 100.0)
+        np.zeros((12, 32, 32), np.int16), tmp_path / "a", study_uid=study, series_uid=uid
+    )
+    write_ct_series(
+        np.zeros((1, 48, 48), np.int16),
+        tmp_path / "b",
+        study_uid=study,
+        series_uid=uid,
+        origin=(0.0, 0.0, 100.0),
     )
     found = discover(tmp_path)
     (series,) = found.series
@@ -181,3 +189,106 @@ def test_empty_folder(tmp_path: Path) -> None:
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no such file or folder"):
         discover(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input in a folder: one line per bad file, the rest still read
+
+
+def test_one_series_uid_over_two_patients_is_split_not_merged(
+    tmp_path: Path, ramp_volume: np.ndarray
+) -> None:
+    shared_uid = "1.2.826.0.1.3680043.8.498.77"
+    for patient, study, z in (("PATIENT_A", "1.2.3.1", 0.0), ("PATIENT_B", "1.2.3.2", 100.0)):
+        write_ct_series(
+            ramp_volume[:4],
+            tmp_path / patient,
+            patient_id=patient,
+            study_uid=study,
+            series_uid=shared_uid,
+            origin=(0.0, 0.0, z),
+            seed=int(z),
+        )
+    found = discover(tmp_path)
+    assert sorted((s.patient_id, s.n_slices) for s in found.series) == [
+        ("PATIENT_A", 4),
+        ("PATIENT_B", 4),
+    ]
+    for s in found.series:
+        assert s.series_uid == shared_uid
+        assert {h.patient_id for h in s.headers} == {s.patient_id}
+        assert not any("missing slices" in p for p in s.problems)
+        assert any(
+            f"SeriesInstanceUID {shared_uid} is shared by 2 patients or studies" in p
+            and f"patient {s.patient_id}" in p
+            for p in s.problems
+        )
+
+
+def test_same_series_uid_and_patient_but_two_studies_is_split(
+    tmp_path: Path, ramp_volume: np.ndarray
+) -> None:
+    for study in ("1.2.3.1", "1.2.3.2"):
+        write_ct_series(
+            ramp_volume[:3], tmp_path / study, study_uid=study, series_uid="1.2.3.9", seed=1
+        )
+    found = discover(tmp_path)
+    assert sorted(s.study_uid for s in found.series) == ["1.2.3.1", "1.2.3.2"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_named_pipe_in_folder_is_skipped_and_named(tmp_path: Path, ramp_volume: np.ndarray) -> None:
+    write_ct_series(ramp_volume, tmp_path)
+    os.mkfifo(tmp_path / "pipe.dcm")  # opening it to read would block forever
+    found = discover(tmp_path)
+    assert found.series[0].n_slices == ramp_volume.shape[0]
+    assert [str(b) for b in found.bad_files] == [
+        f"{tmp_path / 'pipe.dcm'}: not a regular file (a named pipe); not read"
+    ]
+    special: list[Path] = []
+    files = list(iter_files(tmp_path, special))
+    assert len(files) == ramp_volume.shape[0] and tmp_path / "pipe.dcm" not in files
+    assert special == [tmp_path / "pipe.dcm"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_named_pipe_given_alone_is_refused_without_reading(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.dcm")
+    with pytest.raises(InputError, match=r"pipe\.dcm: not a regular file \(a named pipe\)"):
+        discover(tmp_path / "pipe.dcm")
+
+
+def test_file_name_with_newline_stays_on_one_line(tmp_path: Path, ramp_volume: np.ndarray) -> None:
+    write_ct_series(ramp_volume, tmp_path)
+    (tmp_path / "bad\nname.dcm").write_bytes(b"not dicom")
+    found = discover(tmp_path)
+    (bad,) = found.bad_files
+    assert "\n" not in str(bad)
+    assert bad.path == repr(str(tmp_path / "bad\nname.dcm"))
+
+
+def test_accented_and_cjk_names_are_shown_as_they_are(tmp_path: Path) -> None:
+    (tmp_path / "slice ñ 出血.dcm").write_bytes(b"not dicom")
+    (bad,) = discover(tmp_path).bad_files
+    assert bad.path == str(tmp_path / "slice ñ 出血.dcm")
+
+
+def test_repeated_sop_instance_uid_keeps_one_and_names_the_other(
+    tmp_path: Path, ramp_volume: np.ndarray
+) -> None:
+    import pydicom
+
+    paths = sorted(write_ct_series(ramp_volume, tmp_path, file_names="index"))
+    first_uid = pydicom.dcmread(paths[0], stop_before_pixels=True).SOPInstanceUID
+    for p in paths[1:3]:
+        ds = pydicom.dcmread(p)
+        ds.SOPInstanceUID = first_uid
+        ds.file_meta.MediaStorageSOPInstanceUID = first_uid
+        ds.save_as(p)
+    found = discover(tmp_path)
+    (series,) = found.series
+    assert series.n_slices == len(paths) - 2
+    assert len({h.sop_uid for h in series.headers}) == series.n_slices
+    assert sorted(b.path for b in found.bad_files) == [str(p) for p in paths[1:3]]
+    assert all(f"repeats the SOPInstanceUID of {paths[0]}" in b.reason for b in found.bad_files)
+    assert "2 slice(s) repeating another slice's SOPInstanceUID were left out" in series.problems

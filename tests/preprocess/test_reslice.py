@@ -228,3 +228,21 @@ def test_reslice_scan_respects_gaps_in_slice_positions() -> None:
     del scan.metadata["slice_positions_mm"]
     wrong = reslice_scan(scan, 5.0)
     assert np.abs(weighted_centroid(wrong.hu, wrong.affine) - centre).max() > 3.0
+
+
+def test_slice_far_away_is_refused_before_allocating() -> None:
+    """Ten slices 1 mm apart and one at 1 km would ask for 200,000 slabs."""
+    vol = np.zeros((11, 8, 8), dtype=np.int16)
+    origins = np.zeros((11, 3))
+    origins[:10, 0] = np.arange(10.0)  # along the slice normal of an identity affine
+    origins[10, 0] = 1e6
+    affine = np.eye(4)
+    with pytest.raises(ValueError, match=r"slices span 1000000 mm .* more than any body"):
+        reslice(vol, affine, 5.0, slice_origins=origins)
+
+
+def test_slab_thickness_too_small_for_the_span_is_refused() -> None:
+    vol = np.zeros((40, 8, 8), dtype=np.int16)
+    affine = np.diag([5.0, 1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="slab thickness is too small"):
+        reslice(vol, affine, 0.0001)

@@ -158,3 +158,54 @@ def test_multiframe_series_is_analysed_per_frame(trained_bundle: Path, tmp_path:
     )
     summary = sr_summary(pydicom.dcmread(store.root / fields["sr"]))
     assert summary["SCT:1386000"]["key_frame"] == key["frame"]
+
+
+def _stored_series(store, source: list[Path]) -> tuple[str, str]:
+    study, series, _ = uids(source[0])
+    folder = store.series_dir(study, series)
+    folder.mkdir(parents=True)
+    for p in source:
+        (folder / f"{uids(p)[2]}.dcm").write_bytes(p.read_bytes())
+    return study, series
+
+
+def test_missing_type2_attributes_are_empty_in_the_sr(trained_bundle: Path, tmp_path: Path) -> None:
+    from ichscan.infer.predictor import Predictor
+
+    source = write_series(tmp_path / "src", n_slices=4)
+    for p in source:  # as RSNA's files come: no patient name, birth date, sex, study date...
+        ds = pydicom.dcmread(p)
+        for keyword in ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate"):
+            delattr(ds, keyword)
+        ds.save_as(p)
+    store = open_store(tmp_path / "store")
+    study, series = _stored_series(store, source)
+    fields = analyse_series(store, study, series, Predictor(trained_bundle, "cpu"), algorithm="t")
+    sr = pydicom.dcmread(store.root / fields["sr"])
+    assert sr.PatientName == "" and sr.PatientSex == "" and sr.PatientBirthDate == ""
+    assert sr.PatientID == pydicom.dcmread(source[0]).PatientID
+
+
+def test_findings_are_kept_when_the_sr_cannot_be_built(
+    trained_bundle: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    import logging
+
+    from ichscan.infer.predictor import Predictor
+    from ichscan.receive import analyse
+
+    def broken(*args, **kwargs):
+        raise KeyError("an attribute highdicom wants")
+
+    monkeypatch.setattr(analyse, "build_sr", broken)
+    store = open_store(tmp_path / "store")
+    study, series = _stored_series(store, write_series(tmp_path / "src", n_slices=4))
+    predictor = Predictor(trained_bundle, "cpu")
+    with caplog.at_level(logging.WARNING, logger="ichscan.receive"):
+        fields = analyse_series(store, study, series, predictor, algorithm="t")
+    assert fields["sr"] is None and fields["error"] is None
+    assert set(fields["findings"]) == set(predictor.labels)
+    [note] = [w for w in fields["warnings"] if "Structured Report" in w]
+    assert "KeyError" in note and "an attribute highdicom wants" in note
+    assert series in caplog.text and "Structured Report" in caplog.text
+    assert not list(store.results.rglob("*.dcm")), "no SR file"

@@ -478,3 +478,89 @@ def test_result_committed_but_not_logged_is_logged_not_reanalysed(
     assert rx2.recovered == 0
     assert len(analysed_lines(rx2.store, series)) == 1
     assert result_for(store_dir, study, series)["finished_at"] == done["finished_at"]
+
+
+# Type 2 patient and study attributes: present in DICOM, maybe empty; RSNA's files and many
+# anonymisers drop them altogether.
+TYPE2 = [
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+]
+
+
+def test_series_without_type2_patient_attributes_is_analysed_with_an_sr(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    paths = write_series(tmp_path / "in", n_slices=4)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        for keyword in TYPE2:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(p)
+    study, series, _ = uids(paths[0])
+    assert send(receiver.port, paths) == [0] * len(paths)
+    record = wait_for_result(receiver.store, study, series)
+    assert record["status"] == "done" and record["error"] is None, record
+    sr = pydicom.dcmread(receiver.store.root / record["sr"])
+    for keyword in TYPE2:
+        assert keyword in sr and not sr[keyword].value, keyword  # present, empty
+    assert sr.StudyInstanceUID == study
+
+
+def test_empty_pixel_data_is_refused_with_one_line(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ds = pydicom.dcmread(write_series(tmp_path / "in", n_slices=1)[0])
+    ds.PixelData = b""
+    assoc = associate(receiver.port)
+    with caplog.at_level(logging.DEBUG):
+        # Damaged, as a cut-off instance is; never the generic 0xC211 of a handler that raised.
+        assert assoc.send_c_store(ds).Status == 0xC000
+    assoc.release()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ichscan.receive"]
+    assert any(ds.SOPInstanceUID in line and "empty pixel data" in line for line in lines), lines
+    assert "Traceback" not in caplog.text and "Exception in handler" not in caplog.text
+    assert not list(receiver.store.incoming.rglob("*.dcm"))
+
+
+def test_any_exception_of_the_check_is_a_refusal_naming_the_instance(
+    receiver: Receiver, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    from ichscan.receive import scp
+
+    def nested_too_deep(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(scp, "_check_pixel_length", nested_too_deep)
+    ds = pydicom.dcmread(write_series(tmp_path / "in", n_slices=1)[0])
+    assoc = associate(receiver.port)
+    with caplog.at_level(logging.WARNING):
+        assert assoc.send_c_store(ds).Status == 0xC000
+    assoc.release()
+    [line] = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "ichscan.receive" and r.levelno >= logging.WARNING
+    ]
+    assert ds.SOPInstanceUID in line and "RecursionError: maximum recursion depth" in line
+    assert "\n" not in line and "Exception in handler" not in caplog.text
+    assert not list(receiver.store.incoming.rglob("*.dcm"))
+
+
+def test_pixel_length_check_reads_an_empty_element_as_empty(tmp_path: Path) -> None:
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from ichscan.receive.scp import CANNOT_UNDERSTAND, Refused, _check_pixel_length
+
+    ds = pydicom.dcmread(write_series(tmp_path / "in", n_slices=1)[0])
+    ds.PixelData = None  # how pydicom reads a zero-length element
+    with pytest.raises(Refused, match=r"empty pixel data \(0 of 8192 bytes\)") as refused:
+        _check_pixel_length(ds, ExplicitVRLittleEndian, "instance 1.2.3")
+    assert refused.value.status == CANNOT_UNDERSTAND

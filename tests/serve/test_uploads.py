@@ -6,11 +6,13 @@ corrupt or mixed inputs (422), not multipart (415). Stored names are the server'
 from __future__ import annotations
 
 import io
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from serve_helpers import dicom_files, series_zip, zip_bytes
 
 from ichscan.io.dicom_write import write_ct_series
@@ -311,3 +313,126 @@ def test_sidecar_files_are_kept_aside_as_discovery_would(make_client, series_dir
 def test_only_sidecar_files_is_422(make_client) -> None:
     files = [("files", ("README.txt", b"x", "text/plain")), ("files", ("a.csv", b"y", "text/csv"))]
     _refused(make_client(), files, 422, "no DICOM, NIfTI or image file", "README.txt")
+
+
+# -- whatever a reader raises: 422 naming the file, traceback in the server log -----------
+
+
+class _Boom(Exception):
+    """Stands for an exception no reader expects (RecursionError, DecompressionBombError,
+    zlib.error, LinAlgError...): the layers above must still answer one clear line."""
+
+
+def _one_png(name: str = "slice.png") -> list:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((16, 16), 90, dtype=np.uint8)).save(buffer, format="PNG")
+    return [("files", (name, buffer.getvalue(), "image/png"))]
+
+
+def _unexpected_logged(caplog: pytest.LogCaptureFixture, *needles: str) -> None:
+    """The server log keeps the traceback and says it was unexpected (a reader hole or a
+    bug), which a plain refusal of bad input never does."""
+    records = [r for r in caplog.records if r.exc_info and "unexpected" in r.getMessage()]
+    assert records, caplog.text
+    for needle in needles:
+        assert needle in records[0].getMessage(), records[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("dicom", RecursionError("maximum recursion depth exceeded while calling a Python object")),
+        ("zip", NotImplementedError("That compression method is not supported")),
+        ("image", _Boom("Image size (10000000000 pixels) exceeds limit\nof 178956970 pixels")),
+    ],
+)
+def test_unexpected_error_while_checking_the_upload_is_422_naming_the_file(
+    make_client, series_dir: Path, monkeypatch, caplog, kind: str, error: Exception
+) -> None:
+    def raise_it(*args, **kwargs):
+        raise error
+
+    if kind == "image":
+        monkeypatch.setattr("ichscan.io.image.read_grey", raise_it)
+        files, name = _one_png("bomb.png"), "bomb.png"
+    else:
+        monkeypatch.setattr("ichscan.serve.intake.discover", raise_it)
+        if kind == "zip":
+            files, name = [("files", ("s.zip", series_zip(series_dir), "application/zip"))], "s.zip"
+        else:
+            files, name = dicom_files(series_dir), "(+7 files)"
+    client = make_client()
+    with caplog.at_level(logging.ERROR, logger="ichscan.serve"):
+        detail = _refused(client, files, 422, name, type(error).__name__)
+    assert str(error).split("\n")[0] in detail
+    assert str(client.app.state.scans.root) not in detail
+    _unexpected_logged(caplog, name)
+    assert client.get("/api/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("stage", "error", "needle"),
+    [
+        ("read", TypeError("object of type 'NoneType' has no len()"), "has no len()"),
+        ("read", MemoryError(), "MemoryError: out of memory"),
+        ("predict", np.linalg.LinAlgError("Singular matrix"), "Singular matrix"),
+    ],
+)
+def test_unexpected_error_while_processing_is_422_naming_the_file(
+    make_client, series_dir: Path, served_predictor, monkeypatch, caplog, stage, error, needle
+) -> None:
+    from ichscan.serve.processing import Processor
+
+    def raise_it(*args, **kwargs):
+        raise error
+
+    if stage == "read":
+        monkeypatch.setattr(Processor, "read_scan", raise_it)
+    else:
+        monkeypatch.setattr(served_predictor, "prepare", raise_it)
+    client = make_client()
+    data = sorted(series_dir.glob("*.dcm"))[0].read_bytes()
+    files = [("files", ("empty_pixels.dcm", data, "application/dicom"))]
+    with caplog.at_level(logging.ERROR, logger="ichscan.serve"):
+        detail = _refused(client, files, 422, "empty_pixels.dcm", type(error).__name__, needle)
+    assert "internal error" not in detail
+    _unexpected_logged(caplog, "empty_pixels.dcm", stage)
+    # The server goes on: the next upload is read and predicted.
+    monkeypatch.undo()
+    record = client.post("/api/scans", files=dicom_files(series_dir)).json()
+    assert record["status"] == "done", record
+
+
+def test_bad_input_refused_by_a_reader_is_logged_without_a_traceback(make_client, caplog) -> None:
+    client = make_client()
+    files = [("files", ("slice.png", b"\x89PNG\r\n\x1a\n broken", "image/png"))]
+    with caplog.at_level(logging.INFO, logger="ichscan.serve"):
+        _refused(client, files, 422, "slice.png")
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_multi_line_reader_messages_become_one_line(make_client, monkeypatch) -> None:
+    from ichscan.errors import InputError
+
+    def decoders_fail(path, *args, **kwargs):
+        raise InputError(path, "cannot decode pixel data:\n - pylibjpeg: bad\n - gdcm: worse")
+
+    monkeypatch.setattr("ichscan.io.image.read_grey", decoders_fail)
+    _refused(make_client(), _one_png("x.png"), 422, "x.png", "pylibjpeg: bad", "gdcm: worse")
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"), [("slice.tif", "TIFF"), ("S.TIFF", "TIFF"), ("s.bmp", "BMP")]
+)
+def test_tiff_and_bmp_are_read_as_images_as_the_cli_reads_them(
+    make_client, png_bundle: Path, name: str, fmt: str
+) -> None:
+    from ichscan.infer.predictor import Predictor
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 20), 90, dtype=np.uint8)).save(buffer, format=fmt)
+    client = make_client(predictor=Predictor(png_bundle, device="cpu"))
+    response = client.post("/api/scans", files=[("files", (name, buffer.getvalue(), "image/x"))])
+    assert response.status_code == 201, response.text
+    assert response.json()["upload"]["kind"] == "image"
+    assert stored_suffix(name) == Path(name.lower()).suffix

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ichscan.data.cache import PreparedCache
+from ichscan.data.cache import REPORT_FILE, PreparedCache
 from ichscan.errors import IchscanError, InputError
 from ichscan.evaluate.metrics import EPS, operating_point, roc_auc, weighted_log_loss
 from ichscan.infer.inputs import InputSpec
@@ -54,6 +54,49 @@ LOG_LOSS_DEFINITION = (
 
 class EvaluateError(IchscanError):
     """Data that this model cannot be evaluated on."""
+
+
+# Skipped inputs listed in metrics.json; the count is exact.
+LISTED_SKIPPED = 50
+NO_FILE = "labelled, but no file found"
+
+
+def skipped_inputs(report: Any | None, prepare_report: Path | None) -> list[dict[str, str]]:
+    """Every labelled input left out, with why: files the adapter could not read, labels
+    whose file is missing (``report``, an AdapterReport), and slices whose pixels could not
+    be read (the ``report.json`` that prepare wrote)."""
+    out: list[dict[str, str]] = []
+    if report is not None:
+        out += [{"path": str(b["path"]), "reason": str(b["reason"])} for b in report.bad_files]
+        # A file named by its label's id that could not be read leaves that label without a
+        # file too (the DICOM layout counts both): list the file once, with its reason.
+        listed = {Path(e["path"]).stem for e in out} | {Path(e["path"]).name for e in out}
+        out += [
+            {"path": str(name), "reason": NO_FILE}
+            for name in report.labels_without_files
+            if str(name) not in listed
+        ]
+    if prepare_report is not None:
+        out += _prepare_bad(prepare_report)
+    return out
+
+
+def _prepare_bad(path: Path) -> list[dict[str, str]]:
+    try:
+        bad = json.loads(path.read_text()).get("bad", [])
+    except (OSError, ValueError, AttributeError):
+        return []  # a cache prepared before the report existed
+    return [
+        {
+            "path": f"{b['path']}!{b['member']}" if b.get("member") else str(b["path"]),
+            "reason": str(b.get("reason", "")),
+        }
+        for b in bad
+    ]
+
+
+def _skipped_facts(skipped: list[dict[str, str]]) -> dict[str, Any]:
+    return {"n_skipped_inputs": len(skipped), "skipped_inputs": skipped[:LISTED_SKIPPED]}
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,6 +230,7 @@ def _open_data(
             "source": str(data),
             "layout": "prepared cache",
             "label_level": manifest.get("label_level", cache.facts.get("label_level", "slice")),
+            **_skipped_facts(skipped_inputs(None, cache.root / REPORT_FILE)),
         }
     from ichscan.data.adapters import build_manifest
     from ichscan.data.prepare import prepare
@@ -196,7 +240,7 @@ def _open_data(
         raise EvaluateError(data, "no labelled slices found: " + "; ".join(report.problems[:3]))
     _refuse_images_if_hu(df["kind"], spec, data)
     root = out_dir / "cache"
-    prepare(
+    prepared = prepare(
         df,
         root,
         windows=list(spec.windows),
@@ -211,6 +255,7 @@ def _open_data(
         "layout": report.layout,
         "label_level": report.label_level,
         "adapter_problems": report.problems[:20],
+        **_skipped_facts(skipped_inputs(report, prepared.report)),
     }
     return PreparedCache(root), facts
 

@@ -279,8 +279,16 @@ class Predictor:
             raise PredictError(None, f"--backend must be 'torch' or 'onnx', not {backend!r}")
         self.spec = InputSpec.from_bundle(self.bundle.input)
         self.labels = self.bundle.labels
+        # With a study model its probabilities are the ones decided on, so its thresholds
+        # (chosen on its own validation outputs) apply; older bundles lack them.
+        study = self.bundle.config.get("study_model") or {}
+        chosen = (
+            study["thresholds"]
+            if self.backend.has_study and "thresholds" in study
+            else self.bundle.thresholds
+        )
         self.thresholds = np.array(
-            [self.bundle.thresholds.get(name, 0.5) for name in self.labels], dtype=np.float64
+            [float(chosen.get(name, 0.5)) for name in self.labels], dtype=np.float64
         )
         if reslice_mm == _FROM_BUNDLE:
             reslice_mm = self.bundle.input.get("slice_thickness_mm")
@@ -379,9 +387,15 @@ def _discovered(path: Path, *, workers: int | None) -> Iterator[Scan | Failure]:
         # Name the series' own folder (or file, or zip), not the folder the user gave.
         source = os.path.commonpath([h.path for h in series.headers])
         try:
-            yield load_series(series, workers=workers, source=source)
+            scan = load_series(series, workers=workers, source=source)
         except InputError as exc:
             yield f"{found.source} (series {series.series_uid})", exc
+            continue
+        yield scan
+        # Slices that were listed but could not be decoded: the scan went on without them,
+        # and the batch reports each, as it does the files discovery could not read.
+        for path, reason in scan.metadata.get("unreadable_slices", []):
+            yield path, InputError(path, reason)
     for bad in found.bad_files:
         yield bad.path, InputError(bad.path, bad.reason)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,6 +31,13 @@ from ichscan.errors import InputError, MissingDecoderError
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 AIR_HU = -1024
+# No CT image is larger: a header claiming more (65535 x 65535 on 512 x 512 pixel data, or a
+# compressed frame of zeros) would make the volume allocation the bomb.
+MAX_CT_MATRIX = 4096
+# A deflated dataset is inflated whole by pydicom: one that inflates beyond this is refused
+# before it is (a 1.5 MB file can hold 1.5 GB of zeros). A 500-frame Enhanced CT is ~260 MB.
+MAX_INFLATED_BYTES = 512 << 20
+DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
 
 CT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.2": "CT Image Storage",
@@ -100,6 +108,11 @@ class SliceHeader:
     notes: tuple[str, ...] = ()
     member: str | None = None  # entry name when the file came from a zip
     frames: int = 1  # NumberOfFrames: Enhanced / multi-frame CT holds a whole series
+    # Bytes of native (not encapsulated) pixel data in the file; None when unknown.
+    pixel_bytes: int | None = None
+    # Why the pixel-encoding tags cannot give HU (non-finite slope, BitsStored over
+    # BitsAllocated, ...); empty when they can.
+    encoding_problem: str = ""
 
 
 def _first(value: Any) -> Any:
@@ -114,9 +127,10 @@ def _float(ds: Dataset, keyword: str) -> float | None:
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        out = float(value)
     except (TypeError, ValueError):
         return None
+    return out if np.isfinite(out) else None
 
 
 def _floats(ds: Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
@@ -127,7 +141,15 @@ def _floats(ds: Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return out if len(out) == n else None
+    # "nan" and "inf" parse as floats; a position or spacing made of them is no position.
+    return out if len(out) == n and all(np.isfinite(out)) else None
+
+
+def _positive(value: Any) -> Any:
+    """A spacing or thickness of zero or less is no spacing: treated as missing."""
+    if value is None:
+        return None
+    return value if min(np.atleast_1d(value)) > 0 else None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
@@ -150,6 +172,7 @@ def read_dataset(
     """dcmread with errors a user can act on. Accepts files without the 128-byte preamble
     (older archives have them) but rejects anything that does not parse as DICOM."""
     label = name or str(source)
+    _check_inflated_size(source, label)
     with warnings.catch_warnings():
         # RSNA ids ("ID_abc") are not valid UIDs; pydicom warns on every access.
         warnings.simplefilter("ignore")
@@ -176,7 +199,57 @@ def read_dataset(
             raise InputError(label, "is a folder, expected a DICOM file") from None
         except (EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
             raise InputError(label, f"corrupt or truncated DICOM file ({exc})") from None
+        except RecursionError:
+            raise InputError(
+                label, "corrupt DICOM file (sequences nested too deep to parse)"
+            ) from None
     return ds
+
+
+def _check_inflated_size(source: str | Path | BinaryIO, label: str) -> None:
+    """Refuse a Deflated Explicit VR dataset that inflates beyond MAX_INFLATED_BYTES, by
+    inflating it once in chunks (and throwing the output away) before pydicom inflates it
+    whole. Other syntaxes cost one 2 KB read."""
+    try:
+        if hasattr(source, "read"):
+            start = source.tell()  # type: ignore[union-attr]
+            fh: BinaryIO = source  # type: ignore[assignment]
+        else:
+            start = 0
+            fh = open(source, "rb")  # noqa: SIM115 (closed below)
+    except OSError:
+        return  # let the real read report the problem
+    try:
+        head = fh.read(2048)
+        if DEFLATED_SYNTAX.encode() not in head or head[128:132] != b"DICM":
+            return
+        # (0002,0000) UL group length right after the marker: the deflated body follows
+        # the file meta group.
+        if head[132:138] != b"\x02\x00\x00\x00UL" or len(head) < 144:
+            return
+        body = 144 + int.from_bytes(head[140:144], "little")
+        fh.seek(start + body)
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while chunk := fh.read(1 << 20):
+            total += len(inflater.decompress(chunk, 1 << 24))
+            while inflater.unconsumed_tail and total <= MAX_INFLATED_BYTES:
+                total += len(inflater.decompress(inflater.unconsumed_tail, 1 << 24))
+            if total > MAX_INFLATED_BYTES or inflater.eof:
+                break
+        if total > MAX_INFLATED_BYTES:
+            raise InputError(
+                label,
+                f"deflated DICOM inflates to more than {MAX_INFLATED_BYTES >> 20} MB "
+                "(a compression bomb, or not a CT slice)",
+            )
+    except zlib.error as exc:
+        raise InputError(label, f"corrupt deflated DICOM data ({exc})") from None
+    finally:
+        if fh is not source:
+            fh.close()
+        else:
+            fh.seek(start)
 
 
 def _starts_like_raw_dicom(source: str | Path | BinaryIO) -> bool:
@@ -225,7 +298,11 @@ def header_from_dataset(
     invert = photometric == "MONOCHROME1" and (slope is None or intercept is None)
     bits_allocated = _fast_us(ds, "BitsAllocated") or 16
     bits_stored = _fast_us(ds, "BitsStored") or bits_allocated
-    signed = (_fast_us(ds, "PixelRepresentation") or 0) == 1
+    representation = _fast_us(ds, "PixelRepresentation") or 0
+    signed = representation == 1
+    encoding_problem = _encoding_problem(
+        bits_allocated, bits_stored, representation, slope, intercept
+    )
     # RSNA 2019: some 12-bit unsigned images carry an intercept near 0 while their stored
     # values wrap at 4096; the top solutions shifted by 1000, unwrapped, and used -1000.
     # The fix is in slope-1 units: a mirrored 12-bit image (slope -1, intercept 3071) is valid.
@@ -264,6 +341,8 @@ def header_from_dataset(
         "samples_per_pixel": _fast_us(ds, "SamplesPerPixel") or 1,
         "frames": _frames(ds),
         "has_pixels": "PixelData" in ds or "FloatPixelData" in ds or "DoubleFloatPixelData" in ds,
+        "pixel_bytes": _pixel_bytes(ds),
+        "encoding_problem": encoding_problem,
         "encoding": encoding,
         "notes": tuple(notes),
         "member": member,
@@ -293,14 +372,52 @@ def header_from_dataset(
         patient_id=str(ds.get("PatientID", "")),
         position=_floats(ds, "ImagePositionPatient", 3),
         orientation=_floats(ds, "ImageOrientationPatient", 6),
-        pixel_spacing=_floats(ds, "PixelSpacing", 2),  # type: ignore[arg-type]
-        slice_thickness=_float(ds, "SliceThickness"),
+        pixel_spacing=_positive(_floats(ds, "PixelSpacing", 2)),  # type: ignore[arg-type]
+        slice_thickness=_positive(_float(ds, "SliceThickness")),
         instance_number=_int(ds, "InstanceNumber"),
         series_description=str(ds.get("SeriesDescription", "")).strip(),
         convolution_kernel=_joined(ds.get("ConvolutionKernel")),
         image_type=tuple(_joined(ds.get("ImageType") or ()).upper().split("\\")),
         **common,
     )
+
+
+def _encoding_problem(
+    bits_allocated: int,
+    bits_stored: int,
+    representation: int,
+    slope: float | None,
+    intercept: float | None,
+) -> str:
+    """Why these pixel-encoding tags cannot give HU, or "" (garbage in them would otherwise
+    give garbage HU silently)."""
+    if bits_allocated not in (8, 16):
+        return f"BitsAllocated {bits_allocated}: CT pixel data is 8 or 16 bits per value"
+    if not 1 <= bits_stored <= bits_allocated:
+        return f"BitsStored {bits_stored} does not fit BitsAllocated {bits_allocated}"
+    if representation not in (0, 1):
+        return f"PixelRepresentation {representation} (0 unsigned or 1 signed)"
+    for name, value, limit in (("RescaleSlope", slope, 1e3), ("RescaleIntercept", intercept, 1e5)):
+        if value is not None and not (np.isfinite(value) and abs(value) <= limit):
+            return f"{name} {value:g} cannot map stored values to HU"
+    return ""
+
+
+def _pixel_bytes(ds: Dataset) -> int | None:
+    """Bytes of native pixel data present, without loading a deferred value; None for
+    encapsulated (compressed) data or no PixelData."""
+    elem = ds.get_item("PixelData")
+    if elem is None:
+        return None
+    if getattr(elem, "is_undefined_length", False):
+        return None
+    value = elem.value
+    if value is None:
+        # A raw element not read yet (deferred: pydicom defers only a value the file holds
+        # in full) has a length; a converted one with no value is empty.
+        length = getattr(elem, "length", 0)
+        return None if length == 0xFFFFFFFF else int(length)
+    return len(value) if isinstance(value, bytes | bytearray) else None
 
 
 def _raw_bytes(ds: Dataset, keyword: str) -> tuple[bytes | None, str]:
@@ -391,6 +508,35 @@ def check_ct_slice(header: SliceHeader, label: str, *, multi_frame: bool = False
         )
     if header.rows <= 0 or header.cols <= 0:
         raise InputError(label, "missing Rows/Columns")
+    if header.encoding_problem:
+        raise InputError(label, header.encoding_problem)
+    if max(header.rows, header.cols) > MAX_CT_MATRIX:
+        raise InputError(
+            label,
+            f"Rows x Columns {header.rows}x{header.cols}: larger than any CT image "
+            f"(at most {MAX_CT_MATRIX} a side)",
+        )
+    if header.transfer_syntax in NATIVE_SYNTAXES and header.pixel_bytes is not None:
+        problem = pixel_length_problem(header, header.pixel_bytes)
+        if problem:
+            raise InputError(label, problem)
+
+
+def pixel_length_problem(header: SliceHeader, present: int) -> str:
+    """Why ``present`` bytes of native pixel data do not fit Rows x Columns x frames, or "".
+    A surplus of less than one row is tolerated (writers pad), as pydicom does."""
+    per_value = (header.encoding.bits_allocated + 7) // 8
+    needed = header.rows * header.cols * header.frames * per_value
+    if present == 0:
+        return "empty pixel data"
+    if present < needed:
+        return f"truncated pixel data ({present} of {needed} bytes)"
+    if present >= needed + header.cols * per_value:
+        return (
+            f"pixel data holds {present} bytes but Rows x Columns {header.rows}x{header.cols} "
+            f"need {needed}: Rows/Columns do not match the pixel data"
+        )
+    return ""
 
 
 @lru_cache(maxsize=64)
@@ -445,16 +591,18 @@ def decode_stored(ds: Dataset, header: SliceHeader, label: str) -> np.ndarray:
     """The stored pixel values as a [rows, cols] array (no rescale applied)."""
     syntax = header.transfer_syntax
     if syntax in NATIVE_SYNTAXES and header.encoding.bits_allocated == 16 and "PixelData" in ds:
-        data = ds.PixelData
-        expected = header.rows * header.cols * 2
-        if len(data) < expected:
-            raise InputError(label, f"truncated pixel data ({len(data)} of {expected} bytes)")
+        data = ds.PixelData or b""
+        problem = pixel_length_problem(header, len(data))
+        if problem:
+            raise InputError(label, problem)
         dtype = "<i2" if header.encoding.signed else "<u2"
         return np.frombuffer(data, dtype=dtype, count=header.rows * header.cols).reshape(
             header.rows, header.cols
         )
     if syntax not in NATIVE_SYNTAXES:
         _require_decoder(syntax, label)
+    elif not ds.get("PixelData"):
+        raise InputError(label, "empty pixel data")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

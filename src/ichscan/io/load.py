@@ -59,10 +59,15 @@ def load_discovered(
         raise InputError(found.source, f"no readable CT series: {reasons}{more}")
     scan = load_series(chosen, workers=workers, source=found.source)
     studies = {s.study_uid for s in found.series}
-    if len(studies) > 1:
+    patients = {s.patient_id for s in found.series}
+    if len(studies) > 1 or len(patients) > 1:
+        # Patients first: two patients in one input is the mix-up a reader must not miss.
+        of_patients = f" of {len(patients)} patients" if len(patients) > 1 else ""
         scan.warnings.append(
-            f"{found.source} holds {len(studies)} studies; loaded study {chosen.study_uid} "
-            "(name a series with series_uid, or point at one study's folder)"
+            f"{found.source} holds {len(studies)} {'study' if len(studies) == 1 else 'studies'}"
+            f"{of_patients}; loaded patient {chosen.patient_id}, study {chosen.study_uid} "
+            "(name a series: --series UID on the command line, series_uid= in Python; "
+            "or point at one study's folder)"
         )
     scan.warnings.extend(f"skipped {b}" for b in found.bad_files)
     return scan

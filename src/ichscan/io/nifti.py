@@ -9,19 +9,22 @@ import nibabel as nib
 import numpy as np
 
 from ichscan.errors import InputError
+from ichscan.io.dicom import AIR_HU
 from ichscan.scan import Scan
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# The largest head CT worth reading: 1024x1024x512 or 512x512x2048 voxels, 1 GiB as int16.
+# A header claiming more is damaged or a bomb (a few kB of .nii.gz can claim 16 GB of
+# zeros); it is refused before any voxel is read or any array allocated.
+MAX_VOXELS = 512 * 1024 * 1024
+_GREY_KINDS = "biuf"  # bool, signed, unsigned, floating: one intensity per voxel
 
 
 def read_nifti(path: str | Path) -> Scan:
+    """One 3-D NIfTI volume as a Scan of HU. The header is checked before any voxel is read
+    (size, voxel type, affine); NaN or infinite voxels are read as air, with a warning."""
     path = Path(path)
-    try:
-        img = nib.load(str(path))
-    except FileNotFoundError:
-        raise InputError(path, "file not found") from None
-    except Exception as exc:
-        raise InputError(path, f"not a readable NIfTI file ({exc})") from None
+    img = _load_header(path)
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
         img = img.slicer[..., 0]
@@ -29,27 +32,28 @@ def read_nifti(path: str | Path) -> Scan:
         raise InputError(
             path, f"NIfTI has {len(shape)} dimensions {tuple(shape)}; expected one 3-D volume"
         )
+    _check_header(path, img)
     # Reorient to RAS+ voxel axes first; then one fixed permutation gives [slice, row, col]
     # with rows running anterior→posterior and columns right→left, as axial DICOM does.
-    img = nib.as_closest_canonical(img)
+    try:
+        img = nib.as_closest_canonical(img)
+    except (nib.orientations.OrientationError, np.linalg.LinAlgError, ValueError) as exc:
+        raise InputError(
+            path, f"cannot orient the volume from its affine ({_one_line(exc)})"
+        ) from None
     try:
         data = np.asanyarray(img.dataobj)
+    except MemoryError:
+        raise InputError(
+            path, f"not enough memory to read {_shape_text(img.shape)} voxels"
+        ) from None
     except Exception as exc:
-        raise InputError(path, f"cannot read NIfTI voxel data ({exc})") from None
+        raise InputError(path, f"cannot read NIfTI voxel data ({_one_line(exc)})") from None
     nx, ny, _ = data.shape
     volume = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
     warnings: list[str] = []
-    if np.issubdtype(volume.dtype, np.floating):
-        rounded = np.rint(volume)
-        if np.allclose(volume, rounded) and rounded.min() >= -32768 and rounded.max() <= 32767:
-            volume = rounded.astype(np.int16)
-        else:
-            volume = volume.astype(np.float32)
-    elif volume.dtype != np.int16:
-        if volume.min() < -32768 or volume.max() > 32767:
-            raise InputError(path, f"voxel values {volume.min()}..{volume.max()} are not HU")
-        volume = volume.astype(np.int16)
-    if volume.size and volume.min() >= 0:
+    volume = _to_hu_dtype(path, volume, warnings)
+    if volume.min() >= 0:
         warnings.append("no negative values: this does not look like a HU volume (air is -1000 HU)")
     # index (k, i, j) → RAS voxel (x, y, z) = (nx-1-j, ny-1-i, k)
     to_voxel = np.array(
@@ -72,6 +76,100 @@ def read_nifti(path: str | Path) -> Scan:
     )
 
 
+def _load_header(path: Path) -> nib.Nifti1Image:
+    """The image with its header parsed; nibabel reads no voxel until asked."""
+    try:
+        return nib.load(str(path))
+    except FileNotFoundError:
+        raise InputError(path, "file not found") from None
+    except MemoryError:
+        raise InputError(path, "not a readable NIfTI file (not enough memory)") from None
+    except Exception as exc:
+        raise InputError(path, f"not a readable NIfTI file ({_one_line(exc)})") from None
+
+
+def _check_header(path: Path, img: nib.Nifti1Image) -> None:
+    """Refuse, from the header alone, what cannot be a head CT volume."""
+    n_voxels = int(np.prod(img.shape, dtype=np.int64))
+    if n_voxels == 0:
+        raise InputError(path, f"NIfTI volume {_shape_text(img.shape)} holds no voxels")
+    if n_voxels > MAX_VOXELS:
+        raise InputError(
+            path,
+            f"header declares {_shape_text(img.shape)} voxels ({n_voxels:.2g}), more than a "
+            f"head CT holds (at most {MAX_VOXELS:.2g}); damaged or crafted file, not read",
+        )
+    dtype = img.get_data_dtype()
+    if dtype.kind not in _GREY_KINDS:
+        kind = _nifti_type(img)
+        if dtype.kind == "c":
+            raise InputError(path, f"voxel type {kind} holds complex numbers, not HU")
+        raise InputError(
+            path, f"voxel type {kind} is not a greyscale intensity; expected one HU per voxel"
+        )
+    _check_affine(path, img.affine)
+
+
+def _check_affine(path: str | Path, affine: np.ndarray) -> None:
+    """The voxel-to-world matrix must place every voxel somewhere, each axis its own way."""
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path, "affine is not finite (NaN or infinite values in sform/qform)")
+    axes = np.asarray(affine, dtype=np.float64)[:3, :3]
+    sizes = np.linalg.norm(axes, axis=0)
+    # |det| against the product of the voxel sizes: 0 when an axis is zero or two are
+    # parallel, 1 for any rotation; tiny voxels alone do not make it small.
+    if sizes.min() <= 0 or abs(np.linalg.det(axes)) < 1e-6 * float(np.prod(sizes)):
+        raise InputError(
+            path, "affine is singular (a zero voxel size or two axes along one direction)"
+        )
+
+
+def _to_hu_dtype(path: Path, volume: np.ndarray, warnings: list[str]) -> np.ndarray:
+    """int16 when every value is a whole number in range, float32 otherwise."""
+    if np.issubdtype(volume.dtype, np.floating):
+        volume = _finite(path, volume, warnings)
+        rounded = np.rint(volume)
+        if np.allclose(volume, rounded) and rounded.min() >= -32768 and rounded.max() <= 32767:
+            return rounded.astype(np.int16)
+        return volume.astype(np.float32)
+    if volume.dtype != np.int16:
+        if volume.min() < -32768 or volume.max() > 32767:
+            raise InputError(path, f"voxel values {volume.min()}..{volume.max()} are not HU")
+        return volume.astype(np.int16)
+    return volume
+
+
+def _finite(path: Path, volume: np.ndarray, warnings: list[str]) -> np.ndarray:
+    """NaN or Inf voxels become air, as DICOM padding does: resampling tools write NaN
+    outside the field of view. A volume with no number at all is refused."""
+    finite = np.isfinite(volume)
+    if finite.all():
+        return volume
+    if not finite.any():
+        raise InputError(path, "no voxel holds a number (all are NaN or infinite)")
+    n_bad = int(finite.size - np.count_nonzero(finite))
+    warnings.append(f"{n_bad} voxel(s) are NaN or infinite; read as air ({AIR_HU} HU)")
+    return np.where(finite, volume, np.asarray(AIR_HU, dtype=volume.dtype))
+
+
+def _nifti_type(img: nib.Nifti1Image) -> str:
+    code = int(img.header["datatype"])
+    try:
+        return str(nib.nifti1.data_type_codes.niistring[code]).removeprefix("NIFTI_TYPE_")
+    except KeyError:
+        return str(img.get_data_dtype())
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(str(int(n)) for n in shape)
+
+
+def _one_line(exc: BaseException) -> str:
+    """nibabel's messages can span lines ("... got 0 bytes\n - could the file be
+    damaged?") and a MemoryError has none: one line, never empty."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _stem(path: Path) -> str:
     name = path.name
     for suffix in (".nii.gz", ".nii"):
@@ -86,14 +184,16 @@ def write_nifti(scan: Scan, out: str | Path) -> Path:
         raise InputError(
             scan.source, "holds windowed display values, not HU; refusing to write it as a HU NIfTI"
         )
+    to_index = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    affine = LPS_TO_RAS @ scan.affine @ to_index
+    # A NaN slice position or a zero pixel spacing upstream ends here; say so, not LinAlgError.
+    _check_affine(scan.source, affine)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # NIfTI voxel (x, y, z) = our (j, i, k); same world point, converted LPS → RAS.
     data = np.asarray(scan.hu).transpose(2, 1, 0)
     if data.dtype != np.int16:
         data = np.clip(np.rint(data), -32768, 32767).astype(np.int16)
-    to_index = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
-    affine = LPS_TO_RAS @ scan.affine @ to_index
     img = nib.Nifti1Image(data, affine)
     img.header.set_xyzt_units("mm")
     img.set_sform(affine, code=1)  # scanner anatomical

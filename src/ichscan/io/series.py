@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ichscan.errors import InputError
-from ichscan.io.archive import ZipLimits, iter_zip_members
+from ichscan.io.archive import ZipLimits, ZipMember, iter_zip_members
 from ichscan.io.dicom import (
     CT_SOP_CLASSES,
     SliceHeader,
@@ -197,12 +198,41 @@ def _is_ignored(path: Path) -> bool:
     )
 
 
-def iter_files(root: Path) -> Iterator[Path]:
-    """Every file below root, depth first, in a stable order."""
+def shown(label: str | Path) -> str:
+    """A file name as one line of text: quoted and escaped (repr) when it holds a newline or
+    another control character, as is otherwise, accents and CJK included."""
+    text = str(label)
+    return text if text.isprintable() else repr(text)
+
+
+def special_file_kind(path: Path) -> str | None:
+    """'a named pipe', 'a socket' or 'a device' for what is not a regular file; None for a
+    regular file, and for a path that cannot be stat'ed (its reader says why)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+def iter_files(root: Path, special: list[Path] | None = None) -> Iterator[Path]:
+    """Every file below root, depth first, in a stable order. Named pipes, sockets and
+    devices are left out (opening a pipe blocks until a writer comes, which may be never)
+    and appended to `special` when given, so the caller can say it skipped them."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
-            yield Path(dirpath) / name
+            path = Path(dirpath) / name
+            if special_file_kind(path) is None:
+                yield path
+            elif special is not None:
+                special.append(path)
 
 
 def read_headers(
@@ -222,22 +252,36 @@ def read_headers(
             headers.append(header_or_error)
 
     if not path.exists():
-        raise InputError(path, "no such file or folder")
+        raise InputError(shown(path), "no such file or folder")
     if path.is_dir():
-        for file in iter_files(path):
+        special: list[Path] = []
+        for file in iter_files(path, special):
             if _is_ignored(file):
-                ignored.append(str(file))
+                ignored.append(shown(file))
                 continue
             consider(_header_or_bad(file))
+        bad += [BadFile(shown(f), _not_regular(f)) for f in special]
+    elif kind := special_file_kind(path):
+        raise InputError(shown(path), _not_regular(path, kind))
     elif path.suffix.lower() == ".zip":
-        for name, data in iter_zip_members(path, zip_limits or ZipLimits()):
-            if _is_ignored(Path(name)):
-                ignored.append(f"{path}!{name}")
+        for member in iter_zip_members(path, zip_limits or ZipLimits()):
+            if _is_ignored(Path(member.name)):
+                ignored.append(shown(f"{path}!{member.name}"))
                 continue
-            consider(_header_or_bad(path, data=data, member=name))
+            consider(_zip_member(path, member))
     else:
         consider(_header_or_bad(path))
     return headers, bad, ignored
+
+
+def _not_regular(path: Path, kind: str | None = None) -> str:
+    return f"not a regular file ({kind or special_file_kind(path)}); not read"
+
+
+def _zip_member(path: Path, member: ZipMember) -> SliceHeader | BadFile | None:
+    if member.data is None:
+        return BadFile(shown(f"{path}!{member.name}"), member.problem or "unreadable zip entry")
+    return _header_or_bad(path, data=member.data, member=member.name)
 
 
 def _header_or_bad(
@@ -245,7 +289,7 @@ def _header_or_bad(
 ) -> SliceHeader | BadFile | None:
     import io
 
-    label = f"{path}!{member}" if member else str(path)
+    label = shown(f"{path}!{member}" if member else path)
     try:
         if data is None:
             header = read_header(path)
@@ -261,27 +305,61 @@ def _header_or_bad(
 
 
 def group_series(headers: Iterable[SliceHeader]) -> tuple[list[Series], list[BadFile]]:
-    """Group by SeriesInstanceUID, order and measure each series."""
-    groups: dict[str, list[SliceHeader]] = defaultdict(list)
+    """Group by SeriesInstanceUID, order and measure each series. Slices of different
+    patients or studies are never one volume, even under one SeriesInstanceUID (copied or
+    badly anonymised UIDs): each patient and study gets its own series, which says so."""
+    groups: dict[tuple[str, str, str], list[SliceHeader]] = defaultdict(list)
     for h in headers:
-        groups[h.series_uid or f"(no SeriesInstanceUID) {h.study_uid}"].append(h)
+        uid = h.series_uid or f"(no SeriesInstanceUID) {h.study_uid}"
+        groups[(uid, h.patient_id, h.study_uid)].append(h)
+    sharing = Counter(uid for uid, _, _ in groups)
     series: list[Series] = []
     bad: list[BadFile] = []
-    for uid, members in groups.items():
+    for (uid, patient, study), members in groups.items():
         s, dropped = build_series(uid, members)
         bad.extend(dropped)
-        if s is not None:
-            series.append(s)
+        if s is None:
+            continue
+        if sharing[uid] > 1:
+            s.problems.append(
+                f"SeriesInstanceUID {uid} is shared by {sharing[uid]} patients or studies; "
+                f"split into one series each (this one: patient {patient or '(no PatientID)'}, "
+                f"study {study or '(no StudyInstanceUID)'})"
+            )
+        series.append(s)
     return series, bad
 
 
 def _label(h: SliceHeader) -> str:
-    return f"{h.path}!{h.member}" if h.member else h.path
+    return shown(f"{h.path}!{h.member}" if h.member else h.path)
+
+
+def _drop_repeated_instances(
+    members: list[SliceHeader], problems: list[str]
+) -> tuple[list[SliceHeader], list[BadFile]]:
+    """One file per SOPInstanceUID: slice ids, SR references and predictions key on it, so a
+    second file with the same UID (a copy, or a broken export) is left out and named."""
+    first: dict[str, SliceHeader] = {}
+    kept: list[SliceHeader] = []
+    dropped: list[BadFile] = []
+    for h in members:
+        original = first.setdefault(h.sop_uid, h) if h.sop_uid else h
+        if original is h:
+            kept.append(h)
+        else:
+            dropped.append(
+                BadFile(_label(h), f"repeats the SOPInstanceUID of {_label(original)}; not read")
+            )
+    if dropped:
+        problems.append(
+            f"{len(dropped)} slice(s) repeating another slice's SOPInstanceUID were left out"
+        )
+    return kept, dropped
 
 
 def build_series(uid: str, members: list[SliceHeader]) -> tuple[Series | None, list[BadFile]]:
     problems: list[str] = []
-    dropped: list[BadFile] = []
+    members, dropped = _drop_repeated_instances(members, problems)
 
     # One matrix size and one orientation per series; the majority wins, the rest are listed.
     size_counts = Counter((h.rows, h.cols) for h in members)
@@ -491,7 +569,7 @@ def discover(path: str | Path, zip_limits: ZipLimits | None = None) -> Discovery
     notes = [n for s in series for n in sorted({n for h in s.headers for n in h.notes})]
     if not series and not bad:
         raise InputError(
-            path, "no DICOM files found" if Path(path).is_dir() else "not a DICOM file"
+            shown(path), "no DICOM files found" if Path(path).is_dir() else "not a DICOM file"
         )
     return Discovery(str(path), series, bad, ignored, notes)
 

@@ -60,6 +60,10 @@ _SNAP = 1e-6
 # positions carry ~1e-3 mm of rounding, which must not turn a 5 mm series resliced to 5 mm
 # into slabs that randomly hold two slices.
 _SPACING_TOL_MM = 0.01
+# Refused before allocating: no body spans 2 m, and no slab plan needs more output slices
+# (0.5 mm over a 2 m whole-body scan is 4000).
+MAX_EXTENT_MM = 2000.0
+MAX_OUT_SLICES = 4096
 
 
 def _cast(acc: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -176,8 +180,19 @@ def reslice(
     else:
         spacing = t  # one slice: nothing to average, output it as one slab
     extent = float(d_sorted[-1] - d_sorted[0])
+    if extent > MAX_EXTENT_MM:
+        # A slice 1 km away would make the output volume the memory bomb.
+        raise ValueError(
+            f"slices span {extent:.0f} mm along the slice normal, more than any body "
+            f"({MAX_EXTENT_MM:.0f} mm): a slice position is wrong or the series is mixed"
+        )
     # Enough slabs that every input slice (each `spacing` thick) is covered.
     n_out = max(1, math.ceil((extent + spacing) / t - 1e-6))
+    if n_out > MAX_OUT_SLICES:
+        raise ValueError(
+            f"{n_out} slabs of {t:g} mm over {extent:.0f} mm is more than {MAX_OUT_SLICES}: "
+            "the slab thickness is too small"
+        )
     first = (float(d_sorted[0]) + float(d_sorted[-1])) / 2 - (n_out - 1) * t / 2
     depths = first + t * np.arange(n_out)
 

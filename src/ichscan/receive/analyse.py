@@ -12,6 +12,7 @@ and the JSON names.
 from __future__ import annotations
 
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from ichscan.errors import InputError
 from ichscan.infer.predictor import Predictor
 from ichscan.io.load import load_discovered
 from ichscan.io.series import discover
@@ -30,8 +30,24 @@ from ichscan.receive.sr import LabelResult, build_sr
 from ichscan.receive.store import Store, instance_files, make_dirs, write_atomic
 from ichscan.scan import Scan
 
+log = logging.getLogger("ichscan.receive")
+
 MAX_WARNINGS = 20
 _UID_TAGS = ["SOPClassUID", "SOPInstanceUID"]
+# Type 2 attributes of the Patient and General Study modules, which the SR copies from its
+# evidence and must carry, empty when unknown. Many sources leave them out altogether (the
+# RSNA files, anonymised exports): missing there means empty here, as DICOM has it.
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def model_info(predictor: Predictor) -> dict[str, str]:
@@ -105,6 +121,9 @@ def _evidence(refs: list[SliceRef], study_uid: str, series_uid: str) -> list[Dat
     are copied from it), the others by their identifiers (all the SR lists of them), which
     spares reading every header a second time."""
     first = pydicom.dcmread(refs[0].path, stop_before_pixels=True)
+    for keyword in TYPE2_COPIED:
+        if keyword not in first:
+            setattr(first, keyword, "")
     items = [first]
     for sop_class, sop_uid in dict.fromkeys((r.sop_class, r.sop_uid) for r in refs):
         if sop_uid == first.SOPInstanceUID:
@@ -120,7 +139,8 @@ def analyse_series(
     store: Store, study_uid: str, series_uid: str, predictor: Predictor, *, algorithm: str
 ) -> dict[str, Any]:
     """Predict one stored series and write its SR; the result fields for its JSON. Raises
-    IchscanError for a series the model cannot read (the worker records it as failed)."""
+    IchscanError for a series the model cannot read (the worker records it as failed). An SR
+    that cannot be built leaves ``sr`` None and says why in ``warnings``."""
     folder = store.series_dir(study_uid, series_uid)
     n_files = len(instance_files(folder))
     scan, refs = _read_series(folder, series_uid)
@@ -144,15 +164,22 @@ def analyse_series(
         )
     headline = int(np.argmax(slice_probs[:, 0]))
     key = source_slice(scan, analysed, headline)
+    warnings = list(scan.warnings[:MAX_WARNINGS])
+    sr_file: str | None = None
     try:
-        sr = build_sr(_evidence(refs, study_uid, series_uid), results, algorithm=algorithm)
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise InputError(folder, f"cannot build the Structured Report ({exc})") from None
-    buffer = io.BytesIO()
-    sr.save_as(buffer, enforce_file_format=True)
-    sr_path = store.sr_path(study_uid, series_uid)
-    make_dirs(sr_path.parent)
-    write_atomic(sr_path, buffer.getvalue())
+        encoded = _encoded_sr(refs, study_uid, series_uid, results, algorithm)
+    except Exception as exc:
+        # The findings stand without their SR: losing them to a header the SR cannot take
+        # would hide a suspected bleed from the worklist.
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line in the log
+        note = f"no Structured Report: cannot build it ({reason}); the findings are here only"
+        log.warning("series %s: %s", series_uid, note)
+        warnings.append(note)
+    else:
+        sr_path = store.sr_path(study_uid, series_uid)
+        make_dirs(sr_path.parent)
+        write_atomic(sr_path, encoded)
+        sr_file = store.relative(sr_path)
     found = findings(labels, [float(p) for p in scan_probs], thresholds)
     key_slice: dict[str, Any] = {
         "index": key,
@@ -167,7 +194,21 @@ def analyse_series(
         "findings": found,
         "suspected_ich": found[labels[0]]["positive"],
         "key_slice": key_slice,
-        "sr": store.relative(sr_path),
+        "sr": sr_file,
         "error": None,
-        "warnings": list(scan.warnings[:MAX_WARNINGS]),
+        "warnings": warnings,
     }
+
+
+def _encoded_sr(
+    refs: list[SliceRef],
+    study_uid: str,
+    series_uid: str,
+    results: list[LabelResult],
+    algorithm: str,
+) -> bytes:
+    """The series' SR as a DICOM file's bytes."""
+    sr = build_sr(_evidence(refs, study_uid, series_uid), results, algorithm=algorithm)
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

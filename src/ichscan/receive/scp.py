@@ -95,6 +95,10 @@ def check_instance(data: bytes, sop_uid: str, sop_class: str) -> InstanceInfo:
     if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
         # pydicom reads garbage leniently; a dataset without its own identity is garbage.
         raise Refused(CANNOT_UNDERSTAND, "corrupt dataset (no SOPClassUID/SOPInstanceUID)")
+    # Damaged pixel data first: the CT checks would call a cut-off instance "not matching"
+    # its SOP class, when it is one the sender should send again.
+    meta = getattr(ds, "file_meta", None)
+    _check_pixel_length(ds, str(meta.get("TransferSyntaxUID", "")) if meta else "", label)
     try:
         header = header_from_dataset(ds, label)
         check_ct_slice(header, label, multi_frame=True)
@@ -110,22 +114,30 @@ def check_instance(data: bytes, sop_uid: str, sop_class: str) -> InstanceInfo:
     for name, uid in (("Study", info.study_uid), ("Series", info.series_uid), ("SOP", sop_uid)):
         if not is_safe_uid(uid):
             raise Refused(NOT_MATCHING, f"{name}InstanceUID {uid!r} is missing or malformed")
-    _check_pixel_length(ds, header.transfer_syntax, label)
     return info
 
 
 def _check_pixel_length(ds: Dataset, syntax: str, label: str) -> None:
     if syntax not in NATIVE_SYNTAXES or "PixelData" not in ds:
         return  # compressed frames are checked when they are decoded for the analysis
-    frames = int(ds.get("NumberOfFrames") or 1)
-    bits = int(ds.get("BitsAllocated") or 16)
-    expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        bits = int(ds.get("BitsAllocated") or 16)
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames
+    except (AttributeError, TypeError, ValueError):
+        return  # no usable Rows/Columns: the CT checks say so
     expected = expected * bits // 8
-    if len(ds.PixelData) < expected:
-        raise Refused(
-            CANNOT_UNDERSTAND,
-            f"truncated pixel data ({len(ds.PixelData)} of {expected} bytes)",
-        )
+    # An empty element reads as None, not as b"".
+    size = len(ds.PixelData or b"")
+    if size == 0:
+        raise Refused(CANNOT_UNDERSTAND, f"empty pixel data (0 of {expected} bytes)")
+    if size < expected:
+        raise Refused(CANNOT_UNDERSTAND, f"truncated pixel data ({size} of {expected} bytes)")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -171,6 +183,19 @@ class StorageHandlers:
                 "refused %s from %s: %s (status 0x%04X)", sop_uid, calling, exc.reason, exc.status
             )
             return exc.status
+        except Exception as exc:
+            # A reader failure nobody foresaw is still this instance's fault: refuse it with
+            # one line, as any other bad object, not with pynetdicom's handler traceback.
+            stats.refused += 1
+            log.warning(
+                "refused %s from %s: unreadable dataset (%s) (status 0x%04X)",
+                sop_uid,
+                calling,
+                _one_line(f"{type(exc).__name__}: {exc}"),
+                CANNOT_UNDERSTAND,
+            )
+            log.debug("the check of %s raised", sop_uid, exc_info=exc)
+            return CANNOT_UNDERSTAND
         try:
             is_new = write_instance(self.store, info.study_uid, info.series_uid, sop_uid, data)
             self.tracker.instance_stored(info, calling, is_new)

@@ -137,8 +137,9 @@ def result_line(record: dict[str, Any], seconds: float) -> str:
     positives = [k for k, v in record["findings"].items() if v["positive"] and k != label]
     more = f" ({', '.join(positives)})" if positives else ""
     key = record.get("key_slice") or {}
+    no_sr = "" if record.get("sr") else "; no SR (see the result's warnings)"
     return (
         f"{head}: {verdict}{more}, {label}={p:.3f}, key slice {key.get('index')}; "
         f"{record['slices']} slices analysed in {seconds:.1f}s, "
-        f"{record['time_to_result_s']:.1f}s after the last instance"
+        f"{record['time_to_result_s']:.1f}s after the last instance{no_sr}"
     )

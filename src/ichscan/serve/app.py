@@ -8,6 +8,7 @@ static files do not (the page asks for the token and sends it).
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,8 @@ from ichscan.serve.processing import VOLUME, Processor
 from ichscan.serve.scans import DONE, FAILED, PROCESSING, QUEUED, ScanStore, now_iso
 from ichscan.serve.uploads import FIELD, Limits, UploadError, receive
 
+log = logging.getLogger("ichscan.serve")
+
 STATIC = Path(__file__).parent / "static"
 DISCLAIMER = "ichscan is research software, not a medical device: not for diagnosis or patient care"
 Window = Literal["brain", "subdural", "bone", "soft"]
@@ -47,7 +50,7 @@ _UPLOAD_BODY = {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
                             "description": "DICOM files of one series, or one zip, one "
-                            "NIfTI volume, or one PNG/JPEG slice",
+                            "NIfTI volume, or one PNG/JPEG/TIFF/BMP slice",
                         }
                     },
                 }
@@ -227,7 +230,7 @@ def create_app(
     )
     async def upload_scan(request: Request, response: Response) -> dict[str, Any]:
         """Upload one scan (multipart field `files`, repeated for many: the DICOM files of a
-        series, one zip, one NIfTI or one PNG/JPEG). Answers 201 with the scan record:
+        series, one zip, one NIfTI or one PNG/JPEG/TIFF/BMP). Answers 201 with the scan record:
         `status` is `done` when it finished within a moment, else `queued`/`processing`
         (then `GET /api/scans/{id}?wait=30`)."""
         scan_id, folder = scans.new_folder()
@@ -238,11 +241,21 @@ def create_app(
         except UploadError as exc:
             await run_in_threadpool(shutil.rmtree, folder, True)
             raise HTTPException(exc.status, exc.detail) from None
-        except BaseException:
+        except Exception as exc:
+            # Not the input (check_upload answers for that): the server's own failure, said
+            # as one line and not as an empty 500.
+            await run_in_threadpool(shutil.rmtree, folder, True)
+            log.exception("upload %s: server error while receiving it", scan_id)
+            raise HTTPException(
+                500,
+                f"server error while receiving the upload ({type(exc).__name__}); "
+                "the server log has the details",
+            ) from None
+        except BaseException:  # cancelled: the client went away
             await run_in_threadpool(shutil.rmtree, folder, True)
             raise
         originals = [f.original for f in upload.files]
-        name = originals[0] + (f" (+{len(originals) - 1} files)" if len(originals) > 1 else "")
+        name = upload.title
         meta = {
             "kind": job.kind,
             "n_files": len(originals),

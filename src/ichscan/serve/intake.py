@@ -10,6 +10,8 @@ worker in memory so the headers are not read twice; after a restart it is redone
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,10 @@ from ichscan.serve.uploads import (
 )
 
 JOB = "job.json"
+# A detail is one line the page shows; a reader's message (or an exception's) can be long.
+MAX_DETAIL_CHARS = 500
+
+log = logging.getLogger("ichscan.serve")
 
 
 @dataclass
@@ -51,6 +57,47 @@ def public(text: str, replacements: dict[str, str]) -> str:
     for server, shown in sorted(replacements.items(), key=lambda kv: -len(kv[0])):
         text = text.replace(server, shown)
     return text
+
+
+def one_line(text: str) -> str:
+    """A message as one bounded line. Some readers list one cause per line (one per decoder
+    plugin, or a hint on a line of its own): those lines are joined."""
+    text = re.sub(r":\s*\n[\s-]*", ": ", text.strip())
+    text = re.sub(r"\s*\n[\s-]*", "; ", text)
+    if len(text) > MAX_DETAIL_CHARS:
+        text = text[: MAX_DETAIL_CHARS - 1] + "…"
+    return text
+
+
+def unexpected_problem(exc: BaseException, doing: str = "read") -> str:
+    """What to tell the sender about an exception no reader turned into a refusal (a
+    RecursionError, a decompression bomb, MemoryError...): its type and message, which is
+    often all there is to say about the file."""
+    message = str(exc) or ("out of memory" if isinstance(exc, MemoryError) else "no detail")
+    return f"cannot be {doing} ({type(exc).__name__}: {message})"
+
+
+def refusal(
+    shown: str,
+    exc: BaseException,
+    names: dict[str, str],
+    *,
+    step: str = "checking the upload",
+    doing: str = "read",
+    scan_id: str | None = None,
+) -> str:
+    """The 422 detail for an unexpected exception about ``shown``. The traceback goes to the
+    log under "unexpected": that is how the log tells these (a reader that should have
+    refused the input cleanly, or a bug of ours) from plain bad input, refused without one."""
+    where = f"scan {scan_id} ({shown})" if scan_id else shown
+    log.error(
+        "%s: unexpected %s while %s; answered 422 (a reader hole or a server bug)",
+        where,
+        type(exc).__name__,
+        step,
+        exc_info=exc,
+    )
+    return one_line(public(f"{shown}: {unexpected_problem(exc, doing)}", names))
 
 
 def upload_names(folder: Path, upload_names: dict[str, str]) -> dict[str, str]:
@@ -80,8 +127,12 @@ def check_upload(upload: Upload, limits: Limits, folder: Path) -> Job:
 
             read_grey(path)
         return Job(kind, path, names=names)
+    except UploadError:
+        raise
     except IchscanError as exc:
-        raise UploadError(422, public(str(exc), names)) from None
+        raise UploadError(422, one_line(public(str(exc), names))) from None
+    except Exception as exc:  # whatever a reader raises, the sender gets one line
+        raise UploadError(422, refusal(upload.title, exc, names)) from None
 
 
 def check_series_dir(path: Path, limits: Limits, names: dict[str, str]) -> Job:
@@ -89,7 +140,10 @@ def check_series_dir(path: Path, limits: Limits, names: dict[str, str]) -> Job:
     try:
         return Job("dicom", path, _discovered(path, limits), names)
     except IchscanError as exc:
-        raise UploadError(422, public(str(exc), names)) from None
+        raise UploadError(422, one_line(public(str(exc), names))) from None
+    except Exception as exc:
+        shown = public(str(path), names)
+        raise UploadError(422, refusal(shown, exc, names, step="reading a store series")) from None
 
 
 def rediscover(job: Job, limits: Limits) -> Discovery:

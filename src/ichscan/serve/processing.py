@@ -26,7 +26,7 @@ import numpy as np
 
 from ichscan.errors import IchscanError
 from ichscan.scan import Scan
-from ichscan.serve.intake import Job, describe_discovery, public, rediscover
+from ichscan.serve.intake import Job, describe_discovery, one_line, public, rediscover, refusal
 from ichscan.serve.scans import DONE, FAILED, PROCESSING, ScanStore, now_iso
 from ichscan.serve.uploads import Limits
 
@@ -35,6 +35,17 @@ log = logging.getLogger("ichscan.serve")
 VOLUME = "volume.npy"
 MODEL_INPUT = "input.npy"
 HU_WINDOWS = ["brain", "subdural", "bone", "soft"]
+
+
+class StepFailed(Exception):
+    """An exception no reader expected, with the step of the analysis it broke (the log
+    says where; the sender learns what, about which file)."""
+
+    def __init__(self, step: str, doing: str, cause: Exception) -> None:
+        super().__init__(f"{step}: {type(cause).__name__}: {cause}")
+        self.step = step
+        self.doing = doing
+        self.cause = cause
 
 
 def save_array_atomic(path: Path, array: np.ndarray) -> None:
@@ -98,8 +109,19 @@ class Processor:
                 return
             try:
                 self.process(scan_id)
-            except Exception:  # a worker must outlive any one scan
-                log.exception("scan %s: unexpected error", scan_id)
+            except Exception as exc:  # a worker must outlive any one scan
+                log.exception("scan %s: server error while processing it", scan_id)
+                self._mark_failed(scan_id, exc)
+
+    def _mark_failed(self, scan_id: str, exc: Exception) -> None:
+        """A scan whose processing broke outside the analysis (its record could not be
+        written...) is failed if it can be, so that no client waits on it for ever."""
+        try:
+            if self.store.exists(scan_id):
+                error = f"server error while processing the scan ({type(exc).__name__})"
+                self.store.update(scan_id, status=FAILED, finished_at=now_iso(), error=error)
+        except Exception:
+            log.exception("scan %s: cannot record the failure either", scan_id)
 
     # -- one scan ----------------------------------------------------------------------
 
@@ -114,19 +136,9 @@ class Processor:
         start = time.perf_counter()
         try:
             result = self.analyse(folder, job)
-        except IchscanError as exc:
-            self.store.update(
-                scan_id, status=FAILED, finished_at=now_iso(), error=public(str(exc), names)
-            )
-            return
-        except Exception as exc:
-            log.exception("scan %s failed", scan_id)
-            self.store.update(
-                scan_id,
-                status=FAILED,
-                finished_at=now_iso(),
-                error=f"internal error while reading or predicting the scan ({type(exc).__name__})",
-            )
+        except Exception as exc:  # whatever broke, the sender gets one line naming the file
+            error = self._failure(scan_id, str(record.get("name") or scan_id), exc, names)
+            self.store.update(scan_id, status=FAILED, finished_at=now_iso(), error=error)
             return
         result["warnings"] = [public(w, names) for w in result["warnings"]]
         for other in result.get("other_series", []):
@@ -146,6 +158,19 @@ class Processor:
                 **result,
             )
 
+    @staticmethod
+    def _failure(scan_id: str, shown: str, exc: Exception, names: dict[str, str]) -> str:
+        """The error of a failed scan: a reader's refusal as it is; anything else as the
+        file, the exception and its message, with the traceback logged."""
+        if isinstance(exc, IchscanError):
+            error = one_line(public(str(exc), names))
+            log.info("scan %s: refused: %s", scan_id, error)
+            return error
+        step, doing, cause = "processing the scan", "read or analysed", exc
+        if isinstance(exc, StepFailed):
+            step, doing, cause = exc.step, exc.doing, exc.cause
+        return refusal(shown, cause, names, step=step, doing=doing, scan_id=scan_id)
+
     def read_scan(self, job: Job) -> tuple[Scan, list[dict[str, Any]]]:
         from ichscan.io.image import read_image
         from ichscan.io.load import load_discovered
@@ -160,7 +185,20 @@ class Processor:
         return load_discovered(found), describe_discovery(found)
 
     def analyse(self, folder: Path, job: Job) -> dict[str, Any]:
-        scan, others = self.read_scan(job)
+        try:
+            scan, others = self.read_scan(job)
+        except IchscanError:
+            raise
+        except Exception as exc:
+            raise StepFailed("reading the scan", "read", exc) from exc
+        try:
+            return self._predicted(folder, scan, others)
+        except IchscanError:
+            raise
+        except Exception as exc:
+            raise StepFailed("predicting", "analysed", exc) from exc
+
+    def _predicted(self, folder: Path, scan: Scan, others: list[dict[str, Any]]) -> dict[str, Any]:
         shown = scan
         result: dict[str, Any] = {"labels": [], "findings": [], "slice_probabilities": []}
         if self.predictor is not None:

@@ -25,14 +25,16 @@ from starlette.requests import ClientDisconnect, Request
 
 from ichscan.errors import InputError
 from ichscan.io.archive import ZipLimits, check_zip
+from ichscan.io.image import IMAGE_SUFFIXES
 from ichscan.io.load import input_kind
 from ichscan.io.series import IGNORED_NAMES, NON_DICOM_SUFFIXES
 
 FIELD = "files"
 # Suffixes that decide how a file is read. Sidecar suffixes that series discovery skips are
 # kept too (see stored_name); anything else is stored without one (DICOM files often have
-# no suffix at all, and the reader does not need one).
-KEPT_SUFFIXES = (".nii.gz", ".nii", ".zip", ".dcm", ".png", ".jpg", ".jpeg")
+# no suffix at all, and the reader does not need one). The image suffixes are the CLI's, so
+# an upload is read as the same file given to `ichscan predict` would be.
+KEPT_SUFFIXES = (".nii.gz", ".nii", ".zip", ".dcm", *sorted(IMAGE_SUFFIXES))
 # Multipart framing (boundaries, part headers) on top of the file bytes.
 _FRAMING_SLACK = 1024 * 1024
 # Buffered file bytes handed to a thread in one go: big enough that the hop is rare, small
@@ -42,7 +44,7 @@ _FLUSH_ITEMS = 256  # ... or this many writes and closes (many small files)
 _SHOWN_NAME_CHARS = 200
 # Files and zip members above this size must start like DICOM before the reader sees them.
 _SNIFF_FROM_BYTES = 1024 * 1024
-_NOT_READ_AS_DICOM = (".zip", ".nii", ".gz", ".png", ".jpg", ".jpeg", *NON_DICOM_SUFFIXES)
+_NOT_READ_AS_DICOM = (".zip", ".nii", ".gz", *IMAGE_SUFFIXES, *NON_DICOM_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,12 @@ class Upload:
     def names(self) -> dict[str, str]:
         return {f.stored: f.original for f in self.files}
 
+    @property
+    def title(self) -> str:
+        """The upload as its sender knows it: the first file's name, and how many more."""
+        more = len(self.files) - 1
+        return self.files[0].original + (f" (+{more} files)" if more > 0 else "")
+
 
 def shown_name(raw: str) -> str:
     """A client's file name made safe to show: the last path part, printable, bounded."""
@@ -100,9 +108,10 @@ def shown_name(raw: str) -> str:
 
 def stored_name(index: int, original: str) -> str:
     """``NNNN`` plus a suffix from an allow-list: the readable kinds (.dcm, .zip, .nii[.gz],
-    .png, .jpg, .jpeg) and the sidecar files series discovery skips (.txt, .pdf, .csv...);
-    names discovery ignores (DICOMDIR, .DS_Store, Thumbs.db...) become hidden files, which
-    it ignores too. Nothing of the client's name reaches the disk but that suffix."""
+    the images the CLI reads: .png, .jpg, .jpeg, .tif, .tiff, .bmp) and the sidecar files
+    series discovery skips (.txt, .pdf, .csv...); names discovery ignores (DICOMDIR,
+    .DS_Store, Thumbs.db...) become hidden files, which it ignores too. Nothing of the
+    client's name reaches the disk but that suffix."""
     suffix = stored_suffix(original)
     if original in IGNORED_NAMES or original.startswith("."):
         return f".{index:04d}"
@@ -307,8 +316,8 @@ def upload_kind(upload: Upload) -> str:
         return kinds[0]
     raise UploadError(
         422,
-        "one scan per upload: send one zip, one NIfTI volume, one PNG/JPEG slice, or the "
-        f"DICOM files of one series (got {len(kinds)} files: "
+        "one scan per upload: send one zip, one NIfTI volume, one PNG/JPEG/TIFF/BMP slice, "
+        f"or the DICOM files of one series (got {len(kinds)} files: "
         + ", ".join(sorted(set(kinds)))
         + ")",
     )
