@@ -98,6 +98,23 @@ def test_explain_writes_overlays_montage_and_heatmaps(
     assert montage.size == (3 * 256, 256)
     summary = json.loads((out / "explain.json").read_text())
     assert summary["label"] == "any" and len(summary["slice_ids"]) == 8
+    assert summary["method"].startswith("Grad-CAM") and summary["warnings"] == result.warnings
+
+
+def test_explain_says_small_set_maps_are_not_grad_cam() -> None:
+    """The small-set ensemble is explained by its MIL heads' own map, and says so."""
+    from torch import nn
+
+    from ichscan.infer.explain import GradCamExplainer
+    from ichscan.models.small_set import SmallSetModel
+
+    mil = SmallSetModel.__new__(SmallSetModel)  # isinstance is all `method` reads
+    other = nn.Linear(2, 2)
+    only_mil = GradCamExplainer([mil], [mil], ["hemorrhage"])
+    assert only_mil.method.startswith("the small-set MIL heads' per-location")
+    assert "Grad-CAM" not in only_mil.method
+    both = GradCamExplainer([mil, other], [mil, other], ["hemorrhage"])
+    assert "Grad-CAM" in both.method and "averaged over 2 models" in both.method
 
 
 def test_explain_names_an_unknown_label(

@@ -405,6 +405,7 @@ def test_json_output_holds_scans_slices_and_errors(
     doc = json.loads(out.read_text())
     assert doc["labels"] == RSNA and set(doc["thresholds"]) == set(RSNA)
     assert "not a medical device" in doc["research_use_only"]
+    assert doc["trained_on"].startswith("SYNTHETIC phantoms at ")
     [scan] = doc["scans"]
     assert scan["n_slices"] == 8 and len(scan["slices"]) == 8
     assert set(scan["probabilities"]) == set(RSNA) and set(scan["positive"]) == set(RSNA)

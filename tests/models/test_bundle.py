@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ichscan.labels import RSNA
-from ichscan.models.bundle import BundleError, load_bundle, new_config, save_bundle
+from ichscan.models.bundle import BundleError, load_bundle, new_config, save_bundle, trained_on
 from ichscan.models.slice_model import SliceModel
 from ichscan.models.study import StudyModel
 
@@ -63,3 +63,22 @@ def test_newer_format_is_refused(tmp_path: Path) -> None:
     (tmp_path / "bundle.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="upgrade ichscan"):
         load_bundle(tmp_path)
+
+
+def test_trained_on_names_the_data_and_says_synthetic(tmp_path: Path) -> None:
+    (tmp_path / "README.txt").write_text("SYNTHETIC DATA - not from any patient.\n")
+    training = {
+        "data_summary": {"source": "/data/head_ct", "synthetic": False, "slices": 150},
+        "config": {"extra_train": ["/data/rsna_png"]},
+        "fold": 2,
+        "folds": 5,
+    }
+    line = trained_on({"training": training})
+    assert line == (
+        "data at /data/head_ct (150 slices) + extra training data /data/rsna_png; "
+        "validated on fold 2 of 5"
+    )
+    # A bundle from before the flag: the data folder's own README tells.
+    old = {"training": {"data_summary": {"source": str(tmp_path)}}}
+    assert trained_on(old) == f"SYNTHETIC phantoms at {tmp_path}"
+    assert trained_on({}) == "training data not recorded in this bundle"

@@ -15,6 +15,7 @@ import torch
 
 from ichscan.data.synth import write_synthetic
 from ichscan.errors import IchscanError
+from ichscan.infer.predictor import Predictor
 from ichscan.models.bundle import load_bundle
 from ichscan.train.augment import AugmentSpec
 from ichscan.train.loop import TrainConfig, TrainingError, train
@@ -48,6 +49,7 @@ def test_train_writes_a_complete_bundle(png_set: Path, tmp_path: Path) -> None:
     assert bundle.input["size"] == 32 and bundle.input["source_window"] == "brain"
     assert "random initialisation" in bundle.config["weights_provenance"]
     assert bundle.config["training"]["epochs_run"] == 2
+    assert bundle.config["training"]["data_summary"]["synthetic"] is True
     log = pd.read_csv(out / "train_log.csv")
     assert list(log["epoch"]) == [0, 1]
     assert {"train_loss", "val_loss", "val_mean_auc"} <= set(log.columns)
@@ -119,6 +121,24 @@ def test_each_recipe_refuses_the_other_ones_crop(png_set: Path, tmp_path: Path) 
                 data=str(png_set), out=str(tmp_path / "c"), recipe="finetune", head_reader=True
             )
         )
+
+
+def test_small_set_refuses_fine_tuning_options(png_set: Path, tmp_path: Path) -> None:
+    """--arch or --epochs under the small-set recipe would be ignored without a word."""
+    from ichscan.train.data import DataError
+
+    small_set = {"recipe": "small-set", "labels": "binary"}
+    with pytest.raises(DataError, match=r"--arch, --epochs are fine-tuning option\(s\)"):
+        train(
+            TrainConfig(
+                data=str(png_set),
+                out=str(tmp_path / "m"),
+                architecture="resnet18",
+                epochs=3,
+                **small_set,
+            )
+        )
+    assert not (tmp_path / "m" / "cache").exists(), "refused before any work"
 
 
 def test_resume_continues_where_it_stopped(png_set: Path, tmp_path: Path) -> None:
@@ -372,6 +392,27 @@ def test_train_study_adds_a_sequence_model(tmp_path: Path) -> None:
     assert result["validation_scans"] >= 1
     assert {"slice_mean_auc", "scan_mean_auc"} <= set(result["validation"])
     assert not list(out.glob(".study-embeddings-*")), "the embeddings file outlived training"
+    # Its probabilities replace the slice model's, so its own thresholds decide.
+    study_thresholds = bundle.config["study_model"]["thresholds"]
+    assert set(study_thresholds) == set(bundle.labels)
+    assert "study model's validation" in bundle.config["study_model"]["threshold_method"]
+    predictor = Predictor(out, device="cpu")
+    expected = [study_thresholds[name] for name in bundle.labels]
+    np.testing.assert_array_equal(predictor.thresholds, expected)
+
+
+def test_train_study_refuses_one_slice_scans(tmp_path: Path) -> None:
+    """A folder of PNG slices is one-slice 'scans': a sequence model over them is refused
+    rather than silently replacing the slice model's probabilities."""
+    from ichscan.train.study import StudyConfig, StudyTrainingError, train_study
+
+    data = tmp_path / "slices"
+    write_synthetic(data, n_scans=18, seed=3, layout="png", shape=(1, 64, 64))
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(data), out=str(out), **FAST))
+    with pytest.raises(StudyTrainingError, match="18 of 18 scans are a single slice"):
+        train_study(StudyConfig(model=str(out), epochs=1, progress=False))
+    assert load_bundle(out).study is None
 
 
 def test_train_study_refuses_a_full_disk_before_embedding(

@@ -662,9 +662,23 @@ def _write_csv(path: Path, header: Sequence[str], rows: Iterable[dict[str, objec
         writer.writerows(rows)
 
 
+SYNTHETIC_MARK = "SYNTHETIC DATA - not from any patient."
+
+
+def is_synthetic(root: str | Path) -> bool:
+    """True for a folder ``write_synthetic`` wrote (its README.txt says so first), so that
+    what a model was trained on can say it."""
+    readme = Path(root) / "README.txt"
+    try:
+        with readme.open(encoding="utf-8", errors="replace") as f:
+            return f.readline().strip() == SYNTHETIC_MARK
+    except OSError:
+        return False
+
+
 def _write_readme(out: Path, layout: str, n_scans: int, seed: int) -> None:
     (out / "README.txt").write_text(
-        "SYNTHETIC DATA - not from any patient.\n\n"
+        SYNTHETIC_MARK + "\n\n"
         f"{n_scans} phantom head CT scan(s) written by ichscan in the '{layout}' layout "
         f"(seed {seed}) for tests and demos. They are cartoons with known ground truth\n"
         "(truth.csv per scan, slice_truth.csv per slice) and must never stand in for real\n"

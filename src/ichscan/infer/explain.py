@@ -155,6 +155,19 @@ class GradCamExplainer:
         layers = [m if isinstance(m, SmallSetModel) else target_layer(m) for m in models]
         return cls(models, layers, predictor.labels, device, batch_size)
 
+    @property
+    def method(self) -> str:
+        """What the maps are, in words: the small-set ensemble's maps are its MIL heads'
+        own, not Grad-CAM."""
+        mil = sum(isinstance(m, SmallSetModel) for m in self.models)
+        parts = []
+        if mil:
+            parts.append("the small-set MIL heads' per-location hemorrhage probability")
+        if mil < len(self.models):
+            parts.append("Grad-CAM (pytorch_grad_cam) of the last convolutional block")
+        averaged = f", averaged over {len(self.models)} models" if len(self.models) > 1 else ""
+        return " and ".join(parts) + averaged + ", per-slice scaled to [0, 1]"
+
     def label_index(self, label: str | None) -> int:
         if label is None:
             return self.labels.index("any") if "any" in self.labels else 0
@@ -243,6 +256,7 @@ class Explanation:
     slice_probs: list[float]
     summary: Path
     warnings: list[str] = field(default_factory=list)
+    method: str = ""
 
 
 def _brain_view(scan: Scan) -> np.ndarray:
@@ -323,13 +337,15 @@ def explain(
         slice_probs=[round(float(p), 6) for p in probs],
         summary=summary,
         warnings=list(scan.warnings),
+        method=explainer.method,
     )
     summary.write_text(
         json.dumps(
             {
                 "label": name,
                 "source": scan.source,
-                "method": "Grad-CAM (pytorch_grad_cam), per-slice scaled to [0, 1]",
+                "method": result.method,
+                "warnings": result.warnings,
                 "slice_ids": list(scan.slice_ids),
                 "slice_probs": result.slice_probs,
                 "top_slices": top,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ichscan.errors import IchscanError
+from ichscan.models.bundle import trained_on
 
 if TYPE_CHECKING:
     from ichscan.infer.predictor import Predictor, ScanPrediction
@@ -149,6 +150,7 @@ class JsonWriter(_Writer):
             "model": str(predictor.bundle.root),
             "architecture": predictor.bundle.config.get("architecture"),
             "label_set": predictor.bundle.config.get("label_set"),
+            "trained_on": trained_on(predictor.bundle.config),
             "labels": list(predictor.labels),
             "thresholds": dict(
                 zip(predictor.labels, map(float, predictor.thresholds), strict=True)

@@ -77,6 +77,34 @@ class Bundle:
         return self
 
 
+def trained_on(config: dict[str, Any]) -> str:
+    """One line on the data a bundle was trained on, for every output that prints its
+    figures: synthetic phantoms are called so."""
+    training = config.get("training") or {}
+    summary = training.get("data_summary") or {}
+    source = summary.get("source") or training.get("data")
+    if not source:
+        return "training data not recorded in this bundle"
+    synthetic = summary.get("synthetic")
+    if synthetic is None:  # bundles from before the flag: look, where the data still is
+        from ichscan.data.synth import is_synthetic
+
+        synthetic = is_synthetic(source)
+    what = "SYNTHETIC phantoms" if synthetic else "data"
+    counts = [
+        f"{summary[key]} {noun}"
+        for key, noun in (("slices", "slices"), ("patients", "patients"))
+        if summary.get(key) is not None
+    ]
+    extra = (training.get("config") or {}).get("extra_train") or []
+    line = f"{what} at {source}" + (f" ({', '.join(counts)})" if counts else "")
+    if extra:
+        line += f" + extra training data {', '.join(map(str, extra))}"
+    if "fold" in training and "folds" in training:
+        line += f"; validated on fold {training['fold']} of {training['folds']}"
+    return line
+
+
 def _window_dict(window: Any) -> dict[str, Any]:
     if isinstance(window, dict):
         return dict(window)

@@ -4,7 +4,7 @@ MODEL_DIR/cache, resumable) or an existing prepared cache, and the fold to hold 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ichscan.data.cache import PreparedCache
+from ichscan.data.synth import is_synthetic
 from ichscan.errors import IchscanError
 from ichscan.labels import BINARY, LabelSet, get_label_set
 from ichscan.preprocess.head_crop import BRAIN_AND_HEAD
@@ -163,7 +164,11 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
             config.folds,
             config.seed,
             source_window,
-            {"source": "prepared cache"},
+            {
+                "source": str(cache.facts.get("source") or data),
+                "prepared_cache": str(data),
+                "synthetic": is_synthetic(cache.facts.get("source") or data),
+            },
             recipe=recipe,
         )
     return _prepare_from_layout(config, data, main)
@@ -192,6 +197,7 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
         recipe = "small-set" if _auto_small_set(config, main_rows, label_set) else "finetune"
     _check_head_reader(config, recipe, data)
     _check_crop(config, recipe, data)
+    _check_finetune_options(config, recipe, data)
     if recipe == "small-set":
         if len(label_set.labels) != 1:
             raise DataError(
@@ -216,6 +222,7 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
         )
     summary = {
         "source": str(data),
+        "synthetic": is_synthetic(data),
         "layout": report.layout,
         "label_level": report.label_level,
         "adapter_problems": report.problems[:20],
@@ -281,6 +288,53 @@ def _check_crop(config: TrainConfig, recipe: str, data: Path) -> None:
             f"--crop {config.crop} is for fine-tuning; the small-set recipe reads the "
             f"{small_set_crop(config)} crop (add --recipe finetune to fine-tune on the "
             f"{config.crop} crop)",
+        )
+
+
+# TrainConfig fields only fine-tuning reads (flag names as the CLI spells them): set under
+# the small-set recipe, they would be ignored without a word.
+FINETUNE_ONLY = {
+    "architecture": "--arch",
+    "train_mode": "--train",
+    "input_kind": "--input",
+    "windows": "--windows",
+    "size": "--size",
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "backbone_lr_mult": "--backbone-lr-mult",
+    "weight_decay": "--weight-decay",
+    "schedule": "--schedule",
+    "accumulate": "--accumulate",
+    "pos_weight": "--pos-weight",
+    "patience": "--patience",
+    "select": "--select",
+    "resume": "--resume",
+    "max_minutes": "--max-minutes",
+    "augment": "--no-augment",
+}
+
+
+def _check_finetune_options(config: TrainConfig, recipe: str, data: Path) -> None:
+    if recipe != "small-set":
+        return
+    specs = {f.name: f for f in fields(config)}
+    changed = []
+    for name, flag in FINETUNE_ONLY.items():
+        spec = specs[name]
+        default = (
+            spec.default_factory()  # type: ignore[misc]
+            if spec.default_factory is not MISSING
+            else spec.default
+        )
+        if getattr(config, name) != default:
+            changed.append(flag)
+    if changed:
+        raise DataError(
+            data,
+            f"{', '.join(changed)} {'is a' if len(changed) == 1 else 'are'} fine-tuning "
+            "option(s); the small-set recipe (frozen Lite0/1/2 readers and their heads) does "
+            "not read them: add --recipe finetune, or leave them out",
         )
 
 

@@ -243,19 +243,22 @@ def resolve_threshold(method: str, recipe: str) -> str:
     return "calibrated" if recipe == "small-set" else "youden"
 
 
+def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, method: str) -> float:
+    """One label's threshold: youden, calibrated, or sensitivity:TARGET."""
+    if method == "youden":
+        return youden_threshold(y_true, y_prob)
+    if method == "calibrated":
+        return calibrated_threshold(y_true, y_prob)
+    return threshold_for_sensitivity(y_true, y_prob, float(method.split(":", 1)[1]))
+
+
 def choose_thresholds(
     probs: np.ndarray, labels: np.ndarray, label_set: LabelSet, method: str
 ) -> dict[str, float]:
-    out = {}
-    for j, name in enumerate(label_set.labels):
-        if method == "youden":
-            out[name] = youden_threshold(labels[:, j], probs[:, j])
-        elif method == "calibrated":
-            out[name] = calibrated_threshold(labels[:, j], probs[:, j])
-        else:
-            target = float(method.split(":", 1)[1])
-            out[name] = threshold_for_sensitivity(labels[:, j], probs[:, j], target)
-    return out
+    return {
+        name: choose_threshold(labels[:, j], probs[:, j], method)
+        for j, name in enumerate(label_set.labels)
+    }
 
 
 def _check_labels(labels: np.ndarray, rows: np.ndarray, label_set: LabelSet, what: str) -> None:

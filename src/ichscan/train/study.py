@@ -29,9 +29,10 @@ from ichscan.evaluate.metrics import roc_auc, weighted_log_loss
 from ichscan.models.bundle import Bundle, load_bundle, save_bundle
 from ichscan.models.study import StudyModel
 from ichscan.train.dataset import SliceDataset
-from ichscan.train.loop import masked_bce, pick_device, seed_everything
+from ichscan.train.loop import choose_threshold, masked_bce, pick_device, seed_everything
 
 EMBEDDING_DTYPE = np.float16  # what embed_cache stores, and what the disk check counts
+MIN_MEDIAN_SLICES = 2  # scans shorter than this (the median) are slices, not sequences
 
 
 class StudyTrainingError(IchscanError):
@@ -172,6 +173,15 @@ def _fit_study(
         raise StudyTrainingError(
             cache_root, f"need scans in both the training folds and the validation fold {fold}"
         )
+    lengths = np.array([len(g) for g in groups])
+    if np.median(lengths) < MIN_MEDIAN_SLICES:
+        # A sequence model over one-slice "scans" (a folder of PNG slices) learns nothing a
+        # slice model does not, and its outputs would silently replace the slice model's.
+        raise StudyTrainingError(
+            cache_root,
+            f"{int((lengths < 2).sum())} of {len(groups)} scans are a single slice: the study "
+            "model reads scans of several slices (RSNA studies, CQ500 series, NIfTI volumes)",
+        )
     weights = torch.tensor(bundle.label_set.weights, device=device)
     model = StudyModel(emb.shape[1], labels.shape[1], kind=config.kind, hidden=config.hidden).to(
         device
@@ -212,11 +222,16 @@ def _fit_study(
     assert best_state is not None
     model.load_state_dict(best_state)
     final = evaluate_study(model, val_groups, emb, labels, bundle, device)
+    thresholds, method = study_thresholds(
+        model, val_groups, emb, labels, bundle, device, slice_level
+    )
     study_config = {
         "kind": config.kind,
         "hidden": config.hidden,
         "epochs": config.epochs,
         "validation": final,
+        "thresholds": thresholds,
+        "threshold_method": method,
         "validation_scans": len(val_groups),
         "train_scans": len(train_groups),
         "note": "trained on the frozen slice model's embeddings of the same training folds",
@@ -233,14 +248,14 @@ def _labels_for(bundle: Bundle, cache: PreparedCache) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_study(
+def _outputs(
     model: StudyModel,
     groups: list[np.ndarray],
     emb: np.ndarray,
     labels: np.ndarray,
-    bundle: Bundle,
     device: torch.device,
-) -> dict[str, float]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(slice probs, slice labels, scan probs, scan labels) of these scans; -1 is unknown."""
     model.eval()
     slice_p, slice_y, scan_p, scan_y = [], [], [], []
     for start in range(0, len(groups), 32):
@@ -251,7 +266,47 @@ def evaluate_study(
         slice_y.append(y[mask].numpy())
         scan_p.append(torch.sigmoid(sc).cpu().numpy())
         scan_y.append(sy.numpy())
-    sp, sy_, cp, cy = (np.concatenate(a) for a in (slice_p, slice_y, scan_p, scan_y))
+    sp, sy, cp, cy = (np.concatenate(a) for a in (slice_p, slice_y, scan_p, scan_y))
+    return sp, sy, cp, cy
+
+
+def study_thresholds(
+    model: StudyModel,
+    groups: list[np.ndarray],
+    emb: np.ndarray,
+    labels: np.ndarray,
+    bundle: Bundle,
+    device: torch.device,
+    slice_level: bool,
+) -> tuple[dict[str, float], str]:
+    """Decision thresholds for the study model's own outputs, chosen on the validation scans
+    the way the slice model's were: its probabilities replace the slice model's at predict
+    time, so the slice model's thresholds do not fit them. Chosen on slice outputs where the
+    labels are per slice, on scan outputs otherwise; a label with one class there keeps the
+    slice model's threshold."""
+    sp, sy, cp, cy = _outputs(model, groups, emb, labels, device)
+    probs, truth = (sp, sy) if slice_level else (cp, cy)
+    recorded = str(bundle.config.get("threshold_method", "youden")).split(" ")[0]
+    method = recorded if recorded in ("youden", "calibrated") or ":" in recorded else "youden"
+    out = dict(bundle.thresholds)
+    for j, name in enumerate(bundle.labels):
+        known = truth[:, j] >= 0
+        y = truth[known, j]
+        if (y == 1).any() and (y == 0).any():
+            out[name] = choose_threshold(y, probs[known, j], method)
+    where = "slices" if slice_level else "scans"
+    return out, f"{method} on the study model's validation {where}"
+
+
+def evaluate_study(
+    model: StudyModel,
+    groups: list[np.ndarray],
+    emb: np.ndarray,
+    labels: np.ndarray,
+    bundle: Bundle,
+    device: torch.device,
+) -> dict[str, float]:
+    sp, sy_, cp, cy = _outputs(model, groups, emb, labels, device)
     w = bundle.label_set.weights
 
     def mean_auc(y: np.ndarray, p: np.ndarray) -> float:
