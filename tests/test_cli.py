@@ -148,6 +148,43 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(
     assert "empty path" in err and "bad.dcm" not in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["synth", "OUT", "--scans", "0"],
+        ["synth", "OUT", "--thickness", "0"],
+        ["convert", "SERIES", "OUT/o.nii.gz", "--thickness", "0"],
+        ["convert", "SERIES", "OUT/o.nii.gz", "--thickness", "-1"],
+    ],
+)
+def test_nonsense_numbers_are_refused_by_the_parser(
+    series_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    argv = [a.replace("SERIES", str(series_dir)).replace("OUT", str(tmp_path / "o")) for a in argv]
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err and "Traceback" not in err
+
+
+def test_file_system_refusals_are_one_line(
+    series_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """synth into a folder that holds data, an output under a file: no traceback."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "README.txt").write_text("someone's data")
+    assert main(["synth", str(tmp_path / "taken")]) == 2
+    (tmp_path / "file").write_text("x")
+    assert main(["preview", str(series_dir), "--out", str(tmp_path / "file" / "p.png")]) == 2
+    assert main(["preview", str(series_dir), "--out", str(tmp_path / "noext")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in lines if not line.startswith("warning: ")]  # the series' own
+    assert len(err) == 3 and all(line.startswith("ichscan ") for line in err), "\n".join(lines)
+    assert "Traceback" not in "\n".join(lines)
+    assert str(tmp_path / "taken") in err[0] and "name it .png" in err[2]
+
+
 def test_preview_montage(series_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "preview.png"
     assert (
@@ -458,6 +495,12 @@ def test_cli_export_and_onnx_predict(cli_model: tuple[Path, Path], tmp_path: Pat
         == 0
     )
     assert json.loads(out.read_text())
+    # The file `export --onnx` wrote elsewhere is used when named (and implies onnx).
+    (model / "model.onnx").unlink()
+    named = tmp_path / "named.json"
+    argv = ["predict", str(series), "--model", str(model), "--out", str(named)]
+    assert main([*argv, "--onnx", str(tmp_path / "elsewhere.onnx")]) == 0
+    assert json.loads(named.read_text())["scans"] == json.loads(out.read_text())["scans"]
 
 
 def test_cli_explain(cli_model: tuple[Path, Path], tmp_path: Path) -> None:

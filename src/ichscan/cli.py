@@ -178,6 +178,8 @@ def cmd_preview(args: argparse.Namespace) -> int:
         windows = [w.name for w in parse_windows(args.windows)]
     except ValueError as exc:
         raise IchscanError(None, f"--windows: {exc}") from None
+    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise IchscanError(args.out, "the preview is an image: name it .png or .jpg")
     scan = _load_for_cli(args.path, args.series)
     out = write_preview(scan, args.out, windows, args.slices)
     print(f"wrote {out}")
@@ -361,12 +363,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.inputs,
         args.model,
         args.out,
-        backend=args.backend,
+        backend="onnx" if args.onnx else args.backend,
         batch_size=args.batch_size,
         device=args.device,
         fmt=args.format,
         tta=_tta(args),
         reslice_mm=args.reslice,
+        onnx_path=args.onnx,
     )
 
 
@@ -418,7 +421,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         device=args.device,
         series_uid=args.series,
     )
-    print(f"wrote Grad-CAM overlays, montage and heatmaps under {args.out} (label {result.label})")
+    for warning in result.warnings:
+        print(f"warning: {_shown(warning)}", file=sys.stderr)
+    print(
+        f"wrote overlays, montage and heatmaps under {args.out} (label {result.label}; "
+        f"maps: {result.method})"
+    )
     return EXIT_OK
 
 
@@ -480,6 +488,17 @@ def _path(text: str) -> str:
     return text
 
 
+def _millimetres(text: str) -> float:
+    """A positive length in mm (a thickness of 0 would be ignored, a negative one fail late)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a length in mm") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} mm: a thickness must be above 0 mm")
+    return value
+
+
 def _count(text: str) -> int:
     """A positive number of things (slices...)."""
     try:
@@ -527,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--thickness",
-        type=float,
+        type=_millimetres,
         metavar="MM",
         help="reslice to this slice thickness first (corrects gantry tilt)",
     )
@@ -546,12 +565,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_preview)
 
     p = sub.add_parser("synth", help="write synthetic head CT phantoms (tests and demos only)")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--scans", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=["dicom", "nifti", "rsna", "cq500", "png"], default="dicom")
-    p.add_argument("--thickness", type=float, default=5.0, metavar="MM")
-    p.add_argument("--tilt", type=float, default=0.0, metavar="DEG")
+    p.add_argument("out", help="output folder (must not exist yet)")
+    p.add_argument(
+        "--scans", type=_count, default=1, help="phantom scans to write (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument(
+        "--layout",
+        choices=["dicom", "nifti", "rsna", "cq500", "png"],
+        default="dicom",
+        help="folder layout, as the adapters read it (default: %(default)s)",
+    )
+    p.add_argument(
+        "--thickness",
+        type=_millimetres,
+        default=5.0,
+        metavar="MM",
+        help="slice spacing of the phantoms (default: %(default)s)",
+    )
+    p.add_argument(
+        "--tilt",
+        type=float,
+        default=0.0,
+        metavar="DEG",
+        help="gantry tilt written into the geometry (default: %(default)s)",
+    )
     p.add_argument(
         "--compression",
         default="none",
@@ -719,6 +757,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: from the file name; kaggle = RSNA submission ID,Label",
     )
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch")
+    p.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="the ONNX file for --backend onnx (default: MODEL/model.onnx, where "
+        "`ichscan export MODEL` writes it); giving it implies --backend onnx",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument(
@@ -844,7 +888,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_listen)
 
-    p = sub.add_parser("demo", help="the main job on synthetic data: synth, info, preview")
+    p = sub.add_parser(
+        "demo",
+        help="the main job on synthetic data: synth, info, preview, convert, train, evaluate, "
+        "predict, explain",
+    )
     p.add_argument("--out", default="demo_out", help="output folder (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -858,6 +906,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except IchscanError as exc:
         print(f"ichscan {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        # The file system's refusals (an output folder that exists, a path that cannot be
+        # written, a full disk) are the user's to fix: one line, not a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"ichscan {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("ichscan: interrupted", file=sys.stderr)

@@ -24,6 +24,7 @@ from ichscan.labels import BINARY, RSNA, LabelSet
 from ichscan.models.bundle import new_config, save_bundle
 from ichscan.models.slice_model import SliceModel
 from ichscan.models.study import build_study_model
+from ichscan.preprocess.head_crop import CROP_VERSION
 from ichscan.threads import torch_threads
 
 LABELS = list(RSNA.labels)
@@ -50,15 +51,18 @@ def _one_thread() -> Iterator[None]:
         yield
 
 
-def _bundle(root: Path, label_set: LabelSet = RSNA, *, study: bool = False) -> Path:
+def _bundle(
+    root: Path, label_set: LabelSet = RSNA, *, study: bool = False, crop: str = "none"
+) -> Path:
     """An untrained ResNet18 bundle (evaluation needs a model, not a good one)."""
     torch.manual_seed(0)
     model = SliceModel("resnet18", len(label_set.labels), pretrained="none", dropout=0.0)
+    spec = HU_INPUT if crop == "none" else {**HU_INPUT, "crop": crop, "crop_version": CROP_VERSION}
     config = new_config(
         architecture="resnet18",
         weights_provenance=model.provenance,
         label_set=label_set,
-        input_spec=HU_INPUT,
+        input_spec=spec,
         dropout=0.0,
     )
     config["thresholds"] = {name: 0.45 for name in label_set.labels}
@@ -146,6 +150,8 @@ def test_report_html_shows_the_plots_and_what_it_rests_on(
     page = (out / "report.html").read_text()
     assert "research software, not a medical device" in page
     assert str(data) in page and "18 slices in 3 scans" in page
+    assert "model trained on: training data not recorded" in page  # a hand-made bundle
+    assert metrics["model"]["trained_on"] == "training data not recorded in this bundle"
     images = re.findall(r'<img src="([^"]+)"', page)
     assert len(images) == 8
     for src in images:
@@ -173,6 +179,24 @@ def test_evaluate_predicts_what_predict_predicts(
     with open(out / "scan_predictions.csv", newline="") as f:
         scan_row = next(r for r in csv.DictReader(f) if r["scan"] == pred.scan)
     assert float(scan_row["any"]) == pytest.approx(float(pred.scan_probs[0]), abs=2e-6)
+
+
+def test_a_cropped_model_is_evaluated_on_slices_cut_its_way(data: Path, tmp_path: Path) -> None:
+    """A bundle trained on brain-cropped slices is scored on brain-cropped slices, as predict
+    scores it; a cache cut otherwise is refused."""
+    model = _bundle(tmp_path / "model", crop="brain")
+    metrics = run_evaluate(model, data, tmp_path / "out", device="cpu", n_bootstrap=50, plots=False)
+    assert metrics["slice"]["n"] == 18
+    with open(tmp_path / "out" / "slice_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    series = sorted(p.parent for p in (data / "p2").glob("*/*/*.dcm"))[0]
+    pred = Predictor(model, device="cpu").predict_scan(load(series))
+    got = np.array([[float(r[name]) for name in LABELS] for r in rows if r["scan"] == pred.scan])
+    np.testing.assert_allclose(got, pred.slice_probs, atol=2e-6)
+    uncropped = _bundle(tmp_path / "plain")
+    run_evaluate(uncropped, data, tmp_path / "plain_out", device="cpu", n_bootstrap=50, plots=False)
+    with pytest.raises(IchscanError, match="cache was prepared with --crop none; the model reads"):
+        run_evaluate(model, tmp_path / "plain_out" / "cache", tmp_path / "again", device="cpu")
 
 
 def test_a_prepared_cache_is_evaluated_directly(

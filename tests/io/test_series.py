@@ -116,6 +116,16 @@ def test_best_series_soft_kernel_thin_axial(tmp_path: Path, ramp_volume: np.ndar
     assert sum(s.selected for s in found.series) == 1
 
 
+def test_selection_reason_does_not_claim_a_kernel_that_is_not_recorded(
+    tmp_path: Path, ramp_volume: np.ndarray
+) -> None:
+    write_ct_series(ramp_volume, tmp_path, convolution_kernel="")
+    found = discover(tmp_path)
+    assert found.selected is not None and found.selected.kernel == ""
+    assert "no kernel recorded" in found.selected.selection_reason
+    assert "brain kernel" not in found.selected.selection_reason
+
+
 def test_mixed_matrix_sizes_in_one_folder_are_two_series(tmp_path: Path) -> None:
     a = np.zeros((12, 32, 32), np.int16)
     b = np.zeros((12, 48, 48), np.int16)

@@ -39,6 +39,8 @@ from ichscan.errors import IchscanError, InputError
 from ichscan.evaluate.metrics import EPS, operating_point, roc_auc, weighted_log_loss
 from ichscan.infer.inputs import InputSpec
 from ichscan.infer.predictor import Predictor
+from ichscan.models.bundle import trained_on
+from ichscan.preprocess.head_crop import CROP_VERSION
 
 __all__ = ["LOG_LOSS_DEFINITION", "bootstrap_auc_ci", "run_evaluate"]
 
@@ -215,6 +217,16 @@ def _check_cache(cache: PreparedCache, spec: InputSpec) -> None:
         raise EvaluateError(
             cache.root, f"cache windows are {facts.get('mode')}, the model's {spec.mode}"
         )
+    # A cache cut otherwise holds other pixels: the scores would not be the model's.
+    crop_version = CROP_VERSION if spec.crop != "none" else None
+    if cache.crop != spec.crop or cache.crop_version != crop_version:
+        cut = f"--crop {cache.crop}" + (f" (v{cache.crop_version})" if cache.crop_version else "")
+        raise EvaluateError(
+            cache.root,
+            f"cache was prepared with {cut}; the model reads --crop {spec.crop}"
+            + (f" (v{crop_version})" if crop_version else "")
+            + " (give the dataset folder instead and it is prepared the model's way)",
+        )
 
 
 def _open_data(
@@ -249,6 +261,7 @@ def _open_data(
         label_set=label_set,
         progress=progress,
         workers=workers,
+        crop=spec.crop,
     )
     facts = {
         "source": str(data),
@@ -258,6 +271,14 @@ def _open_data(
         **_skipped_facts(skipped_inputs(report, prepared.report)),
     }
     return PreparedCache(root), facts
+
+
+def _threshold_method(predictor: Predictor) -> str:
+    """How the thresholds in use were chosen: a study model's own, when it decides."""
+    study = predictor.bundle.config.get("study_model") or {}
+    if predictor.backend.has_study and "threshold_method" in study:
+        return str(study["threshold_method"])
+    return str(predictor.bundle.config.get("threshold_method", ""))
 
 
 def _refuse_images_if_hu(kinds: Any, spec: InputSpec, data: Path) -> None:
@@ -399,6 +420,7 @@ def _html(metrics: dict[str, Any], plots: dict[str, dict[str, Path]], out_dir: P
         f"({html.escape(model['architecture'])}, {html.escape(model['label_set'])} labels, "
         f"{model['members']} member(s), "
         f"scan level by {html.escape(model['scan_level'])}, TTA {model['tta']})</li>"
+        f"<li>model trained on: {html.escape(model['trained_on'])}</li>"
         f"<li>thresholds: {html.escape(model['threshold_method'])}</li>"
         f"<li>weighted log loss: {html.escape(LOG_LOSS_DEFINITION)}</li>"
         f"<li>95% CIs: percentile bootstrap over {metrics['bootstrap']} resamples of cases</li>"
@@ -477,7 +499,8 @@ def run_evaluate(
             "members": len(predictor.bundle.config.get("members", [])),
             "scan_level": "study model" if predictor.backend.has_study else "max over slices",
             "tta": "horizontal flip" if predictor.backend.tta else "none",
-            "threshold_method": str(predictor.bundle.config.get("threshold_method", "")),
+            "threshold_method": _threshold_method(predictor),
+            "trained_on": trained_on(predictor.bundle.config),
         },
         "labels": labels,
         "thresholds": dict(zip(labels, thresholds, strict=True)),

@@ -41,7 +41,7 @@ from ichscan.io.load import input_kind
 from ichscan.io.nifti import read_nifti
 from ichscan.io.series import IGNORED_NAMES, NON_DICOM_SUFFIXES, discover, iter_files
 from ichscan.io.volume import load_series
-from ichscan.models.bundle import Bundle, load_bundle, read_config
+from ichscan.models.bundle import Bundle, load_bundle, read_config, trained_on
 from ichscan.scan import Scan
 
 __all__ = [
@@ -477,6 +477,7 @@ def run_predict(
     errors: TextIO | None = None,
     workers: int | None = None,
     reslice_mm: float | str | None = _FROM_BUNDLE,
+    onnx_path: str | Path | None = None,
 ) -> int:
     """Predict every scan under ``inputs`` and write ``out`` (see writers for the formats;
     ``fmt`` None picks json for a .json name, else csv). Prints one line per bad input,
@@ -486,7 +487,8 @@ def run_predict(
     nothing at all could be predicted. Raises IchscanError when the run cannot start (bad
     model folder, unknown format, Kaggle format for a non-RSNA model).
     ``reslice_mm``: thin series are resliced to this thickness first ("bundle": the one the
-    bundle records, if any; None: never).
+    bundle records, if any; None: never). ``onnx_path``: the ONNX file for backend onnx
+    (default MODEL/model.onnx).
     """
     from ichscan.infer.writers import check_format, open_writer
     from ichscan.progress import progress_bar
@@ -504,8 +506,16 @@ def run_predict(
             )
         reslice_mm = None
     predictor = Predictor(
-        model_dir, device, batch_size, tta, backend=backend, reslice_mm=reslice_mm
+        model_dir,
+        device,
+        batch_size,
+        tta,
+        backend=backend,
+        onnx_path=onnx_path,
+        reslice_mm=reslice_mm,
     )
+    if progress:  # the console run: say what the figures rest on (the JSON says it too)
+        print(f"model trained on {trained_on(predictor.bundle.config)}", file=sys.stderr)
     n_ok = n_bad = 0
     writer = open_writer(fmt, out, predictor)
     try:

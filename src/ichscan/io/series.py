@@ -506,7 +506,10 @@ def selection_key(s: Series) -> tuple:
 
 
 def _describe(s: Series) -> str:
-    kernel = "sharp (bone/lung) kernel" if s.sharp_kernel else "soft-tissue/brain kernel"
+    if not s.kernel:
+        kernel = "no kernel recorded"
+    else:
+        kernel = "sharp (bone/lung) kernel" if s.sharp_kernel else "soft-tissue/brain kernel"
     thickness = s.slice_thickness_mm
     plane = "axial" if s.is_axial else "not axial"
     return (
