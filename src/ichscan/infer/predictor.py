@@ -535,7 +535,11 @@ def run_predict(
     except BaseException:
         writer.abort()
         raise
-    writer.close()
+    written = writer.close()
+    if progress:
+        bad = f"; {n_bad} input(s) could not be read (listed above)" if n_bad else ""
+        names = " and ".join(str(p) for p in written)
+        print(f"wrote {names}: {n_ok} scan(s){bad}", file=sys.stderr)
     if n_ok == 0:
         return EXIT_ERROR
     return EXIT_PARTIAL if n_bad else EXIT_OK

@@ -223,7 +223,7 @@ def _fit_study(
     model.load_state_dict(best_state)
     final = evaluate_study(model, val_groups, emb, labels, bundle, device)
     thresholds, method = study_thresholds(
-        model, val_groups, emb, labels, bundle, device, slice_level
+        _outputs(model, val_groups, emb, labels, device), bundle, slice_level
     )
     study_config = {
         "kind": config.kind,
@@ -271,20 +271,16 @@ def _outputs(
 
 
 def study_thresholds(
-    model: StudyModel,
-    groups: list[np.ndarray],
-    emb: np.ndarray,
-    labels: np.ndarray,
+    outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     bundle: Bundle,
-    device: torch.device,
     slice_level: bool,
 ) -> tuple[dict[str, float], str]:
     """Decision thresholds for the study model's own outputs, chosen on the validation scans
     the way the slice model's were: its probabilities replace the slice model's at predict
     time, so the slice model's thresholds do not fit them. Chosen on slice outputs where the
     labels are per slice, on scan outputs otherwise; a label with one class there keeps the
-    slice model's threshold."""
-    sp, sy, cp, cy = _outputs(model, groups, emb, labels, device)
+    slice model's threshold. ``outputs``: :func:`_outputs` of the validation scans."""
+    sp, sy, cp, cy = outputs
     probs, truth = (sp, sy) if slice_level else (cp, cy)
     recorded = str(bundle.config.get("threshold_method", "youden")).split(" ")[0]
     method = recorded if recorded in ("youden", "calibrated") or ":" in recorded else "youden"
