@@ -221,10 +221,9 @@ def _fit_study(
             )
     assert best_state is not None
     model.load_state_dict(best_state)
-    final = evaluate_study(model, val_groups, emb, labels, bundle, device)
-    thresholds, method = study_thresholds(
-        _outputs(model, val_groups, emb, labels, device), bundle, slice_level
-    )
+    outputs = _outputs(model, val_groups, emb, labels, device)
+    final = study_metrics(outputs, bundle)
+    thresholds, method = study_thresholds(outputs, bundle, slice_level)
     study_config = {
         "kind": config.kind,
         "hidden": config.hidden,
@@ -302,7 +301,14 @@ def evaluate_study(
     bundle: Bundle,
     device: torch.device,
 ) -> dict[str, float]:
-    sp, sy_, cp, cy = _outputs(model, groups, emb, labels, device)
+    return study_metrics(_outputs(model, groups, emb, labels, device), bundle)
+
+
+def study_metrics(
+    outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], bundle: Bundle
+) -> dict[str, float]:
+    """Weighted log loss and mean AUC at slice and scan level, of :func:`_outputs`."""
+    sp, sy_, cp, cy = outputs
     w = bundle.label_set.weights
 
     def mean_auc(y: np.ndarray, p: np.ndarray) -> float:
