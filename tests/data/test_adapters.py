@@ -22,6 +22,7 @@ from ichscan.data.adapters import (
     adapt_rsna,
     build_manifest,
     detect_layout,
+    mask_slice_labels,
     read_cq500_reads,
     read_rsna_labels,
     write_dataset_manifest,
@@ -500,3 +501,100 @@ def test_synthetic_layouts(tmp_path: Path, layout: str) -> None:
         assert report.label_level == "scan"
     else:
         assert len(df) == 2 and (df["window"] == "brain").all()
+
+
+def _header_bytes(path: Path, data: np.ndarray, affine: np.ndarray) -> bytearray:
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return bytearray(path.read_bytes())
+
+
+def _hostile_niftis(folder: Path) -> dict[str, str]:
+    """Small files whose header alone should refuse them, by name → the expected problem.
+    None is bigger than a few kB: the huge ones only claim their dimensions."""
+    import gzip
+    import struct
+
+    good = np.full((6, 6, 3), -1000, dtype=np.int16)
+    expected: dict[str, str] = {}
+
+    def patched(name: str, edits: list[tuple[str, int, tuple]], problem: str, tail=None) -> None:
+        raw = _header_bytes(folder / "src.nii", good, np.diag([0.5, 0.5, 5.0, 1.0]))
+        for fmt, offset, values in edits:
+            struct.pack_into(fmt, raw, offset, *values)
+        data = bytes(raw) if tail is None else bytes(raw[:352]) + tail
+        (folder / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+        expected[name] = problem
+
+    sform_only = ("<hh", 252, (0, 1))
+    patched("nan_affine.nii.gz", [sform_only, ("<12f", 280, (np.nan,) * 12)], "not finite")
+    patched("inf_affine.nii", [sform_only, ("<12f", 280, (np.inf,) * 12)], "not finite")
+    patched("zero_affine.nii.gz", [sform_only, ("<12f", 280, (0.0,) * 12)], "is singular")
+    huge = ("<8h", 40, (3, 30000, 30000, 30000, 1, 1, 1, 1))
+    patched("huge_dims.nii", [huge], "header declares 30000x30000x30000", tail=bytes(1000))
+    huge4 = ("<8h", 40, (4, 2000, 2000, 2000, 1, 1, 1, 1))
+    patched("huge_4d.nii.gz", [huge4], "header declares 2000x2000x2000x1", tail=bytes(1000))
+    (folder / "src.nii").unlink()
+    for name, data, problem in [
+        ("all_nan.nii.gz", np.full((6, 6, 3), np.nan, np.float32), "no voxel holds a number"),
+        ("complex.nii.gz", good.astype(np.complex64), "holds complex numbers"),
+        (
+            "rgb24.nii.gz",
+            np.zeros((6, 6, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]),
+            "voxel type RGB24 is not a greyscale intensity",
+        ),
+    ]:
+        nib.save(nib.Nifti1Image(data, np.diag([0.5, 0.5, 5.0, 1.0])), str(folder / name))
+        expected[name] = problem
+    return expected
+
+
+def test_nifti_bad_headers_are_one_bad_file_each_and_the_rest_is_read(tmp_path: Path) -> None:
+    expected = _hostile_niftis(tmp_path)
+    _write_nifti(tmp_path / "ok.nii.gz", (4, 4, 3), np.eye(4))
+    some_nan = np.full((4, 4, 5), -1000.0, np.float32)
+    some_nan[:, :, 0] = np.nan  # a whole slice of NaN is air, not a reason to refuse
+    nib.save(nib.Nifti1Image(some_nan, np.eye(4)), str(tmp_path / "some_nan.nii.gz"))
+    start = time.perf_counter()
+    df, report, _ = adapt_nifti(tmp_path)
+    assert time.perf_counter() - start < 10  # from the headers: no bomb is inflated
+    assert df.groupby("scan_id").size().to_dict() == {"ok": 3, "some_nan": 5}
+    reasons = {Path(b["path"]).name: b["reason"] for b in report.bad_files}
+    assert sorted(reasons) == sorted(expected)
+    for name, problem in expected.items():
+        assert problem in reasons[name], (name, reasons[name])
+        assert "\n" not in reasons[name]
+    assert any(f"{len(expected)} NIfTI file(s) could not be read" in p for p in report.problems)
+
+
+def test_any_error_on_one_nifti_is_a_bad_file_not_an_abort(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_nifti(tmp_path / "a.nii.gz", (4, 4, 3), np.eye(4))
+    _write_nifti(tmp_path / "b.nii.gz", (4, 4, 2), np.eye(4))
+    real = adapters.nifti_slices
+
+    def flaky(path: str | Path) -> tuple[int, float]:
+        if Path(path).name == "a.nii.gz":
+            raise RuntimeError("nibabel fell over\n on two lines")
+        return real(path)
+
+    monkeypatch.setattr(adapters, "nifti_slices", flaky)
+    df, report, _ = adapt_nifti(tmp_path)
+    assert df["scan_id"].unique().tolist() == ["b"]
+    [bad] = report.bad_files
+    assert Path(bad["path"]).name == "a.nii.gz"
+    assert bad["reason"] == "cannot read the NIfTI header (nibabel fell over on two lines)"
+
+
+def test_a_mask_claiming_huge_dims_is_refused_from_its_header(tmp_path: Path) -> None:
+    import struct
+
+    _write_nifti(tmp_path / "b.nii", (10, 12, 5), np.diag([0.5, 0.5, 3.0, 1.0]))
+    raw = _header_bytes(tmp_path / "b_mask.nii", np.zeros((10, 12, 5), np.uint8), np.eye(4))
+    struct.pack_into("<8h", raw, 40, 3, 30000, 30000, 30000, 1, 1, 1, 1)
+    (tmp_path / "b_mask.nii").write_bytes(bytes(raw[:352]) + bytes(1000))
+    with pytest.raises(InputError, match="header declares 30000x30000x30000"):
+        mask_slice_labels(tmp_path / "b_mask.nii", RSNA)
+    df, report, _ = adapt_nifti(tmp_path, masks=True)
+    assert len(df) == 5 and (df["any"] == -1).all()
+    assert [Path(b["path"]).name for b in report.bad_files] == ["b_mask.nii"]

@@ -178,6 +178,76 @@ def test_nifti_rows_are_slice_k_of_read_nifti(tmp_path: Path) -> None:
     assert "outside" in read_row_error(bad.iloc[0])
 
 
+def _sform_only(path: Path, value: float) -> Path:
+    """A small volume whose only affine (the sform) is filled with `value`."""
+    import struct
+
+    nib.save(nib.Nifti1Image(np.zeros((6, 6, 3), np.int16), np.eye(4)), str(path))
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<hh", raw, 252, 0, 1)  # qform_code 0, sform_code 1
+    struct.pack_into("<12f", raw, 280, *(value,) * 12)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_nifti_rows_get_read_niftis_header_checks(tmp_path: Path) -> None:
+    # A manifest made elsewhere can name any volume: prepare refuses what read_nifti does,
+    # in one line naming the file, and goes on with the next rows.
+    import struct
+
+    grid = np.diag([0.5, 0.5, 5.0, 1.0])
+    bad: dict[Path, str] = {
+        _sform_only(tmp_path / "nan_affine.nii", np.nan): "affine is not finite",
+        _sform_only(tmp_path / "zero_affine.nii", 0.0): "affine is singular",
+    }
+    for name, data, problem in [
+        ("all_nan.nii.gz", np.full((6, 6, 3), np.nan, np.float32), "no voxel holds a number"),
+        ("complex.nii.gz", np.zeros((6, 6, 3), np.complex64), "holds complex numbers"),
+        (
+            "rgb24.nii.gz",
+            np.zeros((6, 6, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]),
+            "voxel type RGB24 is not a greyscale intensity",
+        ),
+    ]:
+        nib.save(nib.Nifti1Image(data, grid), str(tmp_path / name))
+        bad[tmp_path / name] = problem
+    huge = tmp_path / "huge.nii"
+    nib.save(nib.Nifti1Image(np.zeros((6, 6, 3), np.int16), grid), str(huge))
+    raw = bytearray(huge.read_bytes())
+    struct.pack_into("<8h", raw, 40, 3, 1500, 1500, 1500, 1, 1, 1, 1)
+    huge.write_bytes(bytes(raw[:352]) + bytes(1000))
+    bad[huge] = "header declares 1500x1500x1500 voxels"
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((6, 6, 3), -1000, np.int16), grid), str(good))
+    rows = [{"path": str(p), "kind": "nifti", "slice_index": k} for p in bad for k in (0, 1)]
+    rows.append({"path": str(good), "kind": "nifti", "slice_index": 2})
+    result = run(manifest(rows), tmp_path / "c", shard_size=3)
+    assert (result.n_ok, result.n_bad) == (1, 2 * len(bad))
+    report = json.loads(result.report.read_text())
+    for entry in report["bad"]:
+        problem = bad[Path(entry["path"])]
+        assert problem in entry["reason"], entry
+        assert "\n" not in entry["reason"]
+
+
+def test_nifti_nan_voxels_are_read_as_air_like_read_nifti(tmp_path: Path) -> None:
+    hu, _ = make_head_phantom((3, 24, 20), (5.0, 4.0, 4.0), seed=4)
+    data = hu.transpose(2, 1, 0).astype(np.float32)  # [x, y, z], RAS
+    data[:5, :, 1] = np.nan
+    data[0, 0, 2] = np.inf
+    data[:, :, 0] = np.nan  # a whole slice: still air, the volume has numbers elsewhere
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([4.0, 4.0, 5.0, 1.0])), str(path))
+    reference = read_nifti(path).hu
+    assert any("NaN or infinite" in w for w in read_nifti(path).warnings)
+    df = manifest([{"path": str(path), "kind": "nifti", "slice_index": k} for k in range(3)])
+    result = run(df, tmp_path / "c")
+    assert result.n_bad == 0
+    cache = PreparedCache(tmp_path / "c")
+    for k in range(3):
+        np.testing.assert_array_equal(cache[k], resize_slice(stack_windows(reference[k]), SIZE))
+
+
 def read_row_error(row: pd.Series) -> str:
     with pytest.raises(InputError) as info:
         read_row(row, size=SIZE)
@@ -368,3 +438,29 @@ def test_relative_paths_resolve_against_the_working_directory(
     (tmp_path / "file").write_text("")
     with pytest.raises(InputError, match="not a folder"):
         run(manifest(dicom_rows(dicoms[:1])), "file")
+
+
+def test_a_refused_volume_is_opened_once_for_all_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ichscan.data.prepare as prepare_module
+
+    path = tmp_path / "all_nan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((6, 6, 4), np.nan, np.float32), np.eye(4)), str(path))
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((6, 6, 1), -1000, np.int16), np.eye(4)), str(good))
+    calls: list[str] = []
+    real = prepare_module.has_a_number
+
+    def counted(img: object, p: str) -> None:
+        calls.append(Path(p).name)
+        real(img, p)
+
+    monkeypatch.setattr(prepare_module, "has_a_number", counted)
+    rows = [{"path": str(path), "kind": "nifti", "slice_index": k} for k in range(4)]
+    rows.append({"path": str(good), "kind": "nifti", "slice_index": 0})
+    result = run(manifest(rows), tmp_path / "c")
+    assert (result.n_ok, result.n_bad) == (1, 4)
+    assert calls == ["all_nan.nii.gz", "good.nii.gz"]
+    reasons = {b["reason"] for b in json.loads(result.report.read_text())["bad"]}
+    assert reasons == {"no voxel holds a number (all are NaN or infinite)"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from ichscan.infer.predictor import (
     PredictError,
     Predictor,
     ScanPrediction,
+    iter_scans,
     predict_paths,
     run_predict,
 )
@@ -492,3 +494,35 @@ def test_predict_paths_yields_errors_in_place(predictor: Predictor, tmp_path: Pa
     with pytest.raises(InputError):
         list(predict_paths([tmp_path / "a"], predictor, on_error="raise"))
     assert not any(isinstance(i, ScanPrediction) for i in items)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize("name", ["pipe.png", "pipe.nii", "pipe.dcm"])
+def test_a_named_pipe_input_is_refused_not_read(tmp_path: Path, name: str) -> None:
+    """Opening a FIFO blocks until someone writes to it: the input is refused unread."""
+    pipe = tmp_path / name
+    os.mkfifo(pipe)
+    [(path, error)] = list(iter_scans(pipe))
+    assert path == str(pipe) and "not a regular file" in error.problem
+    with pytest.raises(InputError, match="not a regular file"):
+        load(pipe)
+
+
+def test_out_of_memory_on_one_input_is_that_input_s_error(
+    trained_bundle: Path, synth_dicom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A volume within every cap can still be too large for the machine: it is named, and
+    the rest of the batch is predicted."""
+    from ichscan.infer import predictor as module
+
+    volume = tmp_path / "big.nii.gz"
+    write_nifti(load(_first_series(synth_dicom)), volume)
+
+    def no_memory(path: Path) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(module, "read_nifti", no_memory)
+    predictor = Predictor(trained_bundle, device="cpu")
+    items = list(predict_paths([volume, _first_series(synth_dicom)], predictor))
+    assert items[0] == (str(volume), items[0][1]) and "not enough memory" in items[0][1].problem
+    assert isinstance(items[1], ScanPrediction)

@@ -12,7 +12,7 @@ import pytest
 
 import ichscan
 from ichscan.errors import InputError
-from ichscan.io.archive import ZipMember, check_zip, iter_zip_members
+from ichscan.io.archive import ZipMember, check_zip, iter_zip_members, read_member_head
 from ichscan.io.dicom_write import write_ct_series
 
 GOOD = b"good member " * 100
@@ -157,3 +157,38 @@ def test_zip_of_only_damaged_members_names_them(tmp_path: Path) -> None:
     path.write_bytes(_patch_headers(raw, "good.dcm", METHOD, "<H", 9))
     with pytest.raises(InputError, match=r"scan\.zip!bad\.dcm: zip entry uses compression"):
         ichscan.load(path)
+
+
+def _heads(path: Path, n_bytes: int = 132) -> dict[str, ZipMember]:
+    with zipfile.ZipFile(path) as zf:
+        size = path.stat().st_size
+        return {i.filename: read_member_head(zf, i, n_bytes, size) for i in zf.infolist()}
+
+
+def test_member_head_is_read_or_judged_as_the_whole_member_would_be(tmp_path: Path) -> None:
+    """The server sniffs the first bytes of large members; a member it cannot open gets
+    the words iter_zip_members gives it, not zipfile's exception."""
+    path, raw = _with_bad_member(tmp_path)
+    assert _heads(path)["good.dcm"] == ZipMember("good.dcm", GOOD[:132])
+    for field, value, words in [
+        (FLAGS, 0x1, "zip entry is encrypted (password-protected)"),
+        (METHOD, 9, "zip entry uses compression Deflate64, which cannot be read"),
+    ]:
+        path.write_bytes(_patch_headers(raw, "bad.dcm", field, "<H", value))
+        head = _heads(path)["bad.dcm"]
+        assert head.data is None and head.problem is not None
+        assert head.problem.startswith(words)
+        assert head.problem == _members(path)["bad.dcm"].problem
+
+
+def test_member_head_of_a_damaged_stream_names_the_damage(tmp_path: Path) -> None:
+    path = tmp_path / "scan.zip"
+    raw = bytearray(_zip(path, {"bad.dcm": np.random.default_rng(0).bytes(20_000)}))
+    raw[30 + len("bad.dcm")] |= 0x06  # the first deflate block's type set to 3 (reserved)
+    path.write_bytes(bytes(raw))
+    head = _heads(path)["bad.dcm"]
+    assert head.data is None
+    assert head.problem == _members(path)["bad.dcm"].problem
+    assert head.problem.startswith(
+        "zip entry is damaged: its compressed data cannot be decompressed"
+    )

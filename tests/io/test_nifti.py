@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 
 from ichscan.errors import InputError
-from ichscan.io.nifti import read_nifti, write_nifti
+from ichscan.io.nifti import (
+    AIR_HU,
+    check_nifti_header,
+    nonfinite_to_air,
+    open_nifti,
+    read_nifti,
+    write_nifti,
+)
 from ichscan.scan import Scan
 
 AFFINE = np.diag([0.5, 0.5, 5.0, 1.0])
@@ -110,6 +117,88 @@ def test_header_claiming_huge_dims_is_refused_before_reading(tmp_path: Path, nam
     assert "more than a head CT holds" in message
 
 
+def test_float64_volume_within_the_voxel_cap_is_refused_by_its_bytes(tmp_path: Path) -> None:
+    """1024 x 1024 x 512 float64 is within MAX_VOXELS but 4 GiB once read (a 4 MB gzip of
+    zeros): refused from the header."""
+    path = tmp_path / "f64.nii.gz"
+    raw = bytearray(_save(tmp_path / "f64src.nii", _volume().astype(np.float64)).read_bytes())
+    struct.pack_into("<8h", raw, DIM, 3, 1024, 1024, 512, 1, 1, 1, 1)
+    path.write_bytes(gzip.compress(bytes(raw[:352]) + bytes(1000)))
+    with pytest.raises(InputError, match=r"voxels of 8 bytes \(4\.0 GiB\), more than the 2 GiB"):
+        read_nifti(path)
+
+
+def test_4d_header_claiming_huge_dims_is_refused_before_reading(tmp_path: Path) -> None:
+    # One volume in a 4-D file: dropping the 4th axis must not read the 16 GB first.
+    path = _patched(
+        tmp_path / "huge4d.nii", [("<8h", DIM, (4, 2000, 2000, 2000, 1, 1, 1, 1))], tail=bytes(1000)
+    )
+    with pytest.raises(InputError, match="header declares 2000x2000x2000x1 voxels"):
+        read_nifti(path)
+
+
+@pytest.mark.parametrize(
+    ("edits", "problem"),
+    [
+        ([("<hh", QFORM_CODE, (0, 1)), ("<12f", SROW, (np.nan,) * 12)], "affine is not finite"),
+        ([("<hh", QFORM_CODE, (0, 1)), ("<12f", SROW, (0.0,) * 12)], "affine is singular"),
+        ([("<8h", DIM, (3, 2000, 2000, 2000, 1, 1, 1, 1))], "header declares 2000x2000x2000"),
+        ([("<8h", DIM, (2, 8, 8, 1, 1, 1, 1, 1))], "expected one 3-D volume"),
+        ([("<8h", DIM, (4, 8, 8, 2, 2, 1, 1, 1))], "expected one 3-D volume"),
+        ([("<8h", DIM, (3, -5, 8, 4, 1, 1, 1, 1))], "negative dimension: -5x8x4"),
+        ([("<8h", DIM, (3, -8, -8, 4, 1, 1, 1, 1))], "negative dimension: -8x-8x4"),
+        ([("<8h", DIM, (3, 8, 0, 4, 1, 1, 1, 1))], "8x0x4 holds no voxels"),
+    ],
+)
+def test_header_checks_are_public_and_read_no_voxel(
+    tmp_path: Path, edits: list[tuple[str, int, tuple]], problem: str
+) -> None:
+    # Header only: the file holds no voxel data at all, so any read would fail otherwise.
+    path = _patched(tmp_path / "bad.nii", edits, tail=b"")
+    with pytest.raises(InputError, match=problem) as info:
+        open_nifti(path)
+    assert info.value.path == str(path)
+    img = nib.load(str(path))
+    with pytest.raises(InputError, match=problem):
+        check_nifti_header(img, path)
+
+
+def test_open_nifti_gives_the_checked_header(tmp_path: Path) -> None:
+    path = _save(tmp_path / "a.nii.gz", _volume())
+    assert open_nifti(path).shape == (8, 8, 4)
+    for kind, problem in [
+        (np.complex64, "holds complex numbers"),
+        ([("R", "u1"), ("G", "u1"), ("B", "u1")], "not a greyscale intensity"),
+    ]:
+        bad = _save(tmp_path / "bad.nii.gz", np.zeros((8, 8, 4), dtype=kind))
+        with pytest.raises(InputError, match=problem):
+            open_nifti(bad)
+    with pytest.raises(InputError, match="file not found"):
+        open_nifti(tmp_path / "gone.nii")
+    (tmp_path / "junk.nii.gz").write_bytes(b"nope")
+    with pytest.raises(InputError, match="not a readable NIfTI file"):
+        open_nifti(tmp_path / "junk.nii.gz")
+
+
+def test_nonfinite_to_air_counts_what_it_replaced() -> None:
+    plane = np.array([[1.5, np.nan], [-np.inf, 3.0]], dtype=np.float32)
+    out, n_bad = nonfinite_to_air(plane)
+    assert n_bad == 2 and out.dtype == np.float32
+    np.testing.assert_array_equal(out, [[1.5, AIR_HU], [AIR_HU, 3.0]])
+    same, none = nonfinite_to_air(out)
+    assert none == 0 and same is out
+
+
+def test_a_plain_nii_shorter_than_its_header_says_is_refused_unread(tmp_path: Path) -> None:
+    raw = _save(tmp_path / "a.nii", _volume()).read_bytes()
+    path = tmp_path / "cut.nii"
+    path.write_bytes(raw[: 352 + 100])
+    with pytest.raises(InputError, match="truncated: 100 of 512 voxel data bytes"):
+        open_nifti(path)
+    path.write_bytes(raw + bytes(8))  # trailing bytes are harmless
+    assert open_nifti(path).shape == (8, 8, 4)
+
+
 def test_truncated_volume_message_is_one_line(tmp_path: Path) -> None:
     raw = _save(tmp_path / "a.nii", _volume()).read_bytes()
     path = tmp_path / "cut.nii"
@@ -133,3 +222,11 @@ def test_write_refuses_a_non_finite_affine(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"series_ipp_nan: .*not finite"):
         write_nifti(scan, tmp_path / "out.nii.gz")
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_one_volume_in_a_4d_file_reads_as_the_3d_volume(tmp_path: Path) -> None:
+    flat = read_nifti(_save(tmp_path / "a.nii.gz", _volume()))
+    four = read_nifti(_save(tmp_path / "b.nii.gz", _volume()[..., np.newaxis]))
+    np.testing.assert_array_equal(four.hu, flat.hu)
+    np.testing.assert_array_equal(four.affine, flat.affine)
+    assert four.spacing == flat.spacing

@@ -297,6 +297,69 @@ def test_large_zip_member_that_is_not_dicom_is_refused(make_client, series_dir: 
     _refused(make_client(), files, 422, "s.zip!junk.bin: not a DICOM file")
 
 
+# A member over the sniff threshold (1 MB) that zipfile cannot open or decompress: its
+# problem, in the CLI's words, and the offsets that break it in both of its headers.
+_BROKEN_BIG_MEMBER = {
+    "encrypted": "zip entry is encrypted (password-protected)",
+    "bad_deflate": "zip entry is damaged: its compressed data cannot be decompressed",
+    "deflate64": "zip entry uses compression Deflate64, which cannot be read",
+}
+
+
+def _zip_with_broken_big_member(how: str, good: dict[str, bytes]) -> bytes:
+    """``big.dcm`` (1.2 MB that starts like DICOM) first, encrypted-flagged, with a deflate
+    stream that cannot be decoded, or with Deflate64 (method 9) set; then ``good``."""
+    import struct
+    import zipfile
+
+    big = bytes(128) + b"DICM" + np.random.default_rng(0).bytes(1_200_000)
+    raw = bytearray(zip_bytes({"big.dcm": big, **good}, zipfile.ZIP_DEFLATED))
+    central = raw.index(b"PK\x01\x02")  # big.dcm's entry is the first of both kinds
+    assert raw[:4] == b"PK\x03\x04" and raw[central + 46 : central + 53] == b"big.dcm"
+    if how == "encrypted":
+        raw[6] |= 0x1
+        raw[central + 8] |= 0x1
+    elif how == "deflate64":
+        struct.pack_into("<H", raw, 8, 9)
+        struct.pack_into("<H", raw, central + 10, 9)
+    else:  # the first block's type set to 3, which no deflate stream has
+        name_len, extra_len = struct.unpack_from("<HH", raw, 26)
+        raw[30 + name_len + extra_len] |= 0x06
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("how", sorted(_BROKEN_BIG_MEMBER))
+def test_large_zip_member_that_cannot_be_read_is_skipped_and_the_rest_read(
+    make_client, series_dir: Path, caplog, how: str
+) -> None:
+    """The CLI skips such a member and reads the rest; so does the server, naming it in a
+    warning, without calling it an unexpected error."""
+    good = {p.name: p.read_bytes() for p in sorted(series_dir.glob("*.dcm"))}
+    files = [("files", ("s.zip", _zip_with_broken_big_member(how, good), "application/zip"))]
+    client = make_client()
+    with caplog.at_level(logging.INFO, logger="ichscan.serve"):
+        response = client.post("/api/scans", files=files)
+    assert response.status_code == 201, response.text
+    record = response.json()
+    assert record["status"] == "done", record
+    warning = f"skipped s.zip!big.dcm: {_BROKEN_BIG_MEMBER[how]}"
+    assert any(w.startswith(warning) for w in record["warnings"]), record["warnings"]
+    assert all("\n" not in w and "ZipInfo" not in w for w in record["warnings"])
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    assert "unexpected" not in caplog.text
+
+
+@pytest.mark.parametrize("how", sorted(_BROKEN_BIG_MEMBER))
+def test_zip_whose_only_member_cannot_be_read_is_422_naming_it(
+    make_client, caplog, how: str
+) -> None:
+    files = [("files", ("s.zip", _zip_with_broken_big_member(how, {}), "application/zip"))]
+    with caplog.at_level(logging.INFO, logger="ichscan.serve"):
+        detail = _refused(make_client(), files, 422, "s.zip!big.dcm", _BROKEN_BIG_MEMBER[how])
+    assert "ZipInfo" not in detail and "cannot be read (" not in detail
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
 def test_sidecar_files_are_kept_aside_as_discovery_would(make_client, series_dir: Path) -> None:
     client = make_client()
     extras = [

@@ -40,6 +40,7 @@ import pandas as pd
 from ichscan.errors import InputError
 from ichscan.io.dicom import check_ct_slice, read_header
 from ichscan.io.image import IMAGE_SUFFIXES
+from ichscan.io.nifti import has_a_number, one_line, open_nifti
 from ichscan.io.series import (
     IGNORED_NAMES,
     NON_DICOM_SUFFIXES,
@@ -1066,15 +1067,17 @@ def mask_slice_labels(mask: str | Path, label_set: LabelSet) -> np.ndarray:
 
     if label_set.labels not in (RSNA.labels, ("hemorrhage",)):
         raise InputError(mask, "slice labels from masks need the rsna or binary label set")
+    img = open_nifti(mask)  # read_nifti's header checks: a mask bomb is refused unread
     try:
-        img = nib.as_closest_canonical(nib.load(str(mask)))
-        data = np.asanyarray(img.dataobj)
+        data = np.asanyarray(nib.as_closest_canonical(img).dataobj)
+    except MemoryError:
+        raise InputError(mask, "not enough memory to read the NIfTI mask") from None
     except Exception as exc:
-        raise InputError(mask, f"not a readable NIfTI mask ({exc})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
+        raise InputError(mask, f"not a readable NIfTI mask ({one_line(exc)})") from None
+    if data.ndim == 4:
         data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(mask, f"mask has shape {data.shape}; expected one 3-D volume")
+    if data.dtype.kind == "f":  # NaN or infinite in a mask: no label there
+        data = np.where(np.isfinite(data), data, 0)
     values = np.rint(data).astype(np.int64)
     present = [(values != 0).any(axis=(0, 1))]
     if label_set.labels == RSNA.labels:
@@ -1094,9 +1097,10 @@ def _labels_from_masks(
             continue
         try:
             per_slice = mask_slice_labels(mask, label_set)
-        except InputError as exc:
-            report.bad_files.append({"path": str(mask), "reason": exc.problem})
-            report.problems.append(f"{exc}; the slice labels of {scan} are unknown")
+        except Exception as exc:  # InputError, or whatever nibabel raises on one mask
+            problem = exc.problem if isinstance(exc, InputError) else one_line(exc)
+            report.bad_files.append({"path": str(mask), "reason": problem})
+            report.problems.append(f"{mask}: {problem}; the slice labels of {scan} are unknown")
             continue
         if len(per_slice) != len(index):
             report.problems.append(
@@ -1114,21 +1118,20 @@ def _nifti_stem(path: Path) -> str:
 
 
 def nifti_slices(path: str | Path) -> tuple[int, float]:
-    """(slice count, slice spacing) along the superior axis, from the header only."""
+    """(slice count, slice spacing) along the superior axis. The header gets read_nifti's
+    checks (one 3-D volume, size, voxel type, affine), and a volume of NaN alone is refused
+    (reading planes until one holds a number: one plane for a real scan). InputError when
+    read_nifti would refuse the volume."""
     import nibabel as nib
 
-    try:
-        img = nib.load(str(path))
-    except Exception as exc:
-        raise InputError(path, f"not a readable NIfTI file ({exc})") from None
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise InputError(path, f"NIfTI has shape {tuple(shape)}; expected one 3-D volume")
+    img = open_nifti(path, keep_file_open=True)  # a .nii.gz is decompressed once
+    has_a_number(img, path)
     ornt = nib.io_orientation(img.affine)
-    axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
-    return int(shape[axis]), float(img.header.get_zooms()[axis])
+    axes = np.flatnonzero(ornt[:, 0] == 2)
+    if np.isnan(ornt).any() or len(axes) != 1:
+        raise InputError(path, "cannot orient the volume from its affine (no clear superior axis)")
+    axis = int(axes[0])
+    return int(img.shape[axis]), float(img.header.get_zooms()[axis])
 
 
 def _nifti_rows(table: pd.DataFrame, report: AdapterReport) -> pd.DataFrame:
@@ -1138,6 +1141,11 @@ def _nifti_rows(table: pd.DataFrame, report: AdapterReport) -> pd.DataFrame:
             n, dz = nifti_slices(path)
         except InputError as exc:
             report.bad_files.append({"path": str(path), "reason": exc.problem})
+            keep.append(False)
+            continue
+        except Exception as exc:  # whatever nibabel raises on one file: that file is bad
+            reason = f"cannot read the NIfTI header ({one_line(exc)})"
+            report.bad_files.append({"path": str(path), "reason": reason})
             keep.append(False)
             continue
         counts.append(n)

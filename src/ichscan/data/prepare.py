@@ -62,6 +62,7 @@ from ichscan.data.manifest import normalise, read_manifest
 from ichscan.errors import InputError
 from ichscan.io.dicom import check_ct_slice, decode_stored, header_from_dataset, read_dataset
 from ichscan.io.image import read_grey
+from ichscan.io.nifti import has_a_number, nonfinite_to_air, one_line, open_nifti
 from ichscan.labels import LabelSet, detect_label_set, get_label_set
 from ichscan.preprocess.head_crop import CROP_VERSION, CROPS, crop_slice, extra_planes
 from ichscan.preprocess.resize import resize_slice
@@ -169,20 +170,16 @@ class _Nifti:
     instead, so only one plane is read through the array proxy."""
 
     def __init__(self, path: str) -> None:
-        try:
-            # keep_file_open: a .nii.gz stream stays open, so reading consecutive slices
-            # is a forward seek instead of a decompression from the start every time.
-            self.img = nib.load(path, keep_file_open=True)
-        except FileNotFoundError:
-            raise InputError(path, "file not found") from None
-        except Exception as exc:
-            raise InputError(path, f"not a readable NIfTI file ({exc})") from None
+        # read_nifti's header checks (one 3-D volume, size, voxel type, affine) and its
+        # refusal of a volume with no number; nothing is read but one plane, or until a
+        # plane holds a number. keep_file_open: a .nii.gz stream stays open, so reading
+        # consecutive slices is a forward seek instead of a decompression from the start.
+        self.img = open_nifti(path, keep_file_open=True)
+        has_a_number(self.img, path)
         self.path = path
         shape = self.img.shape
-        if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
-            raise InputError(path, f"NIfTI has shape {tuple(shape)}; expected one 3-D volume")
         ornt = nib.orientations.io_orientation(self.img.affine)
-        if np.isnan(ornt).any():
+        if np.isnan(ornt).any() or sorted(ornt[:, 0]) != [0, 1, 2]:
             raise InputError(path, "NIfTI affine has no clear axis orientation")
         self.ndim = len(shape)
         self.shape = tuple(int(s) for s in shape[:3])
@@ -207,8 +204,10 @@ class _Nifti:
             index[3] = 0
         try:
             plane = np.asanyarray(self.img.dataobj[tuple(index)])
+        except MemoryError:
+            raise InputError(self.path, "not enough memory to read one NIfTI slice") from None
         except Exception as exc:
-            raise InputError(self.path, f"cannot read NIfTI voxel data ({exc})") from None
+            raise InputError(self.path, f"cannot read NIfTI voxel data ({one_line(exc)})") from None
         # plane keeps the file's two other axes in file order; bring it to canonical [x, y].
         rest = [a for a in range(3) if a != z]
         if self.axis[0] != rest[0]:
@@ -222,14 +221,18 @@ class _Nifti:
 
 
 def _as_hu(plane: np.ndarray, path: str) -> np.ndarray:
-    """int16 when the values are whole numbers in range (read_nifti's rule, per slice)."""
+    """int16 when the values are whole numbers in range (read_nifti's rule, per slice);
+    NaN or infinite voxels are air, as read_nifti reads them."""
     if np.issubdtype(plane.dtype, np.floating):
+        plane, _ = nonfinite_to_air(plane)
         rounded = np.rint(plane)
         if np.allclose(plane, rounded) and (
             plane.size == 0 or (rounded.min() >= -32768 and rounded.max() <= 32767)
         ):
             return rounded.astype(np.int16)
         return plane.astype(np.float32)
+    if plane.dtype.kind not in "biu":  # the header check refuses these; never cast them
+        raise InputError(path, f"voxel type {plane.dtype} is not a greyscale intensity")
     if plane.dtype != np.int16:
         if plane.size and (plane.min() < -32768 or plane.max() > 32767):
             raise InputError(path, f"voxel values {plane.min()}..{plane.max()} are not HU")
@@ -245,6 +248,9 @@ class RowReader:
         self.params = params
         self._zip: tuple[str, zipfile.ZipFile] | None = None
         self._nifti: _Nifti | None = None
+        # The last volume that could not be opened: its other rows fail the same way
+        # without opening it again (an all-NaN volume is read whole to be refused).
+        self._nifti_error: tuple[str, str] | None = None
 
     def read(self, row: RowRef) -> np.ndarray:
         if row.kind == "dicom":
@@ -309,7 +315,17 @@ class RowReader:
     def _nifti_slice(self, row: RowRef) -> np.ndarray:
         if self._nifti is None or self._nifti.path != row.path:
             self._nifti = None  # drop the old proxy before opening the next volume
-            self._nifti = _Nifti(row.path)
+            if self._nifti_error is not None and self._nifti_error[0] == row.path:
+                raise InputError(row.path, self._nifti_error[1])
+            try:
+                self._nifti = _Nifti(row.path)
+            except InputError as exc:
+                self._nifti_error = (row.path, exc.problem)
+                raise
+            except Exception as exc:  # whatever nibabel raises on one file
+                problem = f"cannot read the NIfTI file ({one_line(exc)})"
+                self._nifti_error = (row.path, problem)
+                raise InputError(row.path, problem) from None
         hu = self._nifti.slice(int(row.slice_index))
         p = self.params
         if hu.dtype == np.int16:
@@ -325,6 +341,7 @@ class RowReader:
             self._zip[1].close()
             self._zip = None
         self._nifti = None
+        self._nifti_error = None
 
 
 def _crop_resize(planes: np.ndarray, p: Params) -> np.ndarray:

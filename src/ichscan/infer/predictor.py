@@ -37,7 +37,7 @@ import torch
 from ichscan.errors import IchscanError, InputError
 from ichscan.infer.inputs import InputSpec, scan_to_model_input
 from ichscan.io.image import read_image
-from ichscan.io.load import input_kind
+from ichscan.io.load import input_kind, refuse_special_file
 from ichscan.io.nifti import read_nifti
 from ichscan.io.series import IGNORED_NAMES, NON_DICOM_SUFFIXES, discover, iter_files
 from ichscan.io.volume import load_series
@@ -391,6 +391,9 @@ def _discovered(path: Path, *, workers: int | None) -> Iterator[Scan | Failure]:
         except InputError as exc:
             yield f"{found.source} (series {series.series_uid})", exc
             continue
+        except MemoryError:
+            yield source, InputError(source, "not enough memory to read this series")
+            continue
         yield scan
         # Slices that were listed but could not be decoded: the scan went on without them,
         # and the batch reports each, as it does the files discovery could not read.
@@ -411,6 +414,11 @@ def iter_scans(
     if not path.exists():
         yield str(path), InputError(path, "no such file or folder")
         return
+    try:
+        refuse_special_file(path)
+    except InputError as exc:
+        yield str(path), exc
+        return
     if path.is_file():
         kind = input_kind(path)
         try:
@@ -422,6 +430,10 @@ def iter_scans(
                 yield from _discovered(path, workers=workers)
         except InputError as exc:
             yield str(path), exc
+        except MemoryError:
+            # Within every cap and still too large for this machine: this input's fault to
+            # report, not the batch's end.
+            yield str(path), InputError(path, "not enough memory to read it")
         return
     files = list(iter_files(path))
     singles = [
@@ -450,10 +462,13 @@ def predict_paths(
     for path in paths:
         for item in iter_scans(path, image_window=predictor.image_window, workers=workers):
             if isinstance(item, Scan):
+                source = item.source or str(path)
                 try:
                     item = predictor.predict_scan(item)
                 except IchscanError as exc:
-                    item = (item.source or str(path), exc)
+                    item = (source, exc)
+                except MemoryError:
+                    item = (source, InputError(source, "not enough memory to predict it"))
             if isinstance(item, tuple) and on_error == "raise":
                 raise item[1]
             yield item

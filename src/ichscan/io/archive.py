@@ -110,19 +110,37 @@ def _unreadable(info: zipfile.ZipInfo, archive_size: int) -> str | None:
     return None
 
 
+def read_member_head(
+    zf: zipfile.ZipFile, info: zipfile.ZipInfo, n_bytes: int, archive_size: int
+) -> ZipMember:
+    """The first ``n_bytes`` of a member (for a sniff of what it is), or why it cannot be
+    read, in the words iter_zip_members uses for the whole member: encrypted, a method
+    zipfile cannot decompress, a lying header, or a damaged stream. Never raises for a bad
+    member; the CRC is not checked (the member is not read to its end)."""
+    problem = _unreadable(info, archive_size)
+    if problem is not None:
+        return ZipMember(info.filename, None, problem)
+    return _read(zf, info, n_bytes)
+
+
 def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> ZipMember:
+    # Never more than the declared size (which passed the bomb check) plus one byte, so a
+    # lying header cannot make the read grow; zipfile checks the CRC at the end.
+    member = _read(zf, info, info.file_size + 1)
+    if member.data is not None and len(member.data) > info.file_size:
+        return ZipMember(info.filename, None, "zip entry is larger than its header declares")
+    return member
+
+
+def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, n_bytes: int) -> ZipMember:
     try:
         with zf.open(info) as member:
-            # Never more than the declared size (which passed the bomb check) plus one byte,
-            # so a lying header cannot make the read grow; zipfile checks the CRC at the end.
-            data = member.read(info.file_size + 1)
+            data = member.read(n_bytes)
     except _DAMAGED as exc:
         return ZipMember(info.filename, None, _damage(exc))
     except (RuntimeError, NotImplementedError) as exc:
         # zipfile's words for encryption and unknown methods the header checks missed.
         return ZipMember(info.filename, None, f"zip entry cannot be read ({_one_line(exc)})")
-    if len(data) > info.file_size:
-        return ZipMember(info.filename, None, "zip entry is larger than its header declares")
     return ZipMember(info.filename, data)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ichscan.io.image import read_image
-from ichscan.io.load import input_kind
+from ichscan.io.load import input_kind, refuse_special_file
 from ichscan.io.nifti import read_nifti
 from ichscan.io.series import discover
 from ichscan.scan import Scan
@@ -41,6 +41,7 @@ def _volume_entry(scan: Scan, kind: str) -> dict[str, Any]:
 
 def describe(path: str | Path) -> dict[str, Any]:
     """JSON-ready description: series, bad files, ignored files, notes."""
+    refuse_special_file(Path(path))
     kind = input_kind(path)
     if kind == "nifti":
         return {

@@ -608,8 +608,10 @@ def decode_stored(ds: Dataset, header: SliceHeader, label: str) -> np.ndarray:
             warnings.simplefilter("ignore")
             arr = ds.pixel_array
     except Exception as exc:
+        # Decoder plugins report one line each: keep the error on one line.
+        reason = " ".join(str(exc).split()) or type(exc).__name__
         raise InputError(
-            label, f"cannot decode pixel data ({syntax_name(syntax)}): {exc}"
+            label, f"cannot decode pixel data ({syntax_name(syntax)}): {reason}"
         ) from None
     if arr.ndim != 2:
         raise InputError(label, f"expected one frame, got pixel array of shape {arr.shape}")

@@ -13,6 +13,12 @@ from ichscan.io.volume import load_series
 from ichscan.scan import Scan
 
 
+def refuse_special_file(path: Path) -> None:
+    """A named pipe or a device given as an input would block the reader for ever."""
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise InputError(path, "not a regular file (a named pipe or a device); not read")
+
+
 def input_kind(path: str | Path) -> str:
     """'nifti', 'image' or 'dicom' (a file, a folder or a zip of DICOM)."""
     name = Path(path).name.lower()
@@ -35,6 +41,7 @@ def load(
     PNG/JPEG slice. For DICOM the best series is chosen (see `ichscan info` for why) unless
     `series_uid` names one; files that could not be read are listed in `scan.warnings`."""
     path = Path(path)
+    refuse_special_file(path)
     kind = input_kind(path)
     if kind == "nifti":
         return read_nifti(path)

@@ -17,29 +17,25 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # A header claiming more is damaged or a bomb (a few kB of .nii.gz can claim 16 GB of
 # zeros); it is refused before any voxel is read or any array allocated.
 MAX_VOXELS = 512 * 1024 * 1024
+# And in bytes as stored: the voxel cap alone lets float64 through at 4 GiB, which a small
+# gzip of zeros can hold. 2 GiB keeps a 512 x 512 x 1000 float64 volume.
+MAX_VOXEL_BYTES = 2 << 30
 _GREY_KINDS = "biuf"  # bool, signed, unsigned, floating: one intensity per voxel
+NO_NUMBER = "no voxel holds a number (all are NaN or infinite)"
 
 
 def read_nifti(path: str | Path) -> Scan:
     """One 3-D NIfTI volume as a Scan of HU. The header is checked before any voxel is read
     (size, voxel type, affine); NaN or infinite voxels are read as air, with a warning."""
     path = Path(path)
-    img = _load_header(path)
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        img = img.slicer[..., 0]
-    elif len(shape) != 3:
-        raise InputError(
-            path, f"NIfTI has {len(shape)} dimensions {tuple(shape)}; expected one 3-D volume"
-        )
-    _check_header(path, img)
+    img = open_nifti(path)  # one volume, perhaps as [x, y, z, 1]: dropped once read
     # Reorient to RAS+ voxel axes first; then one fixed permutation gives [slice, row, col]
     # with rows running anterior→posterior and columns right→left, as axial DICOM does.
     try:
         img = nib.as_closest_canonical(img)
     except (nib.orientations.OrientationError, np.linalg.LinAlgError, ValueError) as exc:
         raise InputError(
-            path, f"cannot orient the volume from its affine ({_one_line(exc)})"
+            path, f"cannot orient the volume from its affine ({one_line(exc)})"
         ) from None
     try:
         data = np.asanyarray(img.dataobj)
@@ -48,7 +44,9 @@ def read_nifti(path: str | Path) -> Scan:
             path, f"not enough memory to read {_shape_text(img.shape)} voxels"
         ) from None
     except Exception as exc:
-        raise InputError(path, f"cannot read NIfTI voxel data ({_one_line(exc)})") from None
+        raise InputError(path, f"cannot read NIfTI voxel data ({one_line(exc)})") from None
+    if data.ndim == 4:
+        data = data[..., 0]
     nx, ny, _ = data.shape
     volume = np.ascontiguousarray(data.transpose(2, 1, 0)[:, ::-1, ::-1])
     warnings: list[str] = []
@@ -76,20 +74,38 @@ def read_nifti(path: str | Path) -> Scan:
     )
 
 
-def _load_header(path: Path) -> nib.Nifti1Image:
-    """The image with its header parsed; nibabel reads no voxel until asked."""
+def open_nifti(path: str | Path, *, keep_file_open: bool | None = None) -> nib.Nifti1Image:
+    """The image with its header parsed and checked (:func:`check_nifti_header`); nibabel
+    reads no voxel until asked. For readers that take the volume a slice at a time (the
+    dataset adapter, `prepare`): they refuse what `read_nifti` refuses, the same way.
+    `keep_file_open` is passed to nibabel (True keeps a .nii.gz stream open between reads)."""
+    path = Path(path)
     try:
-        return nib.load(str(path))
+        img = nib.load(str(path), keep_file_open=keep_file_open)
     except FileNotFoundError:
         raise InputError(path, "file not found") from None
     except MemoryError:
         raise InputError(path, "not a readable NIfTI file (not enough memory)") from None
     except Exception as exc:
-        raise InputError(path, f"not a readable NIfTI file ({_one_line(exc)})") from None
+        raise InputError(path, f"not a readable NIfTI file ({one_line(exc)})") from None
+    check_nifti_header(img, path)
+    return img
 
 
-def _check_header(path: Path, img: nib.Nifti1Image) -> None:
-    """Refuse, from the header alone, what cannot be a head CT volume."""
+def check_nifti_header(img: nib.Nifti1Image, path: str | Path) -> None:
+    """Refuse, from the header alone, what cannot be a head CT volume: not one 3-D volume
+    (a 4-D file holding one volume is one), no voxels or more than MAX_VOXELS, a voxel type
+    that is not one real intensity, an affine that is not finite or is singular. Raises an
+    InputError naming `path`."""
+    shape = img.shape
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        raise InputError(
+            path, f"NIfTI has {len(shape)} dimensions {tuple(shape)}; expected one 3-D volume"
+        )
+    if min(shape) < 0:
+        raise InputError(
+            path, f"header declares a negative dimension: {_shape_text(shape)}; damaged file"
+        )
     n_voxels = int(np.prod(img.shape, dtype=np.int64))
     if n_voxels == 0:
         raise InputError(path, f"NIfTI volume {_shape_text(img.shape)} holds no voxels")
@@ -107,7 +123,36 @@ def _check_header(path: Path, img: nib.Nifti1Image) -> None:
         raise InputError(
             path, f"voxel type {kind} is not a greyscale intensity; expected one HU per voxel"
         )
+    if n_voxels * dtype.itemsize > MAX_VOXEL_BYTES:
+        raise InputError(
+            path,
+            f"header declares {_shape_text(img.shape)} voxels of {dtype.itemsize} bytes "
+            f"({n_voxels * dtype.itemsize / 2**30:.1f} GiB), more than the "
+            f"{MAX_VOXEL_BYTES >> 30} GiB a volume may take; damaged or crafted file, not read",
+        )
     _check_affine(path, img.affine)
+    _check_length(path, img, n_voxels * dtype.itemsize)
+
+
+def _check_length(path: str | Path, img: nib.Nifti1Image, n_bytes: int) -> None:
+    """An uncompressed file must hold the voxel bytes its header declares (a compressed one
+    can only tell by decompressing: its reads fail later, one line each)."""
+    name = img.file_map["image"].filename
+    offset = getattr(img.dataobj, "offset", None)
+    if not (
+        isinstance(name, str) and name.lower().endswith((".nii", ".img")) and offset is not None
+    ):
+        return
+    try:
+        held = Path(name).stat().st_size - int(offset)
+    except OSError:
+        return  # not there to measure: the read will say what is wrong
+    if held < n_bytes:
+        raise InputError(
+            path,
+            f"cannot read NIfTI voxel data (file is truncated: {max(held, 0)} of {n_bytes} "
+            "voxel data bytes)",
+        )
 
 
 def _check_affine(path: str | Path, affine: np.ndarray) -> None:
@@ -142,14 +187,47 @@ def _to_hu_dtype(path: Path, volume: np.ndarray, warnings: list[str]) -> np.ndar
 def _finite(path: Path, volume: np.ndarray, warnings: list[str]) -> np.ndarray:
     """NaN or Inf voxels become air, as DICOM padding does: resampling tools write NaN
     outside the field of view. A volume with no number at all is refused."""
-    finite = np.isfinite(volume)
+    if not np.isfinite(volume).any():
+        raise InputError(path, NO_NUMBER)
+    volume, n_bad = nonfinite_to_air(volume)
+    if n_bad:
+        warnings.append(f"{n_bad} voxel(s) are NaN or infinite; read as air ({AIR_HU} HU)")
+    return volume
+
+
+def nonfinite_to_air(values: np.ndarray) -> tuple[np.ndarray, int]:
+    """NaN or infinite voxels set to air (AIR_HU), and how many there were; `values` itself
+    when all are finite. Per slice or per volume: refusing a volume with no number at all
+    is the caller's part (see `has_a_number`)."""
+    finite = np.isfinite(values)
     if finite.all():
-        return volume
-    if not finite.any():
-        raise InputError(path, "no voxel holds a number (all are NaN or infinite)")
+        return values, 0
     n_bad = int(finite.size - np.count_nonzero(finite))
-    warnings.append(f"{n_bad} voxel(s) are NaN or infinite; read as air ({AIR_HU} HU)")
-    return np.where(finite, volume, np.asarray(AIR_HU, dtype=volume.dtype))
+    return np.where(finite, values, np.asarray(AIR_HU, dtype=values.dtype)), n_bad
+
+
+def has_a_number(img: nib.Nifti1Image, path: str | Path) -> None:
+    """Refuse a volume whose every voxel is NaN or infinite, as `read_nifti` does, reading
+    it a plane at a time along its last axis (the file order, so a .nii.gz is decompressed
+    once) and stopping at the first plane holding a number: one plane for any real scan.
+    The header must have been checked first (`check_nifti_header`)."""
+    proxy = img.dataobj
+    if np.dtype(proxy.dtype).kind in "biu" and getattr(proxy, "slope", 1.0) == 1.0:
+        return  # whole numbers, unscaled: every voxel is one (a float scale could overflow)
+    index: list[object] = [slice(None)] * len(img.shape)
+    last = 3 if len(img.shape) == 4 else len(img.shape)  # one 4-D volume: its 3rd axis
+    axis = last - 1
+    for k in range(int(img.shape[axis])):
+        index[axis] = k
+        try:
+            plane = np.asanyarray(proxy[tuple(index)])
+        except MemoryError:
+            raise InputError(path, "not enough memory to read one NIfTI plane") from None
+        except Exception as exc:
+            raise InputError(path, f"cannot read NIfTI voxel data ({one_line(exc)})") from None
+        if np.isfinite(plane).any():
+            return
+    raise InputError(path, NO_NUMBER)
 
 
 def _nifti_type(img: nib.Nifti1Image) -> str:
@@ -164,7 +242,7 @@ def _shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(str(int(n)) for n in shape)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """nibabel's messages can span lines ("... got 0 bytes\n - could the file be
     damaged?") and a MemoryError has none: one line, never empty."""
     return " ".join(str(exc).split()) or type(exc).__name__

@@ -130,7 +130,9 @@ def _without_failed(
         if (f"{h.path}!{h.member}" if h.member else h.path) not in bad
     ]
     if not keep:
-        raise InputError(label, f"no slice of the series could be read: {failed[0]}")
+        raise InputError(
+            label, f"no slice of the series could be read ({len(failed)}; first {failed[0]})"
+        )
     rebuilt, _ = build_series(series.series_uid, [series.headers[k] for k in keep])
     if rebuilt is None or [id(h) for h in rebuilt.headers] != [id(series.headers[k]) for k in keep]:
         raise InputError(

@@ -24,7 +24,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from ichscan.errors import InputError
-from ichscan.io.archive import ZipLimits, check_zip
+from ichscan.io.archive import ZipLimits, check_zip, read_member_head
 from ichscan.io.image import IMAGE_SUFFIXES
 from ichscan.io.load import input_kind
 from ichscan.io.series import IGNORED_NAMES, NON_DICOM_SUFFIXES
@@ -326,7 +326,9 @@ def upload_kind(upload: Upload) -> str:
 def check_zip_upload(path: Path, limits: Limits, shown: str) -> None:
     """Refuse an archive before anything reads its members: too many members, too much
     uncompressed data, or a member that expands like a zip bomb (413); entries that point
-    outside the archive or an unreadable zip (422)."""
+    outside the archive, an unreadable zip or a large member that is not DICOM (422). A
+    member that cannot be opened at all is not a refusal: it is left to series discovery,
+    which skips it and names it as the CLI does."""
     try:
         with zipfile.ZipFile(path) as zf:
             infos = [i for i in zf.infolist() if not i.is_dir()]
@@ -353,6 +355,7 @@ def check_zip_upload(path: Path, limits: Limits, shown: str) -> None:
         check_zip(path, limits.zip_limits)  # path traversal and the rest of its checks
     except InputError as exc:
         raise UploadError(422, f"{shown}: {exc.problem}") from None
+    archive_size = path.stat().st_size
     with zipfile.ZipFile(path) as zf:
         for info in infos:
             member = PurePosixPath(info.filename)
@@ -360,9 +363,13 @@ def check_zip_upload(path: Path, limits: Limits, shown: str) -> None:
                 continue
             if member.suffix.lower() in _NOT_READ_AS_DICOM or member.name in IGNORED_NAMES:
                 continue
-            with zf.open(info) as f:
-                head = f.read(132)
-            if not looks_like_dicom(head):
+            head = read_member_head(zf, info, 132, archive_size)
+            if head.data is None:
+                # Encrypted, Deflate64, damaged...: series discovery reads the zip with the
+                # same judgement, names it as a skipped file ("zip!member: problem") and
+                # reads the other members; if none is left, the upload is 422 naming them.
+                continue
+            if not looks_like_dicom(head.data):
                 raise UploadError(
                     422, f"{shown}!{info.filename}: not a DICOM file (no DICM marker)"
                 )
