@@ -92,6 +92,18 @@ def test_convert_without_reslice(series_dir: Path, tmp_path: Path) -> None:
     assert nib.load(out).shape == (64, 64, 12)
 
 
+def test_convert_of_a_folder_of_two_patients_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One patient's scan is written, and the mix-up is a problem the exit code carries."""
+    volume = np.full((3, 16, 16), 40, dtype=np.int16)
+    for patient in ("PA", "PB"):
+        write_ct_series(volume, tmp_path / "in" / patient, patient_id=patient)
+    assert main(["convert", str(tmp_path / "in"), str(tmp_path / "o.nii.gz")]) == 1
+    assert "of 2 patients" in capsys.readouterr().err
+    assert (tmp_path / "o.nii.gz").exists()
+
+
 def test_convert_into_an_existing_folder_writes_inside_it(
     series_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

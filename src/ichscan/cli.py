@@ -132,7 +132,11 @@ def _load_for_cli(path: str, series: str | None = None):
 
 
 def _partial(scan) -> int:
-    return EXIT_PARTIAL if any(w.startswith("skipped ") for w in scan.warnings) else EXIT_OK
+    """1 when files were skipped or the input mixes patients or studies (it is read, but
+    the user must hear it as a problem), else 0."""
+    mixed = scan.metadata.get("series_uid_shared") or scan.metadata.get("mixed_input")
+    skipped = any(w.startswith("skipped ") for w in scan.warnings)
+    return EXIT_PARTIAL if skipped or mixed else EXIT_OK
 
 
 def _nifti_out(out: str, source: str) -> Path:

@@ -28,6 +28,7 @@ from ichscan.infer.predictor import (
     iter_scans,
     predict_paths,
     run_predict,
+    scan_name,
 )
 from ichscan.infer.writers import scans_csv_path
 from ichscan.io.dicom_write import write_ct_series
@@ -36,6 +37,7 @@ from ichscan.io.load import load
 from ichscan.io.nifti import write_nifti
 from ichscan.models.bundle import load_bundle
 from ichscan.preprocess.window import apply_window
+from ichscan.scan import Scan
 
 # Shared fixtures (a trained tiny bundle and its variants): see infer_fixtures.py.
 pytest_plugins = ["infer_fixtures"]
@@ -526,3 +528,22 @@ def test_out_of_memory_on_one_input_is_that_input_s_error(
     items = list(predict_paths([volume, _first_series(synth_dicom)], predictor))
     assert items[0] == (str(volume), items[0][1]) and "not enough memory" in items[0][1].problem
     assert isinstance(items[1], ScanPrediction)
+
+
+def test_two_patients_sharing_a_series_uid_are_two_scans_told_apart(
+    tmp_path: Path, phantom_volume: np.ndarray
+) -> None:
+    """Each is predicted under a key that names its patient, and the mix-up is reported
+    (predict exits 1 on it) rather than passed over."""
+    for patient, z in (("PA", 0.0), ("PB", 500.0)):
+        write_ct_series(
+            phantom_volume, tmp_path, patient_id=patient, series_uid="1.2.3.4", origin=(0, 0, z)
+        )
+    items = list(iter_scans(tmp_path, workers=1))
+    scans = [i for i in items if isinstance(i, Scan)]
+    problems = [i[1].problem for i in items if not isinstance(i, Scan)]
+    assert sorted(s.patient_id for s in scans) == ["PA", "PB"]
+    assert sorted(scan_name(s) for s in scans) == sorted(
+        f"1.2.3.4 [patient {s.patient_id}; study {s.study_uid}]" for s in scans
+    )
+    assert len(problems) == 2 and all("also names another patient" in p for p in problems)

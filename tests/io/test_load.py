@@ -233,3 +233,4 @@ def test_two_patients_sharing_one_series_uid_are_not_one_volume(
     assert scan.n_slices == phantom_volume.shape[0]
     assert any("holds 2 studies of 2 patients" in w for w in scan.warnings)
     assert any("SeriesInstanceUID 1.2.3.4 is shared by 2" in w for w in scan.warnings)
+    assert scan.metadata["series_uid_shared"] and scan.metadata["mixed_input"]

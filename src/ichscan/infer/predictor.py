@@ -353,8 +353,12 @@ class Predictor:
 
 def scan_name(scan: Scan) -> str:
     """SeriesInstanceUID for DICOM, file stem for NIfTI and images (their readers put the
-    stem in series_uid too)."""
-    return scan.series_uid or Path(scan.source).stem
+    stem in series_uid too). A UID that another patient's or study's slices also carry
+    (split apart on reading) is not a key: the patient and study are added."""
+    name = scan.series_uid or Path(scan.source).stem
+    if scan.metadata.get("series_uid_shared"):
+        name += f" [patient {scan.patient_id or '-'}; study {scan.study_uid or '-'}]"
+    return name
 
 
 # ---------------------------------------------------------------------------------------
@@ -395,6 +399,16 @@ def _discovered(path: Path, *, workers: int | None) -> Iterator[Scan | Failure]:
             yield source, InputError(source, "not enough memory to read this series")
             continue
         yield scan
+        if series.shares_uid:
+            # Mixed input: predicted, but the user must hear it as a problem (exit 1).
+            yield (
+                source,
+                InputError(
+                    source,
+                    f"SeriesInstanceUID {series.series_uid} also names another patient's or "
+                    f"study's slices: predicted apart, as {scan_name(scan)}",
+                ),
+            )
         # Slices that were listed but could not be decoded: the scan went on without them,
         # and the batch reports each, as it does the files discovery could not read.
         for path, reason in scan.metadata.get("unreadable_slices", []):
@@ -552,7 +566,7 @@ def run_predict(
         raise
     written = writer.close()
     if progress:
-        bad = f"; {n_bad} input(s) could not be read (listed above)" if n_bad else ""
+        bad = f"; {n_bad} problem(s), listed above" if n_bad else ""
         names = " and ".join(str(p) for p in written)
         print(f"wrote {names}: {n_ok} scan(s){bad}", file=sys.stderr)
     if n_ok == 0:

@@ -70,6 +70,8 @@ def load_discovered(
     if len(studies) > 1 or len(patients) > 1:
         # Patients first: two patients in one input is the mix-up a reader must not miss.
         of_patients = f" of {len(patients)} patients" if len(patients) > 1 else ""
+        # One scan was loaded out of another patient's too: the CLI exits 1 on it.
+        scan.metadata["mixed_input"] = len(patients) > 1
         scan.warnings.append(
             f"{found.source} holds {len(studies)} {'study' if len(studies) == 1 else 'studies'}"
             f"{of_patients}; loaded patient {chosen.patient_id}, study {chosen.study_uid} "

@@ -86,6 +86,9 @@ class Series:
     problems: list[str] = field(default_factory=list)
     selected: bool = False
     selection_reason: str = ""
+    # Its SeriesInstanceUID also names slices of another patient or study (split apart):
+    # the UID alone does not identify this scan.
+    shares_uid: bool = False
 
     @property
     def first(self) -> SliceHeader:
@@ -321,6 +324,7 @@ def group_series(headers: Iterable[SliceHeader]) -> tuple[list[Series], list[Bad
         if s is None:
             continue
         if sharing[uid] > 1:
+            s.shares_uid = True
             s.problems.append(
                 f"SeriesInstanceUID {uid} is shared by {sharing[uid]} patients or studies; "
                 f"split into one series each (this one: patient {patient or '(no PatientID)'}, "

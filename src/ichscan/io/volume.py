@@ -139,6 +139,7 @@ def _without_failed(
             label, f"the series falls apart without its unreadable slices: {failed[0]}"
         )
     rebuilt.selected, rebuilt.selection_reason = series.selected, series.selection_reason
+    rebuilt.shares_uid = series.shares_uid
     return rebuilt, volume[keep]
 
 
@@ -179,6 +180,7 @@ def load_series(series: Series, *, workers: int | None = None, source: str = "")
             "selection_reason": series.selection_reason,
             "files": [f"{h.path}!{h.member}" if h.member else h.path for h in headers],
             "unreadable_slices": [[f.path, f.reason] for f in failed],
+            "series_uid_shared": series.shares_uid,
         },
         warnings=warnings,
     )
