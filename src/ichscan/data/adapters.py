@@ -37,10 +37,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ichscan.errors import InputError
+from ichscan.errors import InputError, one_line
 from ichscan.io.dicom import check_ct_slice, read_header
 from ichscan.io.image import IMAGE_SUFFIXES
-from ichscan.io.nifti import has_a_number, one_line, open_nifti
+from ichscan.io.nifti import has_a_number, open_nifti
 from ichscan.io.series import (
     IGNORED_NAMES,
     NON_DICOM_SUFFIXES,

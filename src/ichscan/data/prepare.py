@@ -59,10 +59,10 @@ from ichscan.data.cache import (
     write_json_atomic,
 )
 from ichscan.data.manifest import normalise, read_manifest
-from ichscan.errors import InputError
+from ichscan.errors import InputError, one_line
 from ichscan.io.dicom import check_ct_slice, decode_stored, header_from_dataset, read_dataset
 from ichscan.io.image import read_grey
-from ichscan.io.nifti import has_a_number, nonfinite_to_air, one_line, open_nifti
+from ichscan.io.nifti import has_a_number, nonfinite_to_air, open_nifti
 from ichscan.labels import LabelSet, detect_label_set, get_label_set
 from ichscan.preprocess.head_crop import CROP_VERSION, CROPS, crop_slice, extra_planes
 from ichscan.preprocess.resize import resize_slice

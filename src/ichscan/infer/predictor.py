@@ -37,9 +37,15 @@ import torch
 from ichscan.errors import IchscanError, InputError
 from ichscan.infer.inputs import InputSpec, scan_to_model_input
 from ichscan.io.image import read_image
-from ichscan.io.load import input_kind, refuse_special_file
+from ichscan.io.load import input_kind
 from ichscan.io.nifti import read_nifti
-from ichscan.io.series import IGNORED_NAMES, NON_DICOM_SUFFIXES, discover, iter_files
+from ichscan.io.series import (
+    IGNORED_NAMES,
+    NON_DICOM_SUFFIXES,
+    discover,
+    iter_files,
+    refuse_special_file,
+)
 from ichscan.io.volume import load_series
 from ichscan.models.bundle import Bundle, load_bundle, read_config, trained_on
 from ichscan.scan import Scan

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ichscan.errors import InputError
+from ichscan.errors import InputError, one_line
 
 
 @dataclass(frozen=True)
@@ -140,12 +140,12 @@ def _read(zf: zipfile.ZipFile, info: zipfile.ZipInfo, n_bytes: int) -> ZipMember
         return ZipMember(info.filename, None, _damage(exc))
     except (RuntimeError, NotImplementedError) as exc:
         # zipfile's words for encryption and unknown methods the header checks missed.
-        return ZipMember(info.filename, None, f"zip entry cannot be read ({_one_line(exc)})")
+        return ZipMember(info.filename, None, f"zip entry cannot be read ({one_line(exc)})")
     return ZipMember(info.filename, data)
 
 
 def _damage(exc: BaseException) -> str:
-    text = _one_line(exc)
+    text = one_line(exc)
     if "CRC" in text:
         return "zip entry is damaged: its checksum (CRC-32) does not match its contents"
     if isinstance(exc, EOFError):
@@ -153,7 +153,3 @@ def _damage(exc: BaseException) -> str:
     if isinstance(exc, zlib.error | lzma.LZMAError):
         return f"zip entry is damaged: its compressed data cannot be decompressed ({text})"
     return f"zip entry is damaged ({text})"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from ichscan.io.image import read_image
-from ichscan.io.load import input_kind, refuse_special_file
+from ichscan.io.load import input_kind
 from ichscan.io.nifti import read_nifti
-from ichscan.io.series import discover
+from ichscan.io.series import discover, refuse_special_file
 from ichscan.scan import Scan
 
 

@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
-from ichscan.errors import InputError, MissingDecoderError
+from ichscan.errors import InputError, MissingDecoderError, one_line
 
 # Real archives are full of values that break the letter of the standard (RSNA's "ID_..."
 # UIDs, for one); validating them on every read costs time and floods the log with warnings
@@ -522,11 +522,17 @@ def check_ct_slice(header: SliceHeader, label: str, *, multi_frame: bool = False
             raise InputError(label, problem)
 
 
+def needed_pixel_bytes(header: SliceHeader) -> int:
+    """Bytes of native pixel data that Rows x Columns x samples x frames take."""
+    per_value = (header.encoding.bits_allocated + 7) // 8
+    return header.rows * header.cols * header.samples_per_pixel * header.frames * per_value
+
+
 def pixel_length_problem(header: SliceHeader, present: int) -> str:
     """Why ``present`` bytes of native pixel data do not fit Rows x Columns x frames, or "".
     A surplus of less than one row is tolerated (writers pad), as pydicom does."""
     per_value = (header.encoding.bits_allocated + 7) // 8
-    needed = header.rows * header.cols * header.frames * per_value
+    needed = needed_pixel_bytes(header)
     if present == 0:
         return "empty pixel data"
     if present < needed:
@@ -608,10 +614,8 @@ def decode_stored(ds: Dataset, header: SliceHeader, label: str) -> np.ndarray:
             warnings.simplefilter("ignore")
             arr = ds.pixel_array
     except Exception as exc:
-        # Decoder plugins report one line each: keep the error on one line.
-        reason = " ".join(str(exc).split()) or type(exc).__name__
         raise InputError(
-            label, f"cannot decode pixel data ({syntax_name(syntax)}): {reason}"
+            label, f"cannot decode pixel data ({syntax_name(syntax)}): {one_line(exc)}"
         ) from None
     if arr.ndim != 2:
         raise InputError(label, f"expected one frame, got pixel array of shape {arr.shape}")

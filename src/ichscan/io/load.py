@@ -8,15 +8,9 @@ from ichscan.errors import InputError
 from ichscan.io.archive import ZipLimits
 from ichscan.io.image import IMAGE_SUFFIXES, read_image
 from ichscan.io.nifti import read_nifti
-from ichscan.io.series import Discovery, discover
+from ichscan.io.series import Discovery, discover, refuse_special_file
 from ichscan.io.volume import load_series
 from ichscan.scan import Scan
-
-
-def refuse_special_file(path: Path) -> None:
-    """A named pipe or a device given as an input would block the reader for ever."""
-    if path.exists() and not path.is_file() and not path.is_dir():
-        raise InputError(path, "not a regular file (a named pipe or a device); not read")
 
 
 def input_kind(path: str | Path) -> str:

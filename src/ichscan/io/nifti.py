@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ichscan.errors import InputError
+from ichscan.errors import InputError, one_line
 from ichscan.io.dicom import AIR_HU
 from ichscan.scan import Scan
 
@@ -240,12 +240,6 @@ def _nifti_type(img: nib.Nifti1Image) -> str:
 
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(str(int(n)) for n in shape)
-
-
-def one_line(exc: BaseException) -> str:
-    """nibabel's messages can span lines ("... got 0 bytes\n - could the file be
-    damaged?") and a MemoryError has none: one line, never empty."""
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _stem(path: Path) -> str:

@@ -224,6 +224,13 @@ def special_file_kind(path: Path) -> str | None:
     return "a device"
 
 
+def refuse_special_file(path: Path) -> None:
+    """A named pipe, socket or device given as an input would block its reader for ever:
+    InputError, unread."""
+    if kind := special_file_kind(path):
+        raise InputError(shown(path), _not_regular(path, kind))
+
+
 def iter_files(root: Path, special: list[Path] | None = None) -> Iterator[Path]:
     """Every file below root, depth first, in a stable order. Named pipes, sockets and
     devices are left out (opening a pipe blocks until a writer comes, which may be never)
@@ -256,6 +263,7 @@ def read_headers(
 
     if not path.exists():
         raise InputError(shown(path), "no such file or folder")
+    refuse_special_file(path)
     if path.is_dir():
         special: list[Path] = []
         for file in iter_files(path, special):
@@ -264,8 +272,6 @@ def read_headers(
                 continue
             consider(_header_or_bad(file))
         bad += [BadFile(shown(f), _not_regular(f)) for f in special]
-    elif kind := special_file_kind(path):
-        raise InputError(shown(path), _not_regular(path, kind))
     elif path.suffix.lower() == ".zip":
         for member in iter_zip_members(path, zip_limits or ZipLimits()):
             if _is_ignored(Path(member.name)):

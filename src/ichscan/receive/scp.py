@@ -44,8 +44,14 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from ichscan.errors import InputError
-from ichscan.io.dicom import NATIVE_SYNTAXES, check_ct_slice, header_from_dataset, read_dataset
+from ichscan.errors import InputError, one_line
+from ichscan.io.dicom import (
+    NATIVE_SYNTAXES,
+    check_ct_slice,
+    header_from_dataset,
+    needed_pixel_bytes,
+    read_dataset,
+)
 from ichscan.receive.result import InstanceInfo
 from ichscan.receive.store import Store, is_safe_uid, write_instance
 from ichscan.receive.tracker import SeriesTracker
@@ -120,24 +126,16 @@ def check_instance(data: bytes, sop_uid: str, sop_class: str) -> InstanceInfo:
 def _check_pixel_length(ds: Dataset, syntax: str, label: str) -> None:
     if syntax not in NATIVE_SYNTAXES or "PixelData" not in ds:
         return  # compressed frames are checked when they are decoded for the analysis
-    try:
-        frames = int(ds.get("NumberOfFrames") or 1)
-        bits = int(ds.get("BitsAllocated") or 16)
-        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * frames
-    except (AttributeError, TypeError, ValueError):
+    header = header_from_dataset(ds, label, geometry=False)
+    if header.rows <= 0 or header.cols <= 0:
         return  # no usable Rows/Columns: the CT checks say so
-    expected = expected * bits // 8
+    expected = needed_pixel_bytes(header)
     # An empty element reads as None, not as b"".
     size = len(ds.PixelData or b"")
     if size == 0:
         raise Refused(CANNOT_UNDERSTAND, f"empty pixel data (0 of {expected} bytes)")
     if size < expected:
         raise Refused(CANNOT_UNDERSTAND, f"truncated pixel data ({size} of {expected} bytes)")
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 @dataclass
@@ -191,7 +189,7 @@ class StorageHandlers:
                 "refused %s from %s: unreadable dataset (%s) (status 0x%04X)",
                 sop_uid,
                 calling,
-                _one_line(f"{type(exc).__name__}: {exc}"),
+                one_line(f"{type(exc).__name__}: {exc}", limit=300),
                 CANNOT_UNDERSTAND,
             )
             log.debug("the check of %s raised", sop_uid, exc_info=exc)
