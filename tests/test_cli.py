@@ -382,6 +382,21 @@ def test_prepare_lists_the_first_bad_files_and_counts_the_rest(
     assert any("and 5 more" in line for line in lines), lines
 
 
+def test_slices_of_one_file_failing_alike_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A truncated volume fails on every slice; the console names it once, with the count,
+    and the count of what is not shown stays right."""
+    from ichscan.cli import MAX_LISTED, _list_bad
+
+    vol = [{"path": "a.nii.gz", "reason": "cannot read NIfTI voxel data (EOF)"}] * 40
+    others = [{"path": f"{i}.png", "reason": "not an image"} for i in range(MAX_LISTED + 2)]
+    _list_bad([*vol, *others], 40 + MAX_LISTED + 2 + 7, "report.json")
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "bad file a.nii.gz: cannot read NIfTI voxel data (EOF) (40 slices)"
+    assert len([line for line in lines if line.startswith("bad file ")]) == MAX_LISTED
+    # 3 listed files and 7 never recorded are not shown
+    assert lines[-1] == "... and 10 more (all in report.json)"
+
+
 def test_train_unknown_architecture_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [

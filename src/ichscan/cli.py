@@ -43,22 +43,26 @@ def _shown(text: str) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
-def _list_bad(lines: Sequence[str], total: int, where: str | Path | None = None) -> None:
-    """One stderr line per bad or missing input: the first MAX_LISTED, then a count."""
-    for line in lines[:MAX_LISTED]:
-        print(_shown(line), file=sys.stderr)
-    more = total - min(len(lines), MAX_LISTED)
-    if more > 0:
-        print(f"... and {more} more" + (f" (all in {where})" if where else ""), file=sys.stderr)
-
-
-def _bad_lines(entries: Sequence[dict[str, str]]) -> list[str]:
+def _list_bad(
+    entries: Sequence[dict[str, str]], total: int, where: str | Path | None = None
+) -> None:
+    """One stderr line per bad or missing input: the first MAX_LISTED, then a count. Rows
+    of one file failing the same way (the slices of a truncated volume) are one line."""
     from ichscan.evaluate.report import NO_FILE
 
-    return [
-        f"{'missing file' if e['reason'] == NO_FILE else 'bad file'} {e['path']}: {e['reason']}"
-        for e in entries
-    ]
+    groups: list[tuple[dict[str, str], int]] = []
+    for e in entries:
+        if groups and (groups[-1][0]["path"], groups[-1][0]["reason"]) == (e["path"], e["reason"]):
+            groups[-1] = (groups[-1][0], groups[-1][1] + 1)
+        else:
+            groups.append((e, 1))
+    for e, n in groups[:MAX_LISTED]:
+        kind = "missing file" if e["reason"] == NO_FILE else "bad file"
+        times = f" ({n} slices)" if n > 1 else ""
+        print(_shown(f"{kind} {e['path']}: {e['reason']}{times}"), file=sys.stderr)
+    more = total - sum(n for _, n in groups[:MAX_LISTED])
+    if more > 0:
+        print(f"... and {more} more" + (f" (all in {where})" if where else ""), file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -91,6 +95,7 @@ def _print_info(report: dict[str, Any]) -> None:
         mark = "[green]* selected[/]" if s["selected"] else ""
         rows = [
             ("study", s["study_uid"]),
+            ("location", s.get("location") or report["source"]),
             ("description", s["description"] or "-"),
             ("modality", s["modality"]),
             (
@@ -268,7 +273,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     skipped = skipped_inputs(report, result.report)
     if result.n_bad:
         err.print(f"{result.n_bad} slice(s) could not be read (listed in {result.report})")
-    _list_bad(_bad_lines(skipped), len(skipped), result.report if result.n_bad else None)
+    _list_bad(skipped, len(skipped), result.report if result.n_bad else None)
     return EXIT_PARTIAL if skipped else EXIT_OK
 
 
@@ -403,7 +408,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     data = result["data"]
     skipped = data.get("skipped_inputs", [])
-    _list_bad(_bad_lines(skipped), int(data.get("n_skipped_inputs", len(skipped))), "metrics.json")
+    _list_bad(skipped, int(data.get("n_skipped_inputs", len(skipped))), "metrics.json")
     print(
         f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'} "
         "(open the HTML file in a browser; it works offline)"

@@ -356,6 +356,21 @@ def test_a_new_crop_version_redoes_cropped_shards(
     assert PreparedCache(out).facts["crop_version"] == prepare_module.CROP_VERSION
 
 
+def test_a_new_hu_decode_redoes_shards(
+    dicoms: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slices decoded by code that gave other HU for some files are not reused by a prepare
+    without --force."""
+    import ichscan.data.prepare as prepare_module
+
+    df, out = manifest(dicom_rows(dicoms)), tmp_path / "c"
+    run(df, out, shard_size=3)
+    assert run(df, out, shard_size=3).n_skipped_shards == 3
+    monkeypatch.setattr(prepare_module, "HU_DECODE_VERSION", prepare_module.HU_DECODE_VERSION + 1)
+    assert run(df, out, shard_size=3).n_skipped_shards == 0
+    assert PreparedCache(out).facts["hu_decode_version"] == prepare_module.HU_DECODE_VERSION
+
+
 def test_a_shorter_manifest_drops_stale_shards(dicoms: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "c"
     run(manifest(dicom_rows(dicoms)), out, shard_size=3)

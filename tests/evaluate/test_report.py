@@ -3,6 +3,7 @@ the report and its plots, prepared caches, and the data a model cannot be evalua
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import re
@@ -152,15 +153,19 @@ def test_report_html_shows_the_plots_and_what_it_rests_on(
     assert str(data) in page and "18 slices in 3 scans" in page
     assert "model trained on: training data not recorded" in page  # a hand-made bundle
     assert metrics["model"]["trained_on"] == "training data not recorded in this bundle"
-    images = re.findall(r'<img src="([^"]+)"', page)
+    # The page is whole on its own: each plot is embedded, byte for byte the file in plots/.
+    images = re.findall(
+        r'<img src="data:image/png;base64,([^"]+)" alt="[^"]+" title="([^"]+)"', page
+    )
     assert len(images) == 8
-    for src in images:
-        assert (out / src).is_file() and (out / src).stat().st_size > 2000
+    for data_b64, name in images:
+        assert base64.b64decode(data_b64) == (out / name).read_bytes()
+        assert (out / name).stat().st_size > 2000
     assert {
         f"plots/{k}_{lvl}.png"
         for k in ("roc", "pr", "calibration", "hist")
         for lvl in ("slice", "scan")
-    } == set(images)
+    } == {name for _, name in images}
     assert metrics["plots"]["slice"]["roc"] == "plots/roc_slice.png"
 
 

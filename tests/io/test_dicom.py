@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 import struct
 from pathlib import Path
@@ -17,6 +18,7 @@ from ichscan.io.dicom import (
     PixelEncoding,
     check_ct_slice,
     hu_lookup_table,
+    read_dataset,
     read_header,
     read_slice_hu,
 )
@@ -271,11 +273,27 @@ def test_truncated_file(tmp_path: Path, phantom_volume: np.ndarray) -> None:
     assert "truncated" in str(err.value) or "corrupt" in str(err.value)
 
 
-def test_truncated_in_header(tmp_path: Path, phantom_volume: np.ndarray) -> None:
+@pytest.mark.parametrize("keep", [132, 300, 420, 500, 600])
+def test_truncated_in_header_says_truncated(
+    tmp_path: Path, phantom_volume: np.ndarray, keep: int
+) -> None:
+    """A file cut before its PixelData parses quietly in pydicom; it must not be reported
+    as an object that has no pixels (the wrong cause), from a path or from a zip member."""
     path = _one_slice(tmp_path, phantom_volume[6])
-    path.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(InputError, match=re.escape(path.name)):
+    data = path.read_bytes()[:keep]
+    path.write_bytes(data)
+    with pytest.raises(InputError, match=re.escape(path.name) + ".*truncated DICOM file"):
         read_slice_hu(path)
+    with pytest.raises(InputError, match="truncated DICOM file"):
+        read_dataset(io.BytesIO(data), name="member.dcm", header_only=True)
+
+
+def test_complete_object_without_pixels_is_not_called_truncated(tmp_path: Path) -> None:
+    path = write_dataset_without_pixels(tmp_path / "sr.dcm")
+    with pytest.raises(InputError) as err:
+        read_slice_hu(path)
+    assert "no pixel data" in str(err.value)
+    assert "truncated" not in str(err.value)
 
 
 def test_not_dicom(tmp_path: Path) -> None:

@@ -178,7 +178,48 @@ def test_missing_position_on_all_slices_falls_back_to_instance_number(
         ds.save_as(p)
     (series,) = discover(tmp_path).series
     assert [h.instance_number for h in series.headers] == list(range(1, 7))
-    assert any("no ImagePositionPatient" in p for p in series.problems)
+    assert any("no usable ImagePositionPatient" in p for p in series.problems)
+
+
+def test_not_finite_geometry_is_called_invalid_not_missing(
+    tmp_path: Path, ramp_volume: np.ndarray
+) -> None:
+    """A position or spacing of NaN is present but unusable; saying "no ImagePositionPatient"
+    would send the user looking for a tag that is there."""
+    import pydicom
+
+    paths = write_ct_series(ramp_volume, tmp_path)
+    ds = pydicom.dcmread(paths[2])
+    ds.ImagePositionPatient = ["nan", "0", "10"]
+    ds.save_as(paths[2])
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.PixelSpacing = ["0", "0"]
+        ds.save_as(p)
+    found = discover(tmp_path)
+    (series,) = found.series
+    assert any("not finite" in b.reason for b in found.bad_files)
+    assert any("not finite" in p and "left out" in p for p in series.problems)
+    assert any("no usable PixelSpacing (missing, zero or not finite)" in p for p in series.problems)
+
+
+def test_each_series_says_where_its_files_are(tmp_path: Path, ramp_volume: np.ndarray) -> None:
+    """In a tree of many series, `info` names the folder (or zip and folder in it) of each."""
+    import zipfile
+
+    write_ct_series(ramp_volume, tmp_path / "tree" / "a" / "s1", series_number=1)
+    write_ct_series(ramp_volume, tmp_path / "tree" / "b", series_number=2)
+    found = discover(tmp_path / "tree")
+    assert sorted(s.info()["location"] for s in found.series) == [
+        str(tmp_path / "tree" / "a" / "s1"),
+        str(tmp_path / "tree" / "b"),
+    ]
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted((tmp_path / "tree" / "b").iterdir()):
+            zf.write(p, f"export/series/{p.name}")
+    (series,) = discover(archive).series
+    assert series.info()["location"] == f"{archive}!export/series"
 
 
 def test_bad_files_listed_good_ones_kept(tmp_path: Path, ramp_volume: np.ndarray) -> None:

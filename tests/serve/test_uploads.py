@@ -142,6 +142,21 @@ def test_nifti_that_is_not_a_volume_is_422(make_client, tmp_path: Path) -> None:
     _refused(client, files, 422, "series.nii.gz", "expected one 3-D volume")
 
 
+def test_nifti_refused_at_intake_as_the_cli_refuses_it(make_client, tmp_path: Path) -> None:
+    """A NaN affine is refused from the header at upload, with read_nifti's words."""
+    import nibabel as nib
+
+    path = tmp_path / "head.nii"
+    img = nib.Nifti1Image(np.zeros((8, 8, 4), dtype=np.int16), np.eye(4))
+    img.header.set_qform(None, code=0)
+    nib.save(img, path)
+    data = bytearray(path.read_bytes())
+    data[280:284] = np.float32(np.nan).tobytes()  # srow_x[0]: nibabel will not write NaN
+    client = make_client()
+    files = [("files", ("head.nii", bytes(data), "application/octet-stream"))]
+    _refused(client, files, 422, "head.nii", "affine")
+
+
 def test_corrupt_image_is_422(make_client) -> None:
     client = make_client()
     files = [("files", ("slice.png", b"\x89PNG\r\n\x1a\n broken", "image/png"))]

@@ -551,8 +551,9 @@ def order_slices(rows: pd.DataFrame, report: AdapterReport) -> pd.DataFrame:
     no_geometry = np.isnan(rows["_along"].to_numpy())
     if no_geometry.any():
         report.problems.append(
-            f"{int(no_geometry.sum())} slice(s) have no ImagePositionPatient/"
-            "ImageOrientationPatient: ordered by InstanceNumber after the rest of their series "
+            f"{int(no_geometry.sum())} slice(s) have no usable ImagePositionPatient/"
+            "ImageOrientationPatient (missing or not finite): ordered by InstanceNumber "
+            "after the rest of their series "
             f"(first: {rows.loc[no_geometry, 'path'].iloc[0]})"
         )
     same_series = rows["series_id"].eq(rows["series_id"].shift())

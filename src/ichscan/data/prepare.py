@@ -60,7 +60,13 @@ from ichscan.data.cache import (
 )
 from ichscan.data.manifest import normalise, read_manifest
 from ichscan.errors import InputError, one_line
-from ichscan.io.dicom import check_ct_slice, decode_stored, header_from_dataset, read_dataset
+from ichscan.io.dicom import (
+    HU_DECODE_VERSION,
+    check_ct_slice,
+    decode_stored,
+    header_from_dataset,
+    read_dataset,
+)
 from ichscan.io.image import read_grey
 from ichscan.io.nifti import has_a_number, nonfinite_to_air, open_nifti
 from ichscan.labels import LabelSet, detect_label_set, get_label_set
@@ -127,6 +133,7 @@ class Params:
         }
         if self.crop != "none":  # part of the shards' key: a new crop redoes them
             out["crop_version"] = CROP_VERSION
+        out["hu_decode_version"] = HU_DECODE_VERSION  # so is a new decode
         return out
 
 

@@ -23,6 +23,7 @@ thresholds with the confusion matrix. Undefined values (AUC with one class) are 
 
 from __future__ import annotations
 
+import base64
 import csv
 import html
 import json
@@ -396,8 +397,10 @@ def _html(metrics: dict[str, Any], plots: dict[str, dict[str, Path]], out_dir: P
     sections = []
     for level in ("slice", "scan"):
         m = metrics[level]
+        # Embedded, so the page stays whole when it is mailed or moved without plots/.
         images = "".join(
-            f'<img src="{html.escape(p.relative_to(out_dir).as_posix())}" alt="{k} {level}">'
+            f'<img src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" '
+            f'alt="{k} {level}" title="{html.escape(p.relative_to(out_dir).as_posix())}">'
             for k, p in plots[level].items()
         )
         sections.append(

@@ -31,6 +31,10 @@ from ichscan.errors import InputError, MissingDecoderError, one_line
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 AIR_HU = -1024
+# Bumped whenever a change to the decode gives other HU for some file (2: bits above
+# BitsStored masked, signed MONOCHROME1 mirrored, the RSNA wrap fix only at slope 1).
+# Prepared shards are keyed on it, so slices decoded by older code are not reused.
+HU_DECODE_VERSION = 2
 # No CT image is larger: a header claiming more (65535 x 65535 on 512 x 512 pixel data, or a
 # compressed frame of zeros) would make the volume allocation the bomb.
 MAX_CT_MATRIX = 4096
@@ -203,7 +207,37 @@ def read_dataset(
             raise InputError(
                 label, "corrupt DICOM file (sequences nested too deep to parse)"
             ) from None
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        # pydicom stops quietly at the end of a file cut inside its header, which would
+        # otherwise be reported as an object without pixels. Only this rare path pays.
+        problem = _ends_early(ds, source)
+        if problem:
+            raise InputError(label, f"truncated DICOM file ({problem})")
     return ds
+
+
+def _ends_early(ds: Dataset, source: str | Path | BinaryIO) -> str:
+    """Why the file ends before its dataset does, or "" when the last element ends exactly
+    at the end of the file (a complete object) or that cannot be told."""
+    try:
+        if hasattr(source, "seek"):
+            here = source.tell()  # type: ignore[union-attr]
+            size = source.seek(0, 2)  # type: ignore[union-attr]
+            source.seek(here)  # type: ignore[union-attr]
+        else:
+            size = Path(source).stat().st_size
+    except (OSError, ValueError):
+        return ""
+    elements = ds._dict  # raw elements keep their file offsets; converting them loses them
+    if not elements:
+        return f"no data element after the file meta header, {size} bytes"
+    last = elements[max(elements)]
+    tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+    if tell is None or length is None or length == 0xFFFFFFFF:
+        return ""  # a converted or undefined-length last element: cannot tell
+    if tell + length != size:
+        return f"the file ends at byte {size}, inside the header, before any pixel data"
+    return ""
 
 
 def _check_inflated_size(source: str | Path | BinaryIO, label: str) -> None:

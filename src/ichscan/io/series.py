@@ -9,6 +9,7 @@ restarts per acquisition).
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 import stat
 from collections import Counter, defaultdict
@@ -162,7 +163,18 @@ class Series:
             "selected": self.selected,
             "selection_reason": self.selection_reason,
             "problems": list(self.problems),
+            "location": self.location(),
         }
+
+    def location(self) -> str:
+        """Where the series' files are: the folder (or zip, and folder inside it) that holds
+        them all, so a series found in a tree of many can be found again."""
+        paths = {h.path for h in self.headers}
+        folder = os.path.commonpath([os.path.dirname(p) or "." for p in paths])
+        if len(paths) == 1 and self.first.member is not None:  # every slice in one zip
+            inside = posixpath.commonpath([posixpath.dirname(h.member or "") for h in self.headers])
+            return shown(self.first.path + (f"!{inside}" if inside else ""))
+        return shown(folder)
 
 
 @dataclass
@@ -391,11 +403,14 @@ def build_series(uid: str, members: list[SliceHeader]) -> tuple[Series | None, l
     without_pos = [h for h in members if h not in with_pos]
     if with_pos and without_pos:
         problems.append(
-            f"{len(without_pos)} slice(s) without ImagePositionPatient/ImageOrientationPatient "
-            "were left out"
+            f"{len(without_pos)} slice(s) without a usable ImagePositionPatient/"
+            "ImageOrientationPatient (missing, or not finite numbers) were left out"
         )
         dropped += [
-            BadFile(_label(h), "missing ImagePositionPatient or ImageOrientationPatient")
+            BadFile(
+                _label(h),
+                "missing or invalid (not finite) ImagePositionPatient or ImageOrientationPatient",
+            )
             for h in without_pos
         ]
         members = with_pos
@@ -442,7 +457,9 @@ def build_series(uid: str, members: list[SliceHeader]) -> tuple[Series | None, l
     row_dir, col_dir = np.asarray(first.orientation[:3]), np.asarray(first.orientation[3:])
     px = first.pixel_spacing or (1.0, 1.0)
     if first.pixel_spacing is None:
-        problems.append("no PixelSpacing: assuming 1 mm pixels")
+        problems.append(
+            "no usable PixelSpacing (missing, zero or not finite): assuming 1 mm pixels"
+        )
     affine = np.eye(4)
     affine[:3, 0] = step
     affine[:3, 1] = col_dir * px[0]
@@ -489,7 +506,8 @@ def _series_without_geometry(uid: str, members: list[SliceHeader], problems: lis
     members = sorted(members, key=lambda h: (h.instance_number is None, h.instance_number or 0))
     thickness = members[0].slice_thickness or 5.0
     problems.append(
-        "no ImagePositionPatient: slices ordered by InstanceNumber and "
+        "no usable ImagePositionPatient (missing or not finite): slices ordered by "
+        "InstanceNumber and "
         f"spacing assumed from SliceThickness ({thickness:g} mm); geometry is approximate"
     )
     px = members[0].pixel_spacing or (1.0, 1.0)
