@@ -7,6 +7,7 @@ import base64
 import csv
 import json
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +18,16 @@ import torch
 
 from ichscan.data.synth import write_synthetic
 from ichscan.errors import IchscanError
+from ichscan.evaluate import plots
 from ichscan.evaluate.metrics import roc_auc
-from ichscan.evaluate.report import bootstrap_auc_ci, run_evaluate, scan_truth
+from ichscan.evaluate.report import (
+    EvaluateError,
+    bootstrap_auc_ci,
+    level_metrics,
+    operating_point_note,
+    run_evaluate,
+    scan_truth,
+)
 from ichscan.infer.predictor import Predictor
 from ichscan.io.load import load
 from ichscan.labels import BINARY, RSNA, LabelSet
@@ -67,6 +76,7 @@ def _bundle(
         dropout=0.0,
     )
     config["thresholds"] = {name: 0.45 for name in label_set.labels}
+    config["threshold_method"] = "youden on the validation fold"  # as `ichscan train` says
     head = None
     study_config = {"kind": "gru", "hidden": 8}
     if study:
@@ -83,6 +93,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One folder with one slice_truth.csv, as write_synthetic makes for a set.
     truth = pd.concat(pd.read_csv(root / f"p{i}" / "slice_truth.csv") for i in range(3))
     truth.to_csv(root / "slice_truth.csv", index=False)
+    shutil.copy(root / "p0" / "README.txt", root / "README.txt")
     for i in range(3):
         (root / f"p{i}" / "slice_truth.csv").unlink()
         (root / f"p{i}" / "truth.csv").unlink()
@@ -127,6 +138,11 @@ def test_metrics_json_has_every_figure_at_both_levels(
                 "npv",
                 "accuracy",
                 "confusion_matrix",
+                "auc_ci_note",
+                "sensitivity_ci95",
+                "specificity_ci95",
+                "ppv_ci95",
+                "npv_ci95",
             } <= set(v)
             (tn, fp), (fn, tp) = v["confusion_matrix"]["matrix"]
             assert tn + fp + fn + tp == v["n"] == m["n"]
@@ -142,6 +158,19 @@ def test_metrics_json_has_every_figure_at_both_levels(
                 lo, hi = v["auc_ci95"]
                 assert 0 <= lo <= hi <= 1
             assert v["threshold"] == 0.45
+            for key in ("sensitivity", "specificity", "ppv", "npv"):
+                if v[key] is not None:
+                    lo, hi = v[f"{key}_ci95"]
+                    assert 0 <= lo <= v[key] <= hi <= 1
+    # 3 scans: no AUC interval here can be read as a 95% one, and the file says so
+    assert all(
+        "fewer than 10" in v["auc_ci_note"]
+        for v in metrics["scan"]["labels"].values()
+        if v["auc"] is not None
+    )
+    # intraventricular and subarachnoid have no positive scan: left out of the mean, by name
+    assert metrics["scan"]["mean_auc_labels"] == ["any", "epidural", "intraparenchymal", "subdural"]
+    assert "whole scans" in metrics["slice"]["ci_method"]
 
 
 def test_report_html_shows_the_plots_and_what_it_rests_on(
@@ -153,6 +182,18 @@ def test_report_html_shows_the_plots_and_what_it_rests_on(
     assert str(data) in page and "18 slices in 3 scans" in page
     assert "model trained on: training data not recorded" in page  # a hand-made bundle
     assert metrics["model"]["trained_on"] == "training data not recorded in this bundle"
+    # ichscan's phantoms are named so, as the training data's are
+    assert metrics["data"]["synthetic"] is True
+    assert metrics["data"]["evaluated_on"] == f"SYNTHETIC phantoms at {data}"
+    assert "The evaluation data are SYNTHETIC phantoms" in page
+    assert "mean AUC" in page and "over 4 of 6 label(s) (intraventricular, subarachnoid" in page
+    # the slice-tuned thresholds are not a scan-level operating point, and the page says so
+    assert metrics["model"]["thresholds_chosen_on"] == "slices"
+    assert metrics["slice"]["operating_point_tuned"] is True
+    assert metrics["scan"]["operating_point_tuned"] is False
+    assert "maximum over the scan&#x27;s slices" in page
+    assert "not a tuned scan-level operating point" in page
+    assert "2 positive and 1 negative cases: with fewer than 10 of a class" in page
     # The page is whole on its own: each plot is embedded, byte for byte the file in plots/.
     images = re.findall(
         r'<img src="data:image/png;base64,([^"]+)" alt="[^"]+" title="([^"]+)"', page
@@ -211,6 +252,7 @@ def test_a_prepared_cache_is_evaluated_directly(
     again = run_evaluate(model, out / "cache", tmp_path, device="cpu", n_bootstrap=200, plots=False)
     assert not (tmp_path / "cache").exists()
     assert again["data"]["layout"] == "prepared cache"
+    assert again["data"]["synthetic"] is True  # remembered in the cache, not in its path
     for level in ("slice", "scan"):
         assert again[level]["weighted_log_loss"] == pytest.approx(
             metrics[level]["weighted_log_loss"]
@@ -310,3 +352,149 @@ def test_skipped_inputs_lists_bad_missing_and_unreadable_once(tmp_path: Path) ->
         {"path": "/d/s.zip!a/1.dcm", "reason": "empty pixel data"},
     ]
     assert skipped_inputs(None, tmp_path / "absent.json") == []
+
+
+def test_real_data_is_not_called_synthetic(data: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "scans"
+    shutil.copytree(data, plain)
+    (plain / "README.txt").unlink()
+    model = _bundle(tmp_path / "model", BINARY)
+    metrics = run_evaluate(
+        model, plain, tmp_path / "out", device="cpu", n_bootstrap=20, plots=False
+    )
+    assert metrics["data"]["synthetic"] is False
+    assert metrics["data"]["evaluated_on"] == f"data at {plain}"
+    assert "SYNTHETIC" not in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_nan_probabilities_stop_evaluate_with_one_line(
+    data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A diverged model's NaNs: one line naming the model and how many slices, before any
+    figure, instead of a scikit-learn traceback after all inference is done."""
+    model = _bundle(tmp_path / "model", BINARY)
+    predict = Predictor.predict_inputs
+
+    def first_slice_nan(self: Predictor, x: np.ndarray):  # type: ignore[no-untyped-def]
+        probs, scan_probs, rest = predict(self, x)
+        probs = probs.copy()
+        probs[0] = np.nan
+        return probs, scan_probs, rest
+
+    monkeypatch.setattr(Predictor, "predict_inputs", first_slice_nan)
+    with pytest.raises(EvaluateError) as caught:
+        run_evaluate(model, data, tmp_path / "out", device="cpu", n_bootstrap=20, plots=False)
+    assert str(model) in str(caught.value)
+    assert "NaN or infinite probabilities for 3 of 18 slices (3 of 3 scans)" in str(caught.value)
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_slice_level_auc_ci_resamples_whole_scans() -> None:
+    """Sixteen identical slices per scan hold one scan's information: the slice-level
+    interval must be the scan-level one, not sixteen times as sure."""
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 15)
+    p = np.round(rng.random(30) + 0.5 * y, 2)
+    scans = np.arange(30)
+    per_scan = bootstrap_auc_ci(y, p, n=300, seed=1)
+    slices = bootstrap_auc_ci(
+        np.repeat(y, 16), np.repeat(p, 16), n=300, seed=1, clusters=np.repeat(scans, 16)
+    )
+    assert slices == pytest.approx(per_scan, abs=1e-12)
+    naive = bootstrap_auc_ci(np.repeat(y, 16), np.repeat(p, 16), n=300, seed=1)
+    assert naive[1] - naive[0] < 0.5 * (slices[1] - slices[0])
+
+
+def test_auc_ci_note_flags_few_cases_and_zero_width() -> None:
+    # 4 separable scans of each class: the bootstrap gives [1, 1], which is no 95% interval
+    y = np.repeat([[0], [1]], 4, axis=0)
+    p = np.linspace(0.1, 0.9, 8)[:, None]
+    m = level_metrics(y, p, ["hemorrhage"], [1.0], [0.5], n_bootstrap=200)
+    label = m["labels"]["hemorrhage"]
+    assert label["auc"] == 1.0 and label["auc_ci95"] == [1.0, 1.0]
+    assert "zero-width interval" in label["auc_ci_note"]
+    assert "4 positive and 4 negative cases" in label["auc_ci_note"]
+    # at slice level the units are scans: 40 slices in 8 scans are still 4 and 4
+    m = level_metrics(
+        np.repeat(y, 5, axis=0),
+        np.repeat(p, 5, axis=0),
+        ["hemorrhage"],
+        [1.0],
+        [0.5],
+        n_bootstrap=200,
+        clusters=np.repeat(np.arange(8), 5),
+    )
+    assert "4 positive and 4 negative scans" in m["labels"]["hemorrhage"]["auc_ci_note"]
+    # enough of both classes and an interval of some width: nothing to say
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 30)[:, None]
+    p = rng.random((60, 1)) + 0.5 * y
+    assert (
+        level_metrics(y, p, ["h"], [1.0], [0.5], n_bootstrap=200)["labels"]["h"]["auc_ci_note"]
+        is None
+    )
+
+
+def test_thresholds_chosen_on_slices_are_not_a_scan_operating_point() -> None:
+    from types import SimpleNamespace
+
+    from ichscan.evaluate.report import _thresholds_chosen_on
+
+    def predictor(config: dict, has_study: bool) -> SimpleNamespace:
+        return SimpleNamespace(
+            bundle=SimpleNamespace(config=config), backend=SimpleNamespace(has_study=has_study)
+        )
+
+    slice_model = {"threshold_method": "youden on the validation fold"}
+    assert _thresholds_chosen_on(predictor(slice_model, False)) == "slices"
+    untuned = {"threshold_method": "default 0.5 (not tuned)"}
+    assert _thresholds_chosen_on(predictor(untuned, False)) is None
+    study = {
+        **slice_model,
+        "study_model": {
+            "thresholds": {"any": 0.3},
+            "threshold_method": "youden on the study model's validation scans",
+        },
+    }
+    assert _thresholds_chosen_on(predictor(study, True)) == "scans"
+    # the study model's thresholds serve only when its outputs are the ones decided on
+    assert _thresholds_chosen_on(predictor(study, False)) == "slices"
+    assert "not a tuned scan-level" in operating_point_note("scan", "slices", "max over slices")
+    assert "not a tuned slice-level" in operating_point_note("slice", "scans", "study model")
+    assert "tuned for this level" in operating_point_note("scan", "scans", "study model")
+    assert "not tuned" in operating_point_note("slice", None, "max over slices")
+
+
+def test_plot_titles_name_the_data_and_n(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PNG is shared on its own: its title names the data, the model and n, its legend
+    each label's positives and negatives."""
+    seen: dict[str, tuple[str, list[str]]] = {}
+    save = plots._save
+
+    def spy(fig, path: Path, title: str) -> Path:  # type: ignore[no-untyped-def]
+        out = save(fig, path, title)
+        legends = [
+            t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()
+        ]
+        seen[path.name] = (fig.get_suptitle(), legends)
+        return out
+
+    monkeypatch.setattr(plots, "_save", spy)
+    y = np.array([[1, 0], [1, 0], [0, 0], [0, -1], [0, 1]])
+    p = np.linspace(0.1, 0.9, 10).reshape(5, 2)
+    plots.plot_all(
+        "scan",
+        ["any", "subdural"],
+        y,
+        p,
+        [0.5, 0.5],
+        tmp_path,
+        rests_on="held_out (SYNTHETIC phantoms); model demo",
+    )
+    assert set(seen) == {"roc_scan.png", "pr_scan.png", "calibration_scan.png", "hist_scan.png"}
+    for title, _ in seen.values():
+        assert "scan level, 5 scans" in title
+        assert "held_out (SYNTHETIC phantoms); model demo" in title
+        assert "not a medical device" in title
+    assert "any (2 pos / 3 neg), AUC" in " ".join(seen["roc_scan.png"][1])
+    assert "subdural (1 pos / 3 neg), AP" in " ".join(seen["pr_scan.png"][1])

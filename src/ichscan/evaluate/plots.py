@@ -1,9 +1,11 @@
 """Evaluation plots (matplotlib, Agg backend, no display needed): ROC and precision-recall
 curves, calibration (reliability) curves and probability histograms, one figure each with
-every label that has both classes."""
+every label that has both classes. A PNG gets shared on its own, so each title names the data,
+the model and n, and each label in a legend carries its positives and negatives."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,10 +34,24 @@ def _known(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None
     return yk, pk
 
 
+def _counts(name: str, y: np.ndarray, p: np.ndarray) -> str:
+    keep = (y >= 0) & np.isfinite(p)
+    return f"{name} ({int((y[keep] == 1).sum())} pos / {int((y[keep] == 0).sum())} neg)"
+
+
 def _save(fig, path: Path, title: str) -> Path:
-    fig.suptitle(f"{title}\n({NOTE})", fontsize=10)
+    width, height = fig.get_size_inches()
+    # About 13 characters per inch at 10 pt, so a long data name wraps instead of being cut.
+    lines = [
+        part
+        for line in f"{title}\n({NOTE})".split("\n")
+        for part in textwrap.wrap(line, int(13 * width))
+    ]
+    fig.suptitle("\n".join(lines), fontsize=10)
     # Fixed margins instead of tight_layout: its extra draw pass doubled the cost.
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.86, hspace=0.45, wspace=0.3)
+    # Room for the title's lines and for the subplot titles under them.
+    top = 1 - (0.2 * len(lines) + 0.3) / height
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=top, hspace=0.45, wspace=0.3)
     fig.savefig(path, dpi=90)
     _pyplot().close(fig)
     return path
@@ -57,10 +73,11 @@ def _curves(
             fpr, tpr, _ = roc_curve(yk, pk)
             from sklearn.metrics import auc
 
-            ax.plot(fpr, tpr, label=f"{name} (AUC {auc(fpr, tpr):.3f})")
+            ax.plot(fpr, tpr, label=f"{_counts(name, yk, pk)}, AUC {auc(fpr, tpr):.3f}")
         else:
             precision, recall, _ = precision_recall_curve(yk, pk)
-            ax.plot(recall, precision, label=f"{name} (AP {average_precision_score(yk, pk):.3f})")
+            ap = average_precision_score(yk, pk)
+            ax.plot(recall, precision, label=f"{_counts(name, yk, pk)}, AP {ap:.3f}")
     if kind == "roc":
         ax.plot([0, 1], [0, 1], "k:", lw=1)
         ax.set(xlabel="1 - specificity", ylabel="sensitivity")
@@ -85,7 +102,7 @@ def _calibration(
         if data is None:
             continue
         observed, predicted = calibration_curve(data[0], data[1], n_bins=10, strategy="uniform")
-        ax.plot(predicted, observed, marker="o", ms=3, label=name)
+        ax.plot(predicted, observed, marker="o", ms=3, label=_counts(name, *data))
     ax.set(xlabel="mean predicted probability", ylabel="observed fraction positive")
     ax.set(xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7, loc="upper left")
@@ -130,10 +147,14 @@ def plot_all(
     p: np.ndarray,
     thresholds: Sequence[float],
     out_dir: Path,
+    *,
+    rests_on: str,
 ) -> dict[str, Path]:
-    """The four figures of one level ("slice" or "scan") as PNG files in ``out_dir``."""
+    """The four figures of one level ("slice" or "scan") as PNG files in ``out_dir``.
+    ``rests_on`` names the data and model (e.g. "held_out (SYNTHETIC phantoms); model m"),
+    and each title adds the level's n."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    what = f"{level} level"
+    what = f"{level} level, {len(y)} {level}s\n{rests_on}"
     return {
         "roc": _curves("roc", labels, y, p, out_dir / f"roc_{level}.png", f"ROC, {what}"),
         "pr": _curves("pr", labels, y, p, out_dir / f"pr_{level}.png", f"Precision-recall, {what}"),

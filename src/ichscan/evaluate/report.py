@@ -17,8 +17,12 @@ Two levels:
 
 Per level, in metrics.json: counts (slices or scans, positives and negatives per label), the
 RSNA weighted log loss (see `LOG_LOSS_DEFINITION`), per-label ROC AUC with a 95% percentile
-bootstrap interval over cases, sensitivity / specificity / PPV / NPV / accuracy at the bundle
-thresholds with the confusion matrix. Undefined values (AUC with one class) are null.
+bootstrap interval and a note where that interval cannot be trusted, sensitivity /
+specificity / PPV / NPV with 95% Wilson intervals and accuracy at the bundle thresholds with
+the confusion matrix, and which level those thresholds were chosen at. Slices of one scan are
+not independent cases, so slice-level intervals resample or count whole scans. Undefined
+values (AUC with one class) are null. Data that ichscan's phantom generator wrote is marked
+SYNTHETIC in metrics.json, report.html and every plot.
 """
 
 from __future__ import annotations
@@ -36,8 +40,15 @@ from typing import Any
 import numpy as np
 
 from ichscan.data.cache import REPORT_FILE, PreparedCache
+from ichscan.data.synth import is_synthetic
 from ichscan.errors import IchscanError, InputError
-from ichscan.evaluate.metrics import EPS, operating_point, roc_auc, weighted_log_loss
+from ichscan.evaluate.metrics import (
+    EPS,
+    operating_point,
+    operating_point_ci95,
+    roc_auc,
+    weighted_log_loss,
+)
 from ichscan.infer.inputs import InputSpec
 from ichscan.infer.predictor import Predictor
 from ichscan.models.bundle import trained_on
@@ -47,12 +58,16 @@ __all__ = ["LOG_LOSS_DEFINITION", "bootstrap_auc_ci", "run_evaluate"]
 
 RESEARCH_NOTE = "ichscan is research software, not a medical device"
 LOG_LOSS_DEFINITION = (
-    "RSNA 2019 weighted multi-label log loss: sum_ij w_j L_ij / sum_ij w_j over cases i and "
-    "labels j with a known label, L_ij = -(y log p + (1 - y) log(1 - p)), p clipped to "
-    f"[{EPS:g}, 1 - {EPS:g}], w_j the label set's weights (rsna: any 2, subtypes 1). "
-    "Normalised by the sum of the weights, so it is a weighted mean per case and label; at "
-    "scan level the same formula on scan probabilities (not a challenge figure)."
+    "RSNA 2019 weighted multi-label log loss: the mean over cases i of "
+    "sum_j w_j L_ij / sum_j w_j over the labels j known for that case, "
+    "L_ij = -(y log p + (1 - y) log(1 - p)), p clipped to "
+    f"[{EPS:g}, 1 - {EPS:g}], w_j the label set's weights (rsna: any 2, subtypes 1); cases "
+    "with no known label are left out. With every label known this is the challenge's figure; "
+    "at scan level the same formula on scan probabilities (not a challenge figure)."
 )
+# Below this many sampled units (cases, or scans at slice level) of either class a percentile
+# bootstrap interval of the AUC covers well under its nominal 95%.
+MIN_UNITS_FOR_AUC_CI = 10
 
 
 class EvaluateError(IchscanError):
@@ -107,10 +122,18 @@ def _skipped_facts(skipped: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def bootstrap_auc_ci(
-    y_true: np.ndarray, y_prob: np.ndarray, *, n: int = 1000, seed: int = 0, level: float = 0.95
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    *,
+    n: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    clusters: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the ROC AUC over resampled cases (unknown labels
-    left out); NaNs when a class is missing.
+    left out); NaNs when a class is missing. With ``clusters`` (each case's scan) whole
+    clusters are resampled: slices of one scan are not independent draws, and resampling
+    them one by one gives an interval that is too narrow.
 
     Each resample is a weighting of the cases, so the scores are sorted once and every
     resample costs one bincount and two cumulative sums: the weighted Mann-Whitney
@@ -126,10 +149,16 @@ def bootstrap_auc_ci(
     ys, ps = y[order], p[order]
     starts = np.flatnonzero(np.r_[True, ps[1:] != ps[:-1]])
     rng = np.random.default_rng(seed)
-    m = y.size
+    # Each case's unit of resampling: itself, or its cluster.
+    unit = (
+        np.arange(y.size)
+        if clusters is None
+        else np.unique(np.asarray(clusters)[keep], return_inverse=True)[1].ravel()
+    )[order]
+    m = int(unit.max()) + 1
     values = np.empty(n)
     for b in range(n):
-        w = np.bincount(rng.integers(0, m, m), minlength=m)[order]
+        w = np.bincount(rng.integers(0, m, m), minlength=m)[unit]
         values[b] = _weighted_auc(w, ys, starts)
     values = values[np.isfinite(values)]
     if values.size == 0:
@@ -149,6 +178,33 @@ def _weighted_auc(w: np.ndarray, ys: np.ndarray, starts: np.ndarray) -> float:
     return float((pos * (below + 0.5 * neg)).sum() / (total_pos * total_neg))
 
 
+def auc_ci_note(ci: Sequence[float], positives: int, negatives: int, unit: str) -> str | None:
+    """Why an AUC interval cannot be read as a 95% interval, or None when nothing is known
+    against it. ``positives``/``negatives``: the units resampled (cases, or scans)."""
+    lo, hi = ci
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return None
+    notes = []
+    if lo == hi:
+        notes.append(
+            "zero-width interval: no resample ranks the classes otherwise than the sample "
+            "does, which says nothing about the AUC's precision"
+        )
+    if min(positives, negatives) < MIN_UNITS_FOR_AUC_CI:
+        notes.append(
+            f"{positives} positive and {negatives} negative {unit}: with fewer than "
+            f"{MIN_UNITS_FOR_AUC_CI} of a class a percentile bootstrap interval covers well "
+            "under 95% (57% in a simulation at 4 and 4); read it as too narrow"
+        )
+    return "; ".join(notes) or None
+
+
+def _units(yj: np.ndarray, value: int, clusters: np.ndarray | None) -> int:
+    """Cases with label ``value``, or the clusters holding one."""
+    hit = yj == value
+    return int(hit.sum()) if clusters is None else int(np.unique(clusters[hit]).size)
+
+
 def level_metrics(
     y: np.ndarray,
     p: np.ndarray,
@@ -158,21 +214,29 @@ def level_metrics(
     *,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    clusters: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Metrics of one level: y int [N, L] (1, 0, -1 unknown), p float [N, L]."""
+    """Metrics of one level: y int [N, L] (1, 0, -1 unknown), p float [N, L]. ``clusters``
+    (int [N], each row's scan) makes every interval resample or count whole scans."""
+    unit = "cases" if clusters is None else "scans"
     per_label = {}
     for j, name in enumerate(labels):
         yj, pj = y[:, j], p[:, j]
         known = yj >= 0
         point = operating_point(yj, pj, thresholds[j])
+        cis = operating_point_ci95(yj, pj, thresholds[j], clusters)
+        auc_ci = bootstrap_auc_ci(yj, pj, n=n_bootstrap, seed=seed + j, clusters=clusters)
+        units = (_units(yj, 1, clusters), _units(yj, 0, clusters))
         per_label[name] = {
             "n": int(known.sum()),
             "positives": int((yj == 1).sum()),
             "negatives": int((yj == 0).sum()),
             "auc": roc_auc(yj, pj),
-            "auc_ci95": list(bootstrap_auc_ci(yj, pj, n=n_bootstrap, seed=seed + j)),
+            "auc_ci95": list(auc_ci),
+            "auc_ci_note": auc_ci_note(auc_ci, *units, unit),
             "threshold": float(thresholds[j]),
             **{k: point[k] for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy")},
+            **{f"{k}_ci95": list(v) for k, v in cis.items()},
             "confusion_matrix": {
                 "rows": "truth (negative, positive)",
                 "columns": "prediction (negative, positive)",
@@ -182,13 +246,31 @@ def level_metrics(
                 ],
             },
         }
-    aucs = [v["auc"] for v in per_label.values() if not math.isnan(v["auc"])]
+    averaged = [k for k, v in per_label.items() if not math.isnan(v["auc"])]
     return {
         "n": len(y),
         "weighted_log_loss": weighted_log_loss(y, p, weights),
-        "mean_auc": float(np.mean(aucs)) if aucs else float("nan"),
+        "mean_auc": float(np.mean([per_label[k]["auc"] for k in averaged]))
+        if averaged
+        else float("nan"),
+        # AUC is undefined for a label with one class here, so the mean is over the rest.
+        "mean_auc_labels": averaged,
+        "ci_method": _ci_method(n_bootstrap, unit),
         "labels": per_label,
     }
+
+
+def _ci_method(n_bootstrap: int, unit: str) -> str:
+    if unit == "scans":
+        return (
+            f"95% CIs with slices clustered by scan: AUC by percentile bootstrap over "
+            f"{n_bootstrap} resamples of whole scans; sensitivity, specificity, PPV and NPV "
+            "by Wilson score interval on the Rao-Scott effective sample size"
+        )
+    return (
+        f"95% CIs: AUC by percentile bootstrap over {n_bootstrap} resamples of {unit}; "
+        "sensitivity, specificity, PPV and NPV by Wilson score interval"
+    )
 
 
 def scan_truth(y: np.ndarray) -> np.ndarray:
@@ -239,8 +321,12 @@ def _open_data(
         _check_cache(cache, spec)
         _refuse_images_if_hu(cache.index["kind"], spec, data)
         manifest = cache.facts.get("manifest", {})
+        synthetic = manifest.get("synthetic")
+        if synthetic is None:  # a cache prepared without the flag: look where its data is
+            synthetic = is_synthetic(manifest.get("source") or cache.facts.get("source") or data)
         return cache, {
             "source": str(data),
+            "synthetic": bool(synthetic),
             "layout": "prepared cache",
             "label_level": manifest.get("label_level", cache.facts.get("label_level", "slice")),
             **_skipped_facts(skipped_inputs(None, cache.root / REPORT_FILE)),
@@ -253,6 +339,7 @@ def _open_data(
         raise EvaluateError(data, "no labelled slices found: " + "; ".join(report.problems[:3]))
     _refuse_images_if_hu(df["kind"], spec, data)
     root = out_dir / "cache"
+    synthetic = is_synthetic(data)
     prepared = prepare(
         df,
         root,
@@ -263,9 +350,17 @@ def _open_data(
         progress=progress,
         workers=workers,
         crop=spec.crop,
+        # Kept in cache.json, so that evaluating this cache again still knows its data.
+        facts={
+            "source": str(data),
+            "synthetic": synthetic,
+            "layout": report.layout,
+            "label_level": report.label_level,
+        },
     )
     facts = {
         "source": str(data),
+        "synthetic": synthetic,
         "layout": report.layout,
         "label_level": report.label_level,
         "adapter_problems": report.problems[:20],
@@ -280,6 +375,63 @@ def _threshold_method(predictor: Predictor) -> str:
     if predictor.backend.has_study and "threshold_method" in study:
         return str(study["threshold_method"])
     return str(predictor.bundle.config.get("threshold_method", ""))
+
+
+def _thresholds_chosen_on(predictor: Predictor) -> str | None:
+    """The probabilities the thresholds in use were tuned on, "slices" or "scans"; None when
+    they were not tuned or the bundle does not say. A slice model's thresholds are always
+    chosen on slice probabilities (validation fold, or inner CV of the training slices); a
+    study model's on its slice or its scan outputs, which its threshold_method names."""
+    study = predictor.bundle.config.get("study_model") or {}
+    if predictor.backend.has_study and "thresholds" in study:
+        method = str(study.get("threshold_method", ""))
+        return (
+            "scans" if method.endswith("scans") else "slices" if method.endswith("slices") else None
+        )
+    method = str(predictor.bundle.config.get("threshold_method", ""))
+    return None if not method or method.startswith("default") else "slices"
+
+
+def operating_point_note(level: str, chosen_on: str | None, scan_score: str) -> str:
+    """What the sensitivity and specificity of ``level`` are: the tuned operating point, or
+    a threshold tuned on other probabilities applied to these ones."""
+    if chosen_on is None:
+        return (
+            "the thresholds were not tuned on validation data (or the bundle does not say how "
+            "they were chosen): this is not a tuned operating point"
+        )
+    if chosen_on == f"{level}s":
+        return (
+            f"thresholds chosen on {level} probabilities: the operating point tuned for this level"
+        )
+    if level == "scan" and scan_score == "max over slices":
+        return (
+            "thresholds chosen on slice probabilities, applied here to the scan score, the "
+            "maximum over the scan's slices; that maximum sits above a single slice's score, so "
+            "scan specificity here is lower (and sensitivity higher) than at a threshold chosen "
+            "on scans. This is the rule predict applies, not a tuned scan-level operating point"
+        )
+    return (
+        f"thresholds chosen on {chosen_on[:-1]} probabilities, applied here to {level} "
+        f"probabilities: the rule predict applies, not a tuned {level}-level operating point"
+    )
+
+
+def _refuse_non_finite(
+    slice_p: np.ndarray, scan_p: np.ndarray, scan_of: np.ndarray, model_dir: str | Path
+) -> None:
+    """One line, before any figure, when the model gave NaN or infinite probabilities (a
+    diverged training run does): every metric would fail or quietly miscount them."""
+    bad_slices = ~np.isfinite(slice_p).all(axis=1)
+    bad_scans = ~np.isfinite(scan_p).all(axis=1)
+    bad_scans[np.unique(scan_of[bad_slices])] = True
+    if bad_scans.any():
+        raise EvaluateError(
+            model_dir,
+            f"the model gave NaN or infinite probabilities for {int(bad_slices.sum())} of "
+            f"{bad_slices.size} slices ({int(bad_scans.sum())} of {bad_scans.size} scans); "
+            "no figures computed (a model whose training diverged does this)",
+        )
 
 
 def _refuse_images_if_hu(kinds: Any, spec: InputSpec, data: Path) -> None:
@@ -361,25 +513,51 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return html.escape(str(value))
 
 
+def _with_ci(m: dict[str, Any], key: str) -> str:
+    lo, hi = m[f"{key}_ci95"]
+    if lo is None:
+        return _fmt(m[key])
+    return f"{_fmt(m[key])} ({_fmt(lo)}–{_fmt(hi)})"
+
+
 def _table(level: dict[str, Any]) -> str:
     head = (
         "<tr><th>label</th><th>n</th><th>positives</th><th>AUC</th><th>95% CI</th>"
-        "<th>threshold</th><th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th>"
-        "<th>accuracy</th><th>TN / FP / FN / TP</th></tr>"
+        "<th>threshold</th><th>sensitivity (95% CI)</th><th>specificity (95% CI)</th>"
+        "<th>PPV (95% CI)</th><th>NPV (95% CI)</th><th>accuracy</th>"
+        "<th>TN / FP / FN / TP</th></tr>"
     )
     rows = []
     for name, m in level["labels"].items():
         lo, hi = m["auc_ci95"]
+        mark = " †" if m["auc_ci_note"] else ""
         (tn, fp), (fn, tp) = m["confusion_matrix"]["matrix"]
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td>{m['n']}</td><td>{m['positives']}</td>"
-            f"<td>{_fmt(m['auc'])}</td><td>{_fmt(lo)} – {_fmt(hi)}</td>"
-            f"<td>{_fmt(m['threshold'])}</td><td>{_fmt(m['sensitivity'])}</td>"
-            f"<td>{_fmt(m['specificity'])}</td><td>{_fmt(m['ppv'])}</td>"
-            f"<td>{_fmt(m['npv'])}</td><td>{_fmt(m['accuracy'])}</td>"
-            f"<td>{tn} / {fp} / {fn} / {tp}</td></tr>"
+            f"<td>{_fmt(m['auc'])}</td><td>{_fmt(lo)} – {_fmt(hi)}{mark}</td>"
+            f"<td>{_fmt(m['threshold'])}</td>"
+            + "".join(
+                f"<td>{_with_ci(m, k)}</td>" for k in ("sensitivity", "specificity", "ppv", "npv")
+            )
+            + f"<td>{_fmt(m['accuracy'])}</td><td>{tn} / {fp} / {fn} / {tp}</td></tr>"
         )
-    return f"<table>{head}{''.join(rows)}</table>"
+    notes = "".join(
+        f"<li>† {html.escape(name)}: {html.escape(m['auc_ci_note'])}</li>"
+        for name, m in level["labels"].items()
+        if m["auc_ci_note"]
+    )
+    return f"<table>{head}{''.join(rows)}</table>" + (f"<ul>{notes}</ul>" if notes else "")
+
+
+def mean_auc_text(level: dict[str, Any]) -> str:
+    """The mean AUC with the labels it averages, e.g. "mean AUC 0.712 over 5 of 6 label(s)
+    (subdural: ...)": they differ from one dataset to the next, so the figure says which."""
+    used, every = level["mean_auc_labels"], list(level["labels"])
+    text = f"mean AUC {_fmt(level['mean_auc'])} over {len(used)} of {len(every)} label(s)"
+    left = [name for name in every if name not in used]
+    if left:
+        text += f" ({html.escape(', '.join(left))}: a class missing, AUC undefined)"
+    return text
 
 
 _STYLE = (
@@ -405,17 +583,26 @@ def _html(metrics: dict[str, Any], plots: dict[str, dict[str, Path]], out_dir: P
         )
         sections.append(
             f"<h2>{level.capitalize()} level ({m['n']} {level}s)</h2>"
-            f"<p>Weighted log loss {_fmt(m['weighted_log_loss'], 4)}; mean AUC "
-            f"{_fmt(m['mean_auc'])}.</p>{_table(m)}{images}"
+            f"<p>Weighted log loss {_fmt(m['weighted_log_loss'], 4)}; {mean_auc_text(m)}.</p>"
+            f"<p{'' if m['operating_point_tuned'] else ' class=warn'}>Operating point: "
+            f"{html.escape(m['operating_point_note'])}.</p>"
+            f"<p>{html.escape(m['ci_method'])}.</p>{_table(m)}{images}"
         )
     model = metrics["model"]
+    synthetic = (
+        "<p class='warn'><b>The evaluation data are SYNTHETIC phantoms</b> written by "
+        "ichscan for tests and demos: these figures say nothing about real scans.</p>"
+        if d["synthetic"]
+        else ""
+    )
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ichscan evaluation</title>"
         f"<style>{_STYLE}</style></head><body><h1>ichscan evaluation</h1>"
         f"<p class='warn'><b>{html.escape(RESEARCH_NOTE)}.</b> These figures describe this "
         "model on this data only; do not use it for diagnosis or patient care.</p>"
-        "<h2>What this rests on</h2><ul>"
-        f"<li>data: <code>{html.escape(d['source'])}</code> ({html.escape(d['layout'])}, "
+        f"{synthetic}<h2>What this rests on</h2><ul>"
+        f"<li>data: {'<b>SYNTHETIC phantoms</b> at ' if d['synthetic'] else ''}"
+        f"<code>{html.escape(d['source'])}</code> ({html.escape(d['layout'])}, "
         f"labels per {html.escape(str(d['label_level']))})</li>"
         f"<li>{metrics['slice']['n']} slices in {metrics['scan']['n']} scans"
         f" ({d['unreadable_slices']} unreadable slice(s) left out)</li>"
@@ -424,9 +611,10 @@ def _html(metrics: dict[str, Any], plots: dict[str, dict[str, Path]], out_dir: P
         f"{model['members']} member(s), "
         f"scan level by {html.escape(model['scan_level'])}, TTA {model['tta']})</li>"
         f"<li>model trained on: {html.escape(model['trained_on'])}</li>"
-        f"<li>thresholds: {html.escape(model['threshold_method'])}</li>"
+        f"<li>thresholds: {html.escape(model['threshold_method'] or 'not recorded')}; chosen "
+        f"on {html.escape(model['thresholds_chosen_on'] or 'nothing recorded')}"
+        f"; scan score: {html.escape(model['scan_level'])}</li>"
         f"<li>weighted log loss: {html.escape(LOG_LOSS_DEFINITION)}</li>"
-        f"<li>95% CIs: percentile bootstrap over {metrics['bootstrap']} resamples of cases</li>"
         f"<li>created {html.escape(metrics['created'])}</li></ul>"
         f"{''.join(sections)}</body></html>"
     )
@@ -484,6 +672,10 @@ def run_evaluate(
         raise EvaluateError(data, "no readable slice to evaluate")
 
     read = np.flatnonzero(cache.ok)
+    scan_of = np.full(n_rows, -1)
+    for k, (_, rows) in enumerate(groups):
+        scan_of[rows] = k
+    _refuse_non_finite(slice_p[read], np.stack(scan_p), scan_of[read], model_dir)
     weights = predictor.bundle.label_set.weights
     if len(weights) != len(labels):
         weights = (1.0,) * len(labels)
@@ -491,27 +683,40 @@ def run_evaluate(
     s_y, s_p = y_all[read], slice_p[read]
     c_y, c_p = np.stack(scan_y), np.stack(scan_p)
     common = {"n_bootstrap": n_bootstrap}
+    scan_score = "study model" if predictor.backend.has_study else "max over slices"
+    chosen_on = _thresholds_chosen_on(predictor)
     metrics: dict[str, Any] = {
         "research_use_only": RESEARCH_NOTE,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "data": {**facts, "slices": n_rows, "unreadable_slices": int(n_rows - read.size)},
+        "data": {
+            **facts,
+            "evaluated_on": f"{'SYNTHETIC phantoms' if facts['synthetic'] else 'data'} at {data}",
+            "slices": n_rows,
+            "unreadable_slices": int(n_rows - read.size),
+        },
         "model": {
             "path": str(Path(model_dir)),
             "architecture": str(predictor.bundle.config.get("architecture")),
             "label_set": str(predictor.bundle.config.get("label_set")),
             "members": len(predictor.bundle.config.get("members", [])),
-            "scan_level": "study model" if predictor.backend.has_study else "max over slices",
+            "scan_level": scan_score,
             "tta": "horizontal flip" if predictor.backend.tta else "none",
             "threshold_method": _threshold_method(predictor),
+            "thresholds_chosen_on": chosen_on,
             "trained_on": trained_on(predictor.bundle.config),
         },
         "labels": labels,
         "thresholds": dict(zip(labels, thresholds, strict=True)),
         "weighted_log_loss_definition": LOG_LOSS_DEFINITION,
         "bootstrap": n_bootstrap,
-        "slice": level_metrics(s_y, s_p, labels, weights, thresholds, **common),
+        "slice": level_metrics(
+            s_y, s_p, labels, weights, thresholds, clusters=scan_of[read], **common
+        ),
         "scan": level_metrics(c_y, c_p, labels, weights, thresholds, **common),
     }
+    for level in ("slice", "scan"):
+        metrics[level]["operating_point_note"] = operating_point_note(level, chosen_on, scan_score)
+        metrics[level]["operating_point_tuned"] = chosen_on == f"{level}s"
     metrics["slice"]["n_scans"] = len(scan_ids)
     metrics["scan"]["n_slices"] = int(read.size)
     metrics = _clean(metrics)
@@ -540,9 +745,17 @@ def run_evaluate(
     )
     figures: dict[str, dict[str, Path]] = {"slice": {}, "scan": {}}
     if plots:
+        rests_on = (
+            f"{data.name}{' (SYNTHETIC phantoms)' if facts['synthetic'] else ''}; "
+            f"model {Path(model_dir).name}"
+        )
         figures = {
-            "slice": plot_all("slice", labels, s_y, s_p, thresholds, out_dir / "plots"),
-            "scan": plot_all("scan", labels, c_y, c_p, thresholds, out_dir / "plots"),
+            "slice": plot_all(
+                "slice", labels, s_y, s_p, thresholds, out_dir / "plots", rests_on=rests_on
+            ),
+            "scan": plot_all(
+                "scan", labels, c_y, c_p, thresholds, out_dir / "plots", rests_on=rests_on
+            ),
         }
     metrics["plots"] = {
         level: {k: p.relative_to(out_dir).as_posix() for k, p in paths.items()}
