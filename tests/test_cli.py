@@ -431,6 +431,30 @@ def test_train_head_reader_flags(flag: list[str], head_reader: bool | None) -> N
     assert args.head_reader is head_reader
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "DATA", "--out", "M", "--accumulate", "0"],
+        ["train", "DATA", "--out", "M", "--batch-size", "0"],
+        ["train", "DATA", "--out", "M", "--epochs", "0"],
+        ["train", "DATA", "--out", "M", "--epochs", "-2"],
+        ["train", "DATA", "--out", "M", "--size", "0"],
+        ["train-study", "MODEL", "--epochs", "0"],
+        ["train-study", "MODEL", "--hidden", "0"],
+    ],
+)
+def test_train_counts_must_be_positive(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """--accumulate 0 and --batch-size 0 crashed with a traceback, --epochs 0 wrote an
+    untrained bundle: the parser refuses each, naming the option."""
+    from ichscan.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {argv[-2]}" in error and "not a positive count" in error
+
+
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A tiny model trained through the CLI on a synthetic DICOM cohort (seconds)."""
@@ -530,10 +554,13 @@ def test_cli_export_and_onnx_predict(cli_model: tuple[Path, Path], tmp_path: Pat
     assert json.loads(named.read_text())["scans"] == json.loads(out.read_text())["scans"]
 
 
-def test_cli_explain(cli_model: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cli_explain(
+    cli_model: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data, model = cli_model
     series = sorted(p for p in data.iterdir() if p.is_dir())[0]
     assert main(["explain", str(series), "--model", str(model), "--out", str(tmp_path / "x")]) == 0
+    assert "model trained on SYNTHETIC phantoms" in capsys.readouterr().err  # as predict says
     assert (tmp_path / "x" / "montage.png").exists()
     assert (tmp_path / "x" / "heatmaps.npy").exists()
 

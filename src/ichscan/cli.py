@@ -432,6 +432,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     )
     for warning in result.warnings:
         print(f"warning: {_shown(warning)}", file=sys.stderr)
+    print(result.trained_on_line, file=sys.stderr)
     print(
         f"wrote overlays, montage and heatmaps under {args.out} (label {result.label}; "
         f"maps: {result.method})"
@@ -661,14 +662,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=["rsna", "cq500", "binary"])
     p.add_argument("--input", choices=["windows", "2.5d"], default="windows")
     p.add_argument("--windows", default="brain,subdural,bone")
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=12)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--size", type=_count, default=256)
+    p.add_argument("--epochs", type=_count, default=12)
+    p.add_argument("--batch-size", type=_count, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backbone-lr-mult", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default="cosine")
-    p.add_argument("--accumulate", type=int, default=1, help="gradient accumulation steps")
+    p.add_argument("--accumulate", type=_count, default=1, help="gradient accumulation steps")
     p.add_argument("--fold", type=int, default=0, help="validation fold")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -744,8 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder from ichscan train")
     p.add_argument("--data", help="prepared cache (default: the model's own cache)")
     p.add_argument("--kind", choices=["gru", "conv"], default="gru")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--hidden", type=_count, default=128)
+    p.add_argument("--epochs", type=_count, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -172,3 +172,55 @@ def test_lite0_imagenet_weights_are_really_trained() -> None:
     print(f"RSNA PNG 5-fold AUC: ImageNet lite0 {trained:.3f}, random {random_init:.3f}")
     assert trained > 0.75
     assert trained > random_init + 0.1
+
+
+@pytest.mark.parametrize("kind", ["text", "checkpoint"])
+def test_a_file_that_is_not_weights_is_one_line_without_unsafe_advice(
+    tmp_path: Path, kind: str
+) -> None:
+    """A text file, or an ichscan checkpoint (it holds numpy random state, which a safe load
+    refuses): one line, never PyTorch's advice to load with weights_only=False, and the
+    weights file to use instead."""
+    path = tmp_path / "weights.pt"
+    if kind == "text":
+        path.write_text("# not weights\n")
+    else:
+        torch.save({"model": {}, "rng_numpy": np.random.get_state()}, path)
+    with pytest.raises(WeightsUnavailable) as err:
+        build_backbone("resnet18", str(path))
+    message = str(err.value)
+    assert "\n" not in message and "weights_only" not in message
+    assert "not a PyTorch file of weights" in message and "checkpoints/best.pt" in message
+
+
+def test_a_training_runs_best_weights_load_as_pretrained(tmp_path: Path) -> None:
+    """What the refusal above points to: a run's checkpoints/best.pt starts another run."""
+    trained = SliceModel("resnet18", 6, pretrained="none")
+    path = tmp_path / "best.pt"
+    torch.save(trained.state_dict(), path)
+    model, _, _ = build_backbone("resnet18", str(path))
+    torch.testing.assert_close(model.conv1.weight, trained.backbone.conv1.weight)
+
+
+def test_imagenet_weights_offline_and_uncached_never_start_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without ICHSCAN_OFFLINE, an unreachable host is found out before torch prints
+    'Downloading ...': the run says only that the weights are not there and what to do."""
+    import socket
+
+    import torchvision.models._api as api
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.delenv("ICHSCAN_OFFLINE", raising=False)
+
+    def unreachable(*_: object, **__: object) -> None:
+        raise OSError("Temporary failure in name resolution")
+
+    downloads: list[str] = []
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(api, "load_state_dict_from_url", lambda url, **_: downloads.append(url))
+    with pytest.raises(WeightsUnavailable, match="cannot be downloaded"):
+        build_backbone("resnet18", "imagenet")
+    assert downloads == []
+    assert "Downloading" not in capsys.readouterr().err

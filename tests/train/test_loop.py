@@ -209,7 +209,7 @@ def test_resume_with_another_architecture_is_refused(
 ) -> None:
     out = tmp_path / "model"
     train(TrainConfig(data=str(png_set), out=str(out), **FAST))
-    with pytest.raises(TrainingError, match="different architecture"):
+    with pytest.raises(TrainingError, match="--arch resnet18 in the checkpoint, alexnet now"):
         train(
             TrainConfig(
                 data=str(png_set), out=str(out), resume=True, **{**FAST, "architecture": "alexnet"}
@@ -303,16 +303,43 @@ def test_no_space_for_checkpoints(
         train(TrainConfig(data=str(png_set), out=str(tmp_path / "m"), **FAST))
 
 
-def torchrun_two_ranks(png_set: Path, tmp_path: Path, env: dict[str, str]) -> list[str]:
-    """`torchrun --nproc_per_node 2` of one short epoch; each rank's final weights digest."""
+# Rank 1's clock runs an hour ahead once training has started: past --max-minutes 30 after
+# its first epoch, while rank 0's is not.
+RANK1_CLOCK_AHEAD = """
+import time
+import ichscan.train.loop as loop
+if os.environ["RANK"] == "1":
+    class Ahead:
+        calls = 0
+
+        @staticmethod
+        def monotonic():
+            Ahead.calls += 1
+            return time.monotonic() + (3600 if Ahead.calls > 1 else 0)
+
+    loop.time = Ahead
+"""
+
+
+def torchrun_two_ranks(
+    png_set: Path,
+    tmp_path: Path,
+    env: dict[str, str],
+    setup: str = "",
+    options: dict[str, object] | None = None,
+) -> list[str]:
+    """`torchrun --nproc_per_node 2` of one short epoch (``options``: more TrainConfig
+    arguments; ``setup``: code each rank runs first); each rank's final weights digest."""
     script = tmp_path / "run.py"
     out = tmp_path / "ddp_model"
     script.write_text(
-        "import json, os\n"
+        "import dataclasses, json, os\n"
         "from ichscan.train.loop import TrainConfig, train\n"
+        f"{setup}\n"
         f"cfg = TrainConfig(data={str(png_set)!r}, out={str(out)!r}, architecture='resnet18',"
         " pretrained='none', size=32, batch_size=4, epochs=1, folds=3, workers=0,"
         " progress=False, tensorboard=False)\n"
+        f"cfg = dataclasses.replace(cfg, **{options or {}!r})\n"
         "s = train(cfg)\n"
         f"open(os.path.join({str(tmp_path)!r}, f\"rank{{s['rank']}}.json\"), 'w')"
         ".write(json.dumps(s['final_weights_sha256']))\n"
@@ -330,7 +357,7 @@ def torchrun_two_ranks(png_set: Path, tmp_path: Path, env: dict[str, str]) -> li
         ],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=300,
         env={**os.environ, **env},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -339,12 +366,19 @@ def torchrun_two_ranks(png_set: Path, tmp_path: Path, env: dict[str, str]) -> li
 
 
 def test_ddp_two_cpu_processes_agree_on_weights(png_set: Path, tmp_path: Path) -> None:
-    """The same command under torchrun: 2 gloo ranks, one short epoch, identical weights."""
+    """The same command under torchrun: 2 gloo ranks, short epochs, identical weights; and
+    --max-minutes decided by rank 0's clock, so a rank whose clock is past the limit goes
+    on with the others instead of leaving them waiting in an all-reduce."""
     # CPU processes even on a GPU machine: two NCCL ranks cannot share one GPU.
     sums = torchrun_two_ranks(
-        png_set, tmp_path, {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        png_set,
+        tmp_path,
+        {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
+        setup=RANK1_CLOCK_AHEAD,
+        options={"epochs": 2, "max_minutes": 30},
     )
     assert sums[0] == sums[1]
+    assert list(pd.read_csv(tmp_path / "ddp_model" / "train_log.csv")["epoch"]) == [0, 1]
 
 
 @pytest.mark.gpu
@@ -473,3 +507,256 @@ def test_cross_validation_pools_out_of_fold_predictions(png_set: Path, tmp_path:
     assert len(set(cv["image_id"].tolist())) == 18
     assert len(cv["minutes"]) == 3
     assert cv["recipes"] == {"finetune"}
+
+
+def test_resume_after_a_crash_equals_the_uninterrupted_run(
+    png_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after its first epoch and resumed, a run ends with the weights, bit for bit,
+    of the same run never interrupted: the shuffle order, augmentation and dropout go on
+    from where they were."""
+    import ichscan.train.loop as loop
+
+    # On the CPU: cuDNN's convolution gradients need not be reproducible bit for bit.
+    config = {**FAST, "epochs": 3, "seed": 7, "device": "cpu"}
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    train(TrainConfig(data=str(png_set), out=str(whole), **config))
+
+    class Killed(Exception):
+        pass
+
+    save = loop._save_checkpoint
+
+    def save_then_die(path, model, optimizer, scheduler, scaler, epoch, *rest):
+        save(path, model, optimizer, scheduler, scaler, epoch, *rest)
+        if epoch == 0:
+            raise Killed
+
+    monkeypatch.setattr(loop, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(TrainConfig(data=str(png_set), out=str(crashed), **config))
+    monkeypatch.undo()
+    train(TrainConfig(data=str(png_set), out=str(crashed), resume=True, **config))
+
+    def final(out: Path) -> dict[str, torch.Tensor]:
+        path = out / "checkpoints" / "last.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+    a, b = final(whole), final(crashed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    logs = [pd.read_csv(out / "train_log.csv") for out in (whole, crashed)]
+    np.testing.assert_array_equal(logs[0]["train_loss"], logs[1]["train_loss"])
+
+
+def test_resume_refuses_other_training_settings_before_the_data(
+    png_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed run that would train otherwise than its checkpoint (another mode, schedule,
+    learning rate, seed, batch, data...) is refused in one line naming each setting and what
+    the checkpoint has, before any data are prepared; a longer cosine run is allowed."""
+    import ichscan.train.loop as loop
+
+    out = tmp_path / "model"
+    base = {**FAST, "epochs": 1, "seed": 7}
+    train(TrainConfig(data=str(png_set), out=str(out), **base))
+
+    def prepared(*_: object, **__: object) -> None:
+        raise AssertionError("the data were prepared before the resume was checked")
+
+    monkeypatch.setattr(loop, "resolve_training_data", prepared)
+    other = tmp_path / "other"
+    other.mkdir()
+    cases = [
+        ({"train_mode": "head"}, ["--train all in the checkpoint, head now"]),
+        ({"schedule": "onecycle"}, ["--schedule cosine in the checkpoint, onecycle now"]),
+        (
+            {"seed": 99, "lr": 0.1, "batch_size": 16},
+            [
+                "--batch-size 8 in the checkpoint, 16 now",
+                "--lr 0.001 in the checkpoint, 0.1 now",
+                "--seed 7 in the checkpoint, 99 now",
+            ],
+        ),
+        ({"augment": AugmentSpec.off()}, ["--no-augment on in the checkpoint, off"]),
+        ({"data": str(other)}, [f"DATA {png_set.resolve()} in the checkpoint, {other.resolve()}"]),
+    ]
+    for change, named in cases:
+        config = {**base, "data": str(png_set), **change}
+        with pytest.raises(TrainingError) as err:
+            train(TrainConfig(out=str(out), resume=True, **config))
+        message = str(err.value)
+        assert "\n" not in message
+        for part in named:
+            assert part in message, message
+    monkeypatch.undo()
+    onecycle = tmp_path / "onecycle"
+    train(TrainConfig(data=str(png_set), out=str(onecycle), schedule="onecycle", **base))
+    with pytest.raises(TrainingError, match="one-cycle schedule cannot be stretched"):
+        train(
+            TrainConfig(
+                data=str(png_set),
+                out=str(onecycle),
+                schedule="onecycle",
+                resume=True,
+                **{**base, "epochs": 2},
+            )
+        )
+
+
+def test_resume_without_a_checkpoint_is_refused_before_the_data(
+    png_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ichscan.train.loop as loop
+
+    def prepared(*_: object, **__: object) -> None:
+        raise AssertionError("the data were prepared before the resume was checked")
+
+    monkeypatch.setattr(loop, "resolve_training_data", prepared)
+    with pytest.raises(TrainingError, match="no checkpoint to resume from"):
+        train(TrainConfig(data=str(png_set), out=str(tmp_path / "m"), resume=True, **FAST))
+
+
+@pytest.mark.parametrize("name", ["epochs", "batch_size", "accumulate"])
+def test_counts_below_one_are_refused_before_any_work(
+    png_set: Path, tmp_path: Path, name: str
+) -> None:
+    """--epochs 0 would write an untrained bundle; --accumulate 0 and --batch-size 0 crash."""
+    with pytest.raises(TrainingError, match="must be a whole number of 1 or more, not 0"):
+        train(TrainConfig(data=str(png_set), out=str(tmp_path / "m"), **{**FAST, name: 0}))
+    assert not (tmp_path / "m").exists()
+
+
+def test_the_disk_check_counts_what_the_checkpoints_take(
+    png_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """best.pt, last.pt (weights and AdamW's moments) and last.pt's temporary copy must fit:
+    with a little less room than that, the run is refused before its first epoch."""
+    import shutil
+    from collections import namedtuple
+
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(png_set), out=str(out), **{**FAST, "epochs": 1}))
+    ckpt = out / "checkpoints"
+    peak = (ckpt / "best.pt").stat().st_size + 2 * (ckpt / "last.pt").stat().st_size
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10**12, 0, int(peak * 0.95)))
+    with pytest.raises(TrainingError, match="free for checkpoints"):
+        train(TrainConfig(data=str(out / "cache"), out=str(tmp_path / "b"), **FAST))
+
+
+def test_a_failed_checkpoint_save_is_one_line_and_leaves_no_partial_file(
+    png_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills up during a save reaches torch's zip writer as a RuntimeError."""
+
+    def full_disk(obj: object, path: Path) -> None:
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 105938624 vs "
+            "105938512\nframe #0: c10::ThrowEnforceNotMet"
+        )
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "m"
+    with pytest.raises(IchscanError, match=r"cannot write weights.*free some disk") as err:
+        train(TrainConfig(data=str(png_set), out=str(out), **FAST))
+    assert "\n" not in str(err.value)
+    assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_a_cache_split_or_sized_otherwise_is_refused(png_set: Path, tmp_path: Path) -> None:
+    """The cache's folds and size are what a run trains on: another --folds or --size would
+    be recorded in the bundle without being true."""
+    from ichscan.cli import main
+    from ichscan.train.data import DataError
+
+    cache = tmp_path / "cache"
+    args = ["prepare", str(png_set), "--out", str(cache), "--size", "32", "--folds", "3"]
+    assert main([*args, "--workers", "1"]) == 0
+    config = {**FAST, "data": str(cache)}
+    with pytest.raises(DataError, match=r"split into 3 folds .* not --folds 5: pass --folds 3"):
+        train(TrainConfig(out=str(tmp_path / "a"), **{**config, "folds": 5}))
+    with pytest.raises(DataError, match="split into 3 folds"):
+        train(TrainConfig(out=str(tmp_path / "b"), **{**config, "folds": 20, "fold": 15}))
+    with pytest.raises(DataError, match="holds 32 px slices, not --size 48: pass --size 32"):
+        train(TrainConfig(out=str(tmp_path / "c"), **{**config, "size": 48}))
+
+
+def test_a_short_last_accumulation_group_is_averaged_over_what_it_holds() -> None:
+    """Batches of 8 accumulated by 2 over 40 samples are the steps 16, 16 and 8 of batches of
+    16: the last step's gradient is its one batch's, not half of it."""
+    import math
+
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ichscan.train.loop import _train_epoch, config_from_kwargs
+
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 5), (torch.rand(40, 2) > 0.5).float()
+
+    def weights_after(batch_size: int, accumulate: int) -> torch.Tensor:
+        torch.manual_seed(1)
+        model = nn.Linear(5, 2)
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        config = config_from_kwargs(accumulate=accumulate, progress=False)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        args = (torch.ones(2), None, config, torch.device("cpu"), False, 0, False)
+        _train_epoch(model, loader, optimizer, schedule, scaler, *args)
+        assert schedule.last_epoch == math.ceil(len(loader) / accumulate)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    torch.testing.assert_close(weights_after(8, 2), weights_after(16, 1), rtol=0, atol=1e-6)
+
+
+def test_cross_validation_scores_what_predict_does(png_set: Path, tmp_path: Path) -> None:
+    """A fine-tuned bundle names no flip: cross-validation's probabilities are those the
+    thresholds were chosen on and predict computes, not flip-averaged ones."""
+    from ichscan.data.cache import PreparedCache
+    from ichscan.train.cv import bundle_probabilities
+    from ichscan.train.dataset import SliceDataset
+    from ichscan.train.loop import predict_rows
+
+    out = tmp_path / "model"
+    train(TrainConfig(data=str(png_set), out=str(out), **{**FAST, "epochs": 1}))
+    bundle, cache = load_bundle(out), PreparedCache(out / "cache")
+    assert "hflip" not in bundle.input["tta"]
+    rows = np.flatnonzero(cache.index["fold"].to_numpy() == 0)
+    cpu = torch.device("cpu")
+    unflipped = predict_rows(bundle.members[0], SliceDataset(cache, rows), cpu, 32)
+    np.testing.assert_allclose(bundle_probabilities(out, cache, rows, cpu), unflipped, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["gru", "conv"])
+def test_study_validation_outputs_do_not_depend_on_the_other_scans(kind: str) -> None:
+    """The study model's validation outputs (its thresholds are chosen on them) are what
+    predict computes for each scan alone, whatever the lengths of the scans beside it."""
+    from ichscan.models.study import StudyModel
+    from ichscan.train.study import _outputs
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 8)).astype(np.float16)
+    labels = (rng.random((40, 2)) > 0.5).astype(np.float32)
+    groups = [np.arange(0, 5), np.arange(5, 17), np.arange(17, 20), np.arange(20, 32)]
+    model = StudyModel(8, 2, kind=kind, hidden=16).eval()
+    slice_p, _, scan_p, _ = _outputs(model, groups, emb, labels, torch.device("cpu"))
+    with torch.no_grad():
+        alone = [model(torch.from_numpy(emb[g].astype(np.float32))[None]) for g in groups]
+    expected_slices = np.concatenate([torch.sigmoid(s[0]).numpy() for s, _ in alone])
+    expected_scans = np.stack([torch.sigmoid(c[0]).numpy() for _, c in alone])
+    np.testing.assert_allclose(slice_p, expected_slices, atol=1e-6)
+    np.testing.assert_allclose(scan_p, expected_scans, atol=1e-6)
+
+
+def test_study_training_batches_hold_scans_of_one_length() -> None:
+    """The study model trains without padding too: every scan once per epoch, in batches of
+    scans of one length."""
+    from ichscan.train.study import length_batches
+
+    groups = [np.arange(n) for n in (5, 12, 5, 3, 12, 5, 5, 7)]
+    batches = length_batches(groups, 2, np.random.default_rng(0))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(groups)))
+    assert all(len({len(groups[i]) for i in b}) == 1 and len(b) <= 2 for b in batches)

@@ -143,7 +143,10 @@ def _torchvision_imagenet_state(spec: BackboneSpec) -> dict[str, torch.Tensor]:
 
     weights = getattr(torchvision.models, spec.weights_enum).DEFAULT  # type: ignore[arg-type]
     cached = Path(get_dir()) / "checkpoints" / Path(weights.url).name
-    if not cached.exists() and os.environ.get("ICHSCAN_OFFLINE", "") not in ("", "0"):
+    offline = os.environ.get("ICHSCAN_OFFLINE", "") not in ("", "0")
+    # torch announces "Downloading ..." before it tries: an unreachable host is found out
+    # first, so an offline run says only what to do.
+    if not cached.exists() and (offline or not _reachable(weights.url)):
         raise WeightsUnavailable(None, _offline_message(spec, cached))
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # an unreachable host must not hang the run for minutes
@@ -157,6 +160,20 @@ def _torchvision_imagenet_state(spec: BackboneSpec) -> dict[str, torch.Tensor]:
         raise WeightsUnavailable(None, _offline_message(spec, cached)) from None
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether the host serving ``url`` answers on its port (a name that does not resolve,
+    a refused or silent connection: no)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _offline_message(spec: BackboneSpec, cached: Path) -> str:
@@ -173,8 +190,14 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsUnavailable(path, "weights file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsUnavailable(path, f"not a readable PyTorch weights file ({exc})") from None
+    except Exception:
+        # PyTorch's own message runs to several lines and suggests weights_only=False,
+        # which would run whatever code the file holds: not advice to pass on.
+        raise WeightsUnavailable(
+            path,
+            "not a PyTorch file of weights (a state dict) that loads safely; an ichscan "
+            "training run's weights are its checkpoints/best.pt",
+        ) from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

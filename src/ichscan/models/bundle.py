@@ -226,9 +226,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     try:
         torch.save(obj, tmp)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        # A full disk reaches torch's zip writer as a RuntimeError ("unexpected pos ...").
         tmp.unlink(missing_ok=True)
-        raise BundleError(path, f"cannot write weights ({exc}); free some disk") from None
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise BundleError(path, f"cannot write weights ({lines[0]}); free some disk") from None
     tmp.replace(path)
 
 

@@ -21,12 +21,16 @@ def bundle_probabilities(
     model_dir: str | Path, cache: PreparedCache, rows: np.ndarray, device: torch.device
 ) -> np.ndarray:
     """[N, L] probabilities of cache rows by a bundle, computed by the predictor's own
-    backend (members averaged, flip TTA): cross-validation scores what `predict` does."""
+    backend (members averaged) with the views the bundle names (`input.tta`; a fine-tuned
+    bundle names none, so no flip): cross-validation scores what `predict` does, and what
+    the bundle's thresholds were chosen on."""
     from ichscan.infer.predictor import TorchBackend
 
     bundle = load_bundle(model_dir, device)
     dataset = SliceDataset(cache, rows, input_kind=bundle.input["kind"])
-    backend = TorchBackend(bundle, device, 32, tta=True)
+    # The rule Predictor follows when no --tta is given.
+    tta = "hflip" in bundle.input.get("tta", [])
+    backend = TorchBackend(bundle, device, 32, tta=tta)
     out = []
     for start in range(0, len(dataset), 32):
         x = np.stack([dataset[i][0].numpy() for i in range(start, min(len(dataset), start + 32))])

@@ -43,9 +43,15 @@ class TrainingData:
         folds = cache.index["fold"].to_numpy()
         if (folds < 0).all():
             folds = _assign(cache.index, self.label_set, self.folds, self.seed)["fold"].to_numpy()
-        if folds.max() >= self.folds:
+        split = int(folds.max()) + 1
+        if split != self.folds:
+            # The split is the cache's: training on it under another --folds would record
+            # a split that never was (and leave --fold pointing at an empty fold).
             raise DataError(
-                self.cache_root, f"cache has folds 0..{folds.max()}, but --folds is {self.folds}"
+                self.cache_root,
+                f"this cache was split into {split} folds when it was prepared, not --folds "
+                f"{self.folds}: pass --folds {split} (--fold 0..{split - 1}), or prepare it "
+                f"again with --folds {self.folds}",
             )
         # fold -2: rows from --extra-train datasets, used for training only, never validated.
         usable = cache.ok & ~cache.index["holdout"].to_numpy(bool) & ((folds >= 0) | (folds == -2))
@@ -151,6 +157,14 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
             )
         _check_head_reader(config, recipe, data)
         _check_crop(config, recipe, data)
+        if recipe == "finetune" and cache.size != config.size:
+            # The cache's slices are what the network sees; another --size would be
+            # recorded in the run's settings without being true.
+            raise DataError(
+                data,
+                f"this cache holds {cache.size} px slices, not --size {config.size}: pass "
+                f"--size {cache.size}, or prepare it again with --size {config.size}",
+            )
         if config.crop is not None and recipe == "finetune" and cache.crop != config.crop:
             raise DataError(
                 data,

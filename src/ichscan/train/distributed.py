@@ -55,6 +55,23 @@ class DistContext:
             for buffer in model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
 
+    def agree(self, decision: int) -> int:
+        """Rank 0's decision, on every rank: a choice made from each rank's own clock could
+        send one rank out of the training loop while the others wait for it."""
+        if not self.distributed:
+            return decision
+        flag = torch.tensor([decision], dtype=torch.int64, device=self.device)
+        torch.distributed.broadcast(flag, src=0)
+        return int(flag.item())
+
+    def gather(self, obj: object) -> list[object]:
+        """``obj`` of every rank, in rank order (a list of one without torchrun)."""
+        if not self.distributed:
+            return [obj]
+        out: list[object] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def barrier(self) -> None:
         if self.distributed:
             torch.distributed.barrier()

@@ -37,7 +37,7 @@ from ichscan.models.bundle import atomic_torch_save, input_spec, new_config, sav
 from ichscan.models.slice_model import SliceModel
 from ichscan.train import distributed as dist_utils
 from ichscan.train.augment import AugmentSpec, build_augment
-from ichscan.train.data import resolve_training_data
+from ichscan.train.data import FINETUNE_ONLY, resolve_training_data
 from ichscan.train.dataset import SliceDataset
 
 RECIPES = ("auto", "small-set", "finetune")
@@ -105,6 +105,17 @@ class TrainConfig:
 
     def check(self) -> None:
         get_spec(self.architecture)
+        for name, flag in (
+            ("epochs", "--epochs"),
+            ("batch_size", "--batch-size"),
+            ("accumulate", "--accumulate"),
+            ("size", "--size"),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise TrainingError(
+                    None, f"{flag} must be a whole number of 1 or more, not {value!r}"
+                )
         if self.train_mode not in ("head", "all"):
             raise TrainingError(None, f"--train must be 'head' or 'all', not {self.train_mode!r}")
         if self.schedule not in ("cosine", "onecycle", "constant"):
@@ -138,6 +149,10 @@ class EpochRecord:
     val_auc: dict[str, float]
     lr: float
     seconds: float
+
+
+# What the ranks agree on after each epoch (rank 0 decides, see DistContext.agree).
+STOP_GO, STOP_EARLY, STOP_CLOCK = 0, 1, 2
 
 
 def seed_everything(seed: int) -> None:
@@ -261,11 +276,11 @@ def choose_thresholds(
     }
 
 
-def _check_labels(labels: np.ndarray, rows: np.ndarray, label_set: LabelSet, what: str) -> None:
+def _check_labels(
+    labels: np.ndarray, rows: np.ndarray, label_set: LabelSet, what: str, why_empty: str
+) -> None:
     if len(rows) == 0:
-        raise TrainingError(
-            None, f"the {what} split is empty (too few patients for the folds? try fewer --folds)"
-        )
+        raise TrainingError(None, f"the {what} split is empty: {why_empty}")
     sub = labels[rows]
     usable = [
         (sub[:, j] == 1).any() and (sub[:, j] == 0).any() for j in range(len(label_set.labels))
@@ -278,8 +293,24 @@ def _check_labels(labels: np.ndarray, rows: np.ndarray, label_set: LabelSet, wha
         )
 
 
-def _check_disk(out: Path, model: nn.Module) -> None:
-    need = 3 * sum(p.numel() * p.element_size() for p in model.state_dict().values())
+def checkpoint_bytes(model: nn.Module) -> int:
+    """Peak bytes the checkpoints take: best.pt (the weights), last.pt (the weights and
+    AdamW's two moments of every trained parameter) and, while last.pt is replaced, its
+    temporary copy. The bundle's weights, written at the end, fit in what the temporary
+    copy took."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    last = weights + moments
+    # pickle's framing and the history: a few kB per tensor at most
+    overhead = 4096 * len(model.state_dict()) + 1_000_000
+    return weights + 2 * last + overhead
+
+
+def _check_disk(out: Path, model: nn.Module, ckpt_dir: Path) -> None:
+    need = checkpoint_bytes(model)
+    # A resumed run (or a rerun into the same folder) replaces files already counted there.
+    kept = (ckpt_dir / "best.pt", ckpt_dir / "last.pt")
+    need -= sum(p.stat().st_size for p in kept if p.exists())
     free = shutil.disk_usage(out).free
     if free < need:
         raise TrainingError(
@@ -327,13 +358,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
-    # A resume that cannot go on (another size, crop, architecture...) says so before the
-    # data are prepared again, which can take hours on a large set.
-    resume_state = (
-        _load_checkpoint(ckpt_dir / "last.pt", config)
-        if config.resume and (ckpt_dir / "last.pt").exists()
-        else None
-    )
+    # A resume that cannot go on (no checkpoint, other settings) says so before the data
+    # are prepared again, which can take hours on a large set.
+    resume_state = _load_checkpoint(ckpt_dir / "last.pt", config) if config.resume else None
     data = resolve_training_data(config, main=ctx.is_main)
     ctx.barrier()
     if data.recipe == "small-set":
@@ -344,8 +371,16 @@ def train(config: TrainConfig) -> dict[str, Any]:
         return train_small_set(config, data)
     cache, label_set, train_rows, val_rows = data.open()
     labels = cache.labels()
-    _check_labels(labels, train_rows, label_set, "training")
-    _check_labels(labels, val_rows, label_set, "validation")
+    _check_labels(
+        labels, train_rows, label_set, "training", f"no usable slice outside fold {config.fold}"
+    )
+    _check_labels(
+        labels,
+        val_rows,
+        label_set,
+        "validation",
+        f"fold {config.fold} of {config.folds} holds no usable slice (all unreadable or held out)",
+    )
 
     model = SliceModel(
         config.architecture,
@@ -356,7 +391,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model.freeze_backbone(config.train_mode == "head")
     model.to(device)
     if ctx.is_main:
-        _check_disk(out, model)
+        _check_disk(out, model, ckpt_dir)
     train_model: nn.Module = ctx.wrap(model)
 
     augment = build_augment(config.augment, cache.size)
@@ -373,7 +408,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         num_workers=workers,
         drop_last=len(train_set) > config.batch_size,
         generator=generator,
-        persistent_workers=workers > 0,
+        # Workers started afresh each epoch take their seeds from the generator, whose state
+        # the checkpoint keeps: a resumed run's augmentations are the uninterrupted run's.
+        persistent_workers=False,
         pin_memory=device.type == "cuda",
     )
     optimizer = torch.optim.AdamW(_param_groups(model, config), weight_decay=config.weight_decay)
@@ -391,8 +428,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     history: list[EpochRecord] = []
     start_epoch, best, best_epoch, stale = 0, math.inf, -1, 0
-    if config.resume:
-        state = resume_state or _load_checkpoint(ckpt_dir / "last.pt", config)
+    if resume_state is not None:
+        state = resume_state
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -404,8 +441,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             state["stale"],
         )
         history = [EpochRecord(**r) for r in state["history"]]
-        torch.set_rng_state(state["rng_torch"])
-        np.random.set_state(state["rng_numpy"])
+        _restore_rng(state, generator, ctx, config.seed + start_epoch, device)
     if ctx.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     log = CsvLog(out / "train_log.csv", config.resume) if ctx.is_main else None
@@ -453,6 +489,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             best, best_epoch, stale = score, epoch, 0
         else:
             stale += 1
+        # Every rank's random state, so a resumed rank draws what it would have drawn.
+        rng = ctx.gather(_rng_state(generator, device))
         if ctx.is_main:
             assert log is not None
             log.write(record)
@@ -474,6 +512,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 stale,
                 history,
                 config,
+                rng,
             )
             if config.progress:
                 print(
@@ -483,13 +522,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
                     flush=True,
                 )
         ctx.barrier()
+        stop = STOP_GO
         if stale >= config.patience:
+            stop = STOP_EARLY
+        elif config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes:
+            stop = STOP_CLOCK
+        # Rank 0's clock decides for all: a rank leaving the loop alone would leave the
+        # others waiting in the next step's all-reduce for ever.
+        stop = ctx.agree(stop)
+        if stop != STOP_GO:
             if ctx.is_main and config.progress:
-                print(f"early stop: no improvement for {config.patience} epochs", flush=True)
-            break
-        if config.max_minutes and (time.monotonic() - started) / 60 > config.max_minutes:
-            if ctx.is_main and config.progress:
-                print(f"stopping: --max-minutes {config.max_minutes} reached", flush=True)
+                print(
+                    f"early stop: no improvement for {config.patience} epochs"
+                    if stop == STOP_EARLY
+                    else f"stopping: --max-minutes {config.max_minutes} reached",
+                    flush=True,
+                )
             break
 
     # Every rank fingerprints the weights it ended with: under DDP they must be identical.
@@ -558,11 +606,15 @@ def _train_epoch(
     bar = progress_bar(
         loader, desc=f"epoch {epoch + 1}", leave=False, disable=not (show and config.progress)
     )
+    batches = len(loader)
+    # The last group of an epoch may hold fewer batches: its mean is over what it holds.
+    full_groups = batches - batches % config.accumulate
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, enabled=use_amp):
             loss = masked_bce(model(x), y, weights, pos_weight)
-        scaler.scale(loss / config.accumulate).backward()
+        group = config.accumulate if step < full_groups else batches - full_groups
+        scaler.scale(loss / group).backward()
         if (step + 1) % config.accumulate == 0 or step + 1 == len(loader):
             scaler.step(optimizer)
             scaler.update()
@@ -572,6 +624,47 @@ def _train_epoch(
         count += len(x)
         bar.set_postfix(loss=f"{total / count:.4f}")
     return total / max(count, 1)
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """Every random source a training epoch draws from: the loader's shuffle, augmentation
+    and dropout (torch), numpy and Python's random."""
+    state = {
+        "loader": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_rng(
+    state: dict[str, Any],
+    generator: torch.Generator,
+    ctx: dist_utils.DistContext,
+    reseed: int,
+    device: torch.device,
+) -> None:
+    ranks = state.get("rng")
+    if ranks is None:  # checkpoints before the loader's state was kept
+        torch.set_rng_state(state["rng_torch"])
+        np.random.set_state(state["rng_numpy"])
+        return
+    if len(ranks) != ctx.world_size:
+        # Another number of processes splits the data differently anyway: a fresh seed per
+        # rank keeps their augmentations apart.
+        seed_everything(reseed + ctx.rank)
+        generator.manual_seed(reseed)
+        return
+    mine = ranks[ctx.rank]
+    generator.set_state(mine["loader"])
+    torch.set_rng_state(mine["torch"])
+    np.random.set_state(mine["numpy"])
+    random.setstate(mine["python"])
+    if device.type == "cuda" and "cuda" in mine:
+        torch.cuda.set_rng_state(mine["cuda"], device)
 
 
 def _save_weights(model: SliceModel, path: Path) -> None:
@@ -590,6 +683,7 @@ def _save_checkpoint(
     stale: int,
     history: list[EpochRecord],
     config: TrainConfig,
+    rng: list[dict[str, Any]],
 ) -> None:
     state = {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -601,9 +695,9 @@ def _save_checkpoint(
         "best_epoch": best_epoch,
         "stale": stale,
         "history": [asdict(r) for r in history],
-        "rng_torch": torch.get_rng_state(),
-        "rng_numpy": np.random.get_state(),
+        "rng": rng,
         "config": _config_json(config),
+        "settings": _resume_settings(_config_json(config)),
     }
     atomic_torch_save(state, path)
 
@@ -611,16 +705,102 @@ def _save_checkpoint(
 def _load_checkpoint(path: Path, config: TrainConfig) -> dict[str, Any]:
     if not path.exists():
         raise TrainingError(path, "--resume: no checkpoint to resume from")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    saved = state.get("config", {})
-    for key in ("architecture", "input_kind", "labels", "size", "crop", "fold", "folds"):
-        if key in saved and saved[key] != _config_json(config)[key]:
-            raise TrainingError(
-                path,
-                f"--resume with a different {key} ({saved[key]!r} in the "
-                f"checkpoint, {_config_json(config)[key]!r} now)",
-            )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise TrainingError(
+            path, f"--resume: the checkpoint cannot be read ({_first_line(exc)})"
+        ) from None
+    # Checkpoints before the settings were recorded: compare what their config holds.
+    saved = state.get("settings") or _resume_settings(state.get("config", {}))
+    now = _resume_settings(_config_json(config))
+    differ = [key for key in now if key in saved and saved[key] != now[key]]
+    if differ:
+        parts = [
+            f"{RESUME_FLAGS.get(k, k)} {_shown_setting(saved[k])} in the checkpoint, "
+            f"{_shown_setting(now[k])} now"
+            for k in differ
+        ]
+        raise TrainingError(
+            path,
+            f"--resume with different settings ({'; '.join(parts)}): resume with the "
+            "checkpoint's settings, or train into another --out",
+        )
+    old_epochs = state.get("config", {}).get("epochs", config.epochs)
+    if config.schedule == "onecycle" and old_epochs != config.epochs:
+        # One-cycle's state holds its total step count: another --epochs cannot continue it.
+        raise TrainingError(
+            path,
+            f"--resume with --schedule onecycle and another --epochs ({old_epochs} in the "
+            f"checkpoint, {config.epochs} now): the one-cycle schedule cannot be stretched",
+        )
     return state
+
+
+# What --resume may change: where and how fast it runs, how long (--epochs stretches the
+# cosine or constant schedule from where it is), when it gives up, and how the threshold is
+# chosen at the end. Every other setting changes what is trained or what the bundle records.
+RESUME_FREE = frozenset(
+    {
+        "out",
+        "resume",
+        "device",
+        "workers",
+        "amp",
+        "progress",
+        "tensorboard",
+        "max_minutes",
+        "patience",
+        "threshold",
+        "epochs",
+        "feature_cache",
+    }
+)
+
+RESUME_FLAGS = {
+    "data": "DATA",
+    "pretrained": "--pretrained",
+    "labels": "--labels",
+    "fold": "--fold",
+    "folds": "--folds",
+    "seed": "--seed",
+    "crop": "--crop",
+    "extra_train": "--extra-train",
+    "recipe": "--recipe",
+    "head_reader": "--head-reader",
+    **FINETUNE_ONLY,
+}
+
+
+def _resume_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint, from a config's JSON;
+    paths absolute, so the same data named from another folder is the same data."""
+    settings = {k: v for k, v in config.items() if k not in RESUME_FREE}
+    if settings.get("data"):
+        settings["data"] = str(Path(settings["data"]).resolve())
+    if settings.get("extra_train"):
+        settings["extra_train"] = [str(Path(e).resolve()) for e in settings["extra_train"]]
+    return settings
+
+
+def _shown_setting(value: Any) -> str:
+    if isinstance(value, dict):  # the augmentation
+        if value == _config_json_value(AugmentSpec()):
+            return "on"
+        if value == _config_json_value(AugmentSpec.off()):
+            return "off (--no-augment)"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value) or "none"
+    return "unset" if value is None else str(value)
+
+
+def _config_json_value(value: Any) -> Any:
+    return json.loads(json.dumps(asdict(value), default=str))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _config_json(config: TrainConfig) -> dict[str, Any]:

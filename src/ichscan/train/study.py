@@ -112,6 +112,11 @@ def _batch(
 
 
 def train_study(config: StudyConfig) -> dict[str, Any]:
+    for name in ("epochs", "hidden", "batch_size"):
+        if getattr(config, name) < 1:
+            raise StudyTrainingError(
+                None, f"--{name.replace('_', '-')} must be 1 or more, not {getattr(config, name)}"
+            )
     seed_everything(config.seed)
     device = pick_device(config.device)
     bundle = load_bundle(config.model, device)
@@ -187,15 +192,16 @@ def _fit_study(
         device
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    steps = config.epochs * math.ceil(len(train_groups) / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=max(1, steps))
     rng = np.random.default_rng(config.seed)
+    # The number of batches depends on the lengths only, not on the shuffle.
+    per_epoch = len(length_batches(train_groups, config.batch_size, np.random.default_rng(0)))
+    steps = config.epochs * per_epoch
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=max(1, steps))
     best, best_state, history = math.inf, None, []
     for epoch in range(config.epochs):
         model.train()
-        order = rng.permutation(len(train_groups))
-        for start in range(0, len(order), config.batch_size):
-            chunk = [train_groups[i] for i in order[start : start + config.batch_size]]
+        for which in length_batches(train_groups, config.batch_size, rng):
+            chunk = [train_groups[i] for i in which]
             x, y, mask, scan_y = (t.to(device) for t in _batch(chunk, emb, labels))
             slice_logits, scan_logits = model(x, mask)
             loss = masked_bce(scan_logits, scan_y, weights)
@@ -238,6 +244,21 @@ def _fit_study(
     return model, study_config
 
 
+def length_batches(
+    groups: list[np.ndarray], batch_size: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Indices of ``groups`` in shuffled batches, each of scans of one length. The sequence
+    model reads padding as slices (its backward GRU starts on it), and predict runs each
+    scan alone: unpadded batches train it on what it will see."""
+    lengths = np.array([len(g) for g in groups])
+    order = rng.permutation(len(groups))
+    batches = []
+    for length in np.unique(lengths):
+        same = order[lengths[order] == length]
+        batches += [same[i : i + batch_size] for i in range(0, len(same), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def _labels_for(bundle: Bundle, cache: PreparedCache) -> np.ndarray:
     labels = cache.labels()
     if bundle.config["label_set"] == "binary" and "hemorrhage" not in cache.label_names:
@@ -254,18 +275,24 @@ def _outputs(
     labels: np.ndarray,
     device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(slice probs, slice labels, scan probs, scan labels) of these scans; -1 is unknown."""
+    """(slice probs, slice labels, scan probs, scan labels) of these scans, in their order;
+    -1 is unknown. Each batch holds scans of one length, unpadded: the sequence model reads
+    padding as slices, and predict runs one scan alone, so the validation outputs (and the
+    thresholds chosen on them) are what predict computes."""
     model.eval()
-    slice_p, slice_y, scan_p, scan_y = [], [], [], []
-    for start in range(0, len(groups), 32):
-        chunk = groups[start : start + 32]
-        x, y, mask, sy = _batch(chunk, emb, labels)
-        sl, sc = model(x.to(device), mask.to(device))
-        slice_p.append(torch.sigmoid(sl[mask.to(device)]).cpu().numpy())
-        slice_y.append(y[mask].numpy())
-        scan_p.append(torch.sigmoid(sc).cpu().numpy())
-        scan_y.append(sy.numpy())
-    sp, sy, cp, cy = (np.concatenate(a) for a in (slice_p, slice_y, scan_p, scan_y))
+    per_scan: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None]
+    per_scan = [None] * len(groups)
+    lengths = np.array([len(g) for g in groups])
+    for length in np.unique(lengths):
+        same = np.flatnonzero(lengths == length)
+        for start in range(0, len(same), 32):
+            which = same[start : start + 32]
+            x, y, _, sy = _batch([groups[i] for i in which], emb, labels)
+            sl, sc = model(x.to(device))
+            sl, sc = torch.sigmoid(sl).cpu().numpy(), torch.sigmoid(sc).cpu().numpy()
+            for k, i in enumerate(which):
+                per_scan[i] = (sl[k], y[k].numpy(), sc[k : k + 1], sy[k : k + 1].numpy())
+    sp, sy, cp, cy = (np.concatenate([s[j] for s in per_scan if s is not None]) for j in range(4))
     return sp, sy, cp, cy
 
 
