@@ -95,10 +95,33 @@ def test_explain_writes_overlays_montage_and_heatmaps(
     probs = result.slice_probs
     assert [probs[k] for k in result.top_slices] == sorted(probs, reverse=True)[:3]
     montage = Image.open(out / "montage.png")
-    assert montage.size == (3 * 256, 256)
+    # Three tiles, and under them a footer band saying what the model rests on.
+    assert montage.size[0] == 3 * 256 and 256 < montage.size[1] <= 256 + 80
     summary = json.loads((out / "explain.json").read_text())
     assert summary["label"] == "any" and len(summary["slice_ids"]) == 8
     assert summary["method"].startswith("Grad-CAM") and summary["warnings"] == result.warnings
+
+
+def test_explain_says_what_the_model_was_trained_on(
+    trained_bundle: Path, synth_dicom: Path, tmp_path: Path
+) -> None:
+    """explain.json, the result (for the console) and the montage say what the maps rest
+    on, in predict's words; the tiny bundle was trained on synthetic phantoms."""
+    from ichscan.models.bundle import load_bundle, trained_on
+
+    words = trained_on(load_bundle(trained_bundle).config)
+    assert words.startswith("SYNTHETIC phantoms at ")
+    series = sorted(p.parent for p in synth_dicom.glob("*/*/*.dcm"))[0]
+    out = tmp_path / "explain"
+    result = explain(series, trained_bundle, out, top_k=1, device="cpu")
+    summary = json.loads((out / "explain.json").read_text())
+    assert summary["trained_on"] == words and summary["trained_on_synthetic"] is True
+    assert result.trained_on == words
+    assert result.trained_on_line == f"model trained on {words}"
+    montage = np.asarray(Image.open(out / "montage.png").convert("RGB"))
+    footer = montage[256:]
+    assert footer.size and (footer[..., 0] > 200).any()  # the yellow footer text is there
+    assert (footer[..., 2] < 50)[footer[..., 0] > 200].all()  # yellow, not white
 
 
 def test_explain_says_small_set_maps_are_not_grad_cam() -> None:

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 RSNA = ["any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural"]
 SLICE_COLUMNS = ["scan", "id", "slice_index", *RSNA, *(f"{n}_positive" for n in RSNA)]
-SCAN_COLUMNS = ["scan", "n_slices", *RSNA, *(f"{n}_positive" for n in RSNA)]
+SCAN_COLUMNS = ["scan", "n_slices", *RSNA, *(f"{n}_positive" for n in RSNA), "source"]
 
 
 def _series(root: Path) -> list[Path]:
@@ -368,6 +368,9 @@ def test_csv_outputs_have_exact_columns(
     scan_columns, scans = _read_csv(tmp_path / "preds.scans.csv")
     assert scan_columns == SCAN_COLUMNS
     assert len(scans) == 6 and {s["n_slices"] for s in scans} == {"8"}
+    # Each scan names where it was read from: its series folder under the input.
+    assert all(Path(s["source"]).is_relative_to(synth_dicom) for s in scans)
+    assert len({s["source"] for s in scans}) == 6
     bundle = load_bundle(trained_bundle)
     for row in rows:
         for label in RSNA:

@@ -23,6 +23,7 @@ from pynetdicom.sop_class import (
 )
 
 from ichscan.io.dicom_write import write_dataset_without_pixels
+from ichscan.models.bundle import trained_on
 from ichscan.receive.analyse import TYPE2_COPIED
 from ichscan.receive.service import ListenConfig, Receiver
 from ichscan.receive.sr import sr_summary
@@ -116,7 +117,12 @@ def test_study_is_stored_analysed_and_reported(receiver: Receiver, tmp_path: Pat
     assert record["key_slice"]["sop_instance_uid"] in sent
     assert 0 <= record["key_slice"]["index"] < len(paths)
     assert record["instances_dir"] == f"incoming/{study}/{series}"
-    assert record["model"] == {"architecture": "resnet18", "labels": "rsna"}
+    assert record["model"] == {
+        "architecture": "resnet18",
+        "labels": "rsna",
+        "trained_on": trained_on(receiver.predictor.bundle.config),
+    }
+    assert record["completion"] == "COMPLETE" and record["association_aborted"] is None
 
     # The SR: the same study and patient, one finding per label, the key slice referenced.
     sr = pydicom.dcmread(receiver.store.root / record["sr"])
@@ -253,6 +259,116 @@ def test_dropped_association_keeps_what_was_acknowledged(
     record = wait_for_result(receiver.store, study, series)
     assert stored_sops(receiver.store, study, series) == acked
     assert record["instances"] == 4
+
+
+def _association_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("association ")]
+
+
+def _wait_for_line(caplog, text: str, timeout_s: float = 10) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [line for line in _association_lines(caplog) if text in line]
+        if found:
+            return found[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no log line with {text!r}: {_association_lines(caplog)}")
+
+
+def test_a_peer_abort_is_logged_as_aborted_and_a_release_as_released(
+    receiver: Receiver, tmp_path: Path, caplog
+) -> None:
+    """R-2: pynetdicom signals a peer's A-ABORT only after the connection's close, so the
+    one line of the association used to say "closed"."""
+    caplog.set_level(logging.INFO, logger="ichscan.receive")
+    paths = write_series(tmp_path / "in")
+    assoc = associate(receiver.port, calling="ABORTER")
+    assert all(assoc.send_c_store(pydicom.dcmread(p)).Status == 0 for p in paths[:3])
+    assoc.abort()
+    line = _wait_for_line(caplog, "ABORTER@")
+    assert " aborted: 3 instance(s) stored, 0 refused" in line, line
+    send(receiver.port, paths[3:5], calling="RELEASER")
+    line = _wait_for_line(caplog, "RELEASER@")
+    assert " released: 2 instance(s) stored, 0 refused" in line, line
+    assert not any(" closed: " in line for line in _association_lines(caplog))
+
+
+def test_a_series_cut_short_by_an_aborted_association_is_reported_partial(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    """R-1: 4 of 10 instances, then the sender aborts: the series is analysed once quiet,
+    but as PARTIAL (warning in the JSON, CompletionFlag PARTIAL in the SR, partial on the
+    worklist); the sender's full retry makes it COMPLETE."""
+    from highdicom.sr import srread
+
+    paths = write_series(tmp_path / "in")
+    study, series, _ = uids(paths[0])
+    assoc = associate(receiver.port, calling="CT_ABORTS")
+    assert all(assoc.send_c_store(pydicom.dcmread(p)).Status == 0 for p in paths[:4])
+    assoc.abort()
+    record = wait_for_result(receiver.store, study, series)
+    warning = "association from CT_ABORTS aborted after 4 instances; result may be incomplete"
+    assert record["instances"] == 4
+    assert record["completion"] == "PARTIAL" and record["warnings"][0] == warning
+    assert record["association_aborted"]["instances"] == 4
+    from ichscan.receive.sr import sr_text
+
+    sr_path = receiver.store.root / record["sr"]
+    sr = srread(sr_path)  # highdicom reads it back: still a valid Comprehensive SR
+    assert sr.CompletionFlag == "PARTIAL" and sr.VerificationFlag == "UNVERIFIED"
+    assert warning in sr_text(sr, "121106")
+    assert "PARTIAL" in sr.SeriesDescription
+    assert str(sr.CompletionFlagDescription) == warning[:64]
+    worklist = pytest.importorskip("ichscan.serve.worklist").read_worklist(receiver.store.root)
+    [study_entry] = worklist["studies"]
+    assert study_entry["partial"] is True
+
+    # The sender retries the whole series on an association it releases.
+    assert send(receiver.port, paths, calling="CT_ABORTS") == [0] * len(paths)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        record = result_for(receiver.store.root, study, series)
+        if record["status"] == "done" and record["generation"] == 2:
+            break
+        time.sleep(0.05)
+    record = wait_for_result(receiver.store, study, series)
+    assert record["generation"] == 2 and record["instances"] == len(paths)
+    assert record["completion"] == "COMPLETE" and record["association_aborted"] is None
+    assert warning not in record["warnings"]
+    sr = srread(receiver.store.root / record["sr"])
+    assert sr.CompletionFlag == "COMPLETE"
+    worklist = pytest.importorskip("ichscan.serve.worklist").read_worklist(receiver.store.root)
+    assert worklist["studies"][0]["partial"] is False
+
+
+def test_result_sr_and_start_up_say_what_the_model_was_trained_on(
+    make_receiver, tmp_path: Path, caplog
+) -> None:
+    """R-3: the result JSON, the SR (a TEXT item, and the Series Description when the model
+    rests on synthetic phantoms) and the start-up line, in predict's words."""
+    from highdicom.sr import srread
+
+    from ichscan.receive.sr import sr_text
+
+    caplog.set_level(logging.INFO, logger="ichscan.receive")
+    rx = make_receiver()
+    words = trained_on(rx.predictor.bundle.config)
+    assert words.startswith("SYNTHETIC phantoms at ")
+    start = [r.getMessage() for r in caplog.records if r.getMessage().startswith("listening")]
+    assert f"trained on {words})" in start[0]
+    assert any(
+        "SYNTHETIC phantoms: its findings on real CT" in r.getMessage() for r in caplog.records
+    )
+    paths = write_series(tmp_path / "in")
+    study, series, _ = uids(paths[0])
+    assert send(rx.port, paths) == [0] * len(paths)
+    record = wait_for_result(rx.store, study, series)
+    assert record["model"]["trained_on"] == words
+    sr = srread(rx.store.root / record["sr"])
+    assert sr_text(sr, "TRAINED_ON") == [words]
+    assert sr.SeriesDescription == "ichscan ICH triage (SYNTHETIC-trained model)"
+    assert sr.CompletionFlag == "COMPLETE" and "CompletionFlagDescription" not in sr
+    assert len(sr_summary(sr)) == len(record["labels"])  # the findings read back as before
 
 
 def test_non_ct_sop_class_is_not_negotiated(receiver: Receiver) -> None:

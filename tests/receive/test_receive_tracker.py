@@ -182,3 +182,61 @@ def test_a_failed_write_changes_nothing_and_is_retried(setup, monkeypatch) -> No
     monkeypatch.setattr(tracker_module, "write_result", real)
     assert tracker.poll() == [(STUDY, SERIES)]
     assert _status(store)["status"] == "queued"
+
+
+KEY = (STUDY, SERIES)
+
+
+def test_an_aborted_association_marks_its_series_and_restarts_the_quiet_timer(setup) -> None:
+    """R-1: the series an aborted association delivered to is marked (the worker then
+    reports it PARTIAL), waits a full quiet period from the abort, and an analysis under
+    way when the abort is heard is discarded."""
+    store, clock, _, tracker = setup
+    started = clock()
+    for k in range(3):
+        _arrive(store, tracker, k)
+    clock.now += 10
+    tracker.poll()
+    begun = tracker.begin(KEY)
+    assert begun is not None
+    tracker.association_ended({KEY: 3}, released=False, calling_ae="CT1", started=started)
+    record = _status(store)
+    assert record["status"] == "receiving"
+    assert record["association_aborted"]["instances"] == 3
+    assert record["association_aborted"]["calling_ae"] == "CT1"
+    assert tracker.finish(KEY, begun[1], {"status": "done"}) is None, "analysis discarded"
+    clock.now += 9
+    assert tracker.poll() == [], "the quiet period starts again at the abort"
+    clock.now += 1
+    assert tracker.poll() == [KEY]
+    record, _ = tracker.begin(KEY)
+    assert record["association_aborted"]["instances"] == 3  # what the worker reads
+
+
+def test_a_released_retry_clears_the_abort_mark(setup) -> None:
+    store, clock, _, tracker = setup
+    first = clock()
+    _arrive(store, tracker, 0)
+    clock.now += 1
+    tracker.association_ended({KEY: 1}, released=False, calling_ae="CT1", started=first)
+    # An association that was open before the abort proves nothing when it ends.
+    tracker.association_ended({KEY: 1}, released=True, calling_ae="CT1", started=first)
+    assert _status(store)["association_aborted"] is not None
+    retry = clock.now = clock.now + 1
+    for k in range(3):
+        _arrive(store, tracker, k)
+    tracker.association_ended({KEY: 3}, released=True, calling_ae="CT1", started=retry)
+    assert _status(store)["association_aborted"] is None
+    clock.now += 10
+    assert tracker.poll() == [KEY]
+    record, _ = tracker.begin(KEY)
+    assert record["association_aborted"] is None and record["instances"] == 3
+
+
+def test_an_abort_after_the_series_was_analysed_leaves_it_alone(setup) -> None:
+    store, clock, _, tracker = setup
+    start = clock()
+    _arrive(store, tracker, 0)
+    _finish(store, clock, tracker)
+    tracker.association_ended({KEY: 1}, released=False, calling_ae="CT1", started=start)
+    assert _status(store)["status"] == "done" and _status(store)["association_aborted"] is None

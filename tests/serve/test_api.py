@@ -159,6 +159,62 @@ def test_nifti_upload(make_client, series_dir: Path, tmp_path: Path) -> None:
     assert record["series"]["kind"] == "nifti" and record["series"]["n_slices"] == 8
 
 
+def test_nifti_and_png_uploads_are_named_after_their_file(
+    make_client, series_dir: Path, png_bundle: Path, tmp_path: Path
+) -> None:
+    """S-2: the ids of a NIfTI or image upload come from the client's file name, as
+    `ichscan predict` names the same file, never from the server's storage name (0000)."""
+    from ichscan.infer.predictor import Predictor
+    from ichscan.io.nifti import read_nifti
+
+    path = write_nifti(load(series_dir), tmp_path / "realA.nii.gz")
+    client = make_client()
+    files = [("files", ("realA.nii.gz", path.read_bytes(), "application/gzip"))]
+    record = client.post("/api/scans", files=files).json()
+    assert record["status"] == "done", record
+    series = record["series"]
+    assert series["patient_id"] == series["study_uid"] == series["series_uid"] == "realA"
+    assert record["slice_ids"] == read_nifti(path).slice_ids  # predict's names
+    assert record["slice_ids"][0] == "realA-0000"
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 40), 90, dtype=np.uint8)).save(buffer, format="PNG")
+    png_client = make_client(predictor=Predictor(png_bundle, device="cpu"))
+    files = [("files", ("case 17.png", buffer.getvalue(), "image/png"))]
+    record = png_client.post("/api/scans", files=files).json()
+    assert record["status"] == "done", record
+    assert record["series"]["patient_id"] == record["series"]["series_uid"] == "case 17"
+    assert record["slice_ids"] == ["case 17"]
+
+
+def test_every_result_says_what_the_model_was_trained_on(
+    make_client, series_dir: Path, trained_bundle: Path
+) -> None:
+    """S-1: the scan record, the scan list, the model record and the page say what the
+    model rests on (predict's words; the tiny model was trained on synthetic phantoms),
+    without the training machine's paths."""
+    from ichscan.models.bundle import trained_on
+
+    config = json.loads((trained_bundle / "bundle.json").read_text())
+    words = trained_on(config)
+    source = config["training"]["data_summary"]["source"]
+    assert words.startswith("SYNTHETIC phantoms at ") and source in words
+    client = make_client()
+    record = client.post("/api/scans", files=dicom_files(series_dir)).json()
+    assert record["status"] == "done"
+    assert record["trained_on"] == words.replace(source, Path(source).name)
+    assert record["trained_on_synthetic"] is True
+    assert source not in record["trained_on"]
+    [item] = client.get("/api/scans").json()["scans"]
+    assert item["trained_on_synthetic"] is True
+    info = client.get("/api/model").json()
+    assert info["trained_on"] == record["trained_on"] and info["trained_on_synthetic"] is True
+    page = client.get("/").text
+    assert 'id="trained-on"' in page
+    script = client.get("/static/app.js").text
+    assert "renderTraining(record)" in script and "record.trained_on" in script
+
+
 def test_png_upload_keeps_its_window(make_client, png_bundle: Path, tmp_path: Path) -> None:
     from ichscan.infer.predictor import Predictor
 

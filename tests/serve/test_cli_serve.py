@@ -68,13 +68,29 @@ def test_open_host_without_token_warns(served, trained_bundle: Path, tmp_path, c
     assert "without a token" in capsys.readouterr().err
 
 
-def test_store_only(served, tmp_path: Path) -> None:
+def test_startup_line_says_what_the_model_was_trained_on(
+    served, trained_bundle: Path, tmp_path: Path, capsys
+) -> None:
+    """S-1: predict's words on the training data, loud for synthetic phantoms."""
+    import json
+
+    from ichscan.models.bundle import trained_on
+
+    words = trained_on(json.loads((trained_bundle / "bundle.json").read_text()))
+    assert main(["serve", "--model", str(trained_bundle), "--data", str(tmp_path / "d")]) == 0
+    err = capsys.readouterr().err
+    assert f"Model trained on {words}: its findings on real CT mean nothing." in err
+    assert "Research software, not a medical device." in err
+
+
+def test_store_only(served, tmp_path: Path, capsys) -> None:
     (tmp_path / "store").mkdir()
     args = ["serve", "--store", str(tmp_path / "store"), "--data", str(tmp_path / "d")]
     assert main(args) == 0
     with TestClient(served["app"]) as client:
         assert client.get("/api/worklist").json() == {"studies": [], "problems": []}
         assert client.get("/api/health").json()["model"] is False
+    assert "trained on" not in capsys.readouterr().err  # no model, nothing to say about it
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from PIL import Image
 from serve_helpers import RSNA, bleed_explainer
 
 CHROMIUM = Path("/usr/bin/chromium")
+PARTIAL_WARNING = "association from SCANNER aborted after 8 instances; result may be incomplete"
 TOKEN = "e2e-token"
 ARGS = [
     "--no-sandbox",
@@ -94,6 +95,10 @@ def store(tmp_path_factory: pytest.TempPathFactory, series_dir: Path) -> Path:
         _result("1.2.826.9.1", "1.2.826.9.1.1", False, "2026-03-01T08:00:00.000Z", "Early"),
         _result(real.study_uid, real.series_uid, True, "2026-03-01T09:00:00.000Z", "Urgent"),
     ]
+    # The urgent series was analysed from an aborted association, by a phantom-trained model.
+    records[1]["completion"] = "PARTIAL"
+    records[1]["warnings"] = [PARTIAL_WARNING]
+    records[1]["model"] = {**records[1]["model"], "trained_on": "SYNTHETIC phantoms at synth"}
     for record in records:
         path = root / "results" / record["study_instance_uid"]
         path.mkdir(parents=True)
@@ -205,6 +210,13 @@ def test_upload_scroll_window_overlay(page, server: str, bleed_series_dir: Path,
     assert shown == positive
     verdict = "Suspected ICH" if record["suspected_ich"] else "No ICH suspected"
     expect(page.locator("#verdict")).to_contain_text(verdict)
+    # Beside the result: what the model was trained on, loudly for synthetic phantoms.
+    trained = page.locator("#trained-on")
+    expect(trained).to_be_visible()
+    expect(trained).to_contain_text(f"Model trained on {record['trained_on']}")
+    expect(trained).to_contain_text("never seen real CT")
+    expect(trained).to_have_class("synthetic")
+    expect(page.locator("#partial-note")).to_be_hidden()
 
     # The probability strip: one cell per slice; a click jumps there.
     cells = page.locator("#prob-strip button")
@@ -283,12 +295,20 @@ def test_worklist_urgent_first_and_open(page, server: str) -> None:
     rows = page.locator("#worklist tbody tr")
     expect(rows).to_have_count(2)
     # The suspected study arrived later but comes first.
-    assert rows.locator("td.triage").all_text_contents() == ["Suspected ICH", "No ICH suspected"]
-    expect(rows.first).to_have_class("study suspected")
+    triage = rows.locator("td.triage").all_text_contents()
+    # The urgent study's series is PARTIAL (its association was aborted): not final.
+    assert triage == [
+        "Suspected ICH (PARTIAL: transfer aborted, not final) synthetic-trained model",
+        "No ICH suspected",
+    ]
+    expect(rows.first).to_have_class("study suspected partial")
     expect(rows.first.locator("td.patient")).to_contain_text("Urgent^Test")
     rows.first.locator("button.open-series").click()
     page.wait_for_selector("#slice-image[data-key]")
     expect(page.locator("#scan-title")).to_contain_text("Urgent^Test")
+    expect(page.locator("#partial-note")).to_be_visible()
+    expect(page.locator("#partial-note")).to_contain_text("Not final")
+    expect(page.locator("#partial-note")).to_contain_text(PARTIAL_WARNING)
     expect(page.locator("#slice-index")).to_have_text(re.compile(r"^Slice \d / 8$"))
 
 

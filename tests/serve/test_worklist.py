@@ -298,3 +298,40 @@ def test_opening_what_cannot_be_opened(make_client, store: Path, tmp_path: Path)
     assert str(store.resolve()) not in bad.json()["detail"]
     assert "store/incoming/1.2.8/1.2.8.1/x.dcm" in bad.json()["detail"]
     assert client.get("/api/scans").json()["scans"] == []
+
+
+def test_a_partial_series_is_not_shown_as_final(tmp_path: Path, make_client) -> None:
+    """R-1: a series the receiver analysed from an aborted association (completion PARTIAL)
+    is marked partial, and so is its study; the synthetic training shows beside it."""
+    root = tmp_path / "partial-store"
+    synthetic = "SYNTHETIC phantoms at /data/synth (48 slices, 6 patients)"
+    warning = "association from CT1 aborted after 5 instances; result may be incomplete"
+    model = {"architecture": "resnet18", "labels": "rsna", "trained_on": synthetic}
+    write_result(
+        root,
+        result(
+            "1.2.840.1.500",
+            "1.2.840.1.500.1",
+            suspected=True,
+            completion="PARTIAL",
+            warnings=[warning],
+            model=model,
+        ),
+    )
+    write_result(
+        root,
+        result("1.2.840.1.600", "1.2.840.1.600.1", suspected=False, completion="COMPLETE"),
+    )
+    partial, whole = read_worklist(root)["studies"]
+    assert partial["suspected_ich"] is True  # still first: a bleed is never hidden
+    assert partial["partial"] is True and partial["series"][0]["partial"] is True
+    assert partial["series"][0]["warnings"] == [warning]
+    assert partial["series"][0]["completion"] == "PARTIAL"
+    assert partial["trained_on"] == synthetic and partial["trained_on_synthetic"] is True
+    assert whole["partial"] is False and whole["trained_on_synthetic"] is False
+    # The viewer's script says it in the worklist and beside an opened series.
+    client = make_client(store=root)
+    assert client.get("/api/worklist").json()["studies"][0]["partial"] is True
+    script = client.get("/static/app.js").text
+    assert "PARTIAL: transfer aborted, not final" in script
+    assert 'store.completion !== "PARTIAL"' in script

@@ -18,14 +18,16 @@ mean gradient of the label's logit and keeps the positive part; the maintained
   uses the predictor's slice probabilities, refined by the study model when there is one.
 
 `explain` writes ``overlays/slice-NNN.png`` (brain window with the heat in colour),
-``montage.png`` (the ``top_k`` most suspicious slices), ``heatmaps.npy`` (float32
-[S, H, W] in [0, 1], the slices of the scan as predicted) and ``explain.json``.
+``montage.png`` (the ``top_k`` most suspicious slices, with a footer saying what the model
+was trained on), ``heatmaps.npy`` (float32 [S, H, W] in [0, 1], the slices of the scan as
+predicted) and ``explain.json`` (with ``trained_on``, in ``predict``'s words).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ from torch import nn
 from ichscan.errors import IchscanError
 from ichscan.infer.predictor import Predictor
 from ichscan.io.load import load
+from ichscan.models.bundle import trained_on
 from ichscan.models.slice_model import SliceModel
 from ichscan.models.small_set import SmallSetModel
 from ichscan.preprocess.head_crop import crop_box
@@ -51,6 +54,8 @@ MONTAGE_COLUMNS = 4
 # Heat at or below this is left out of an overlay, so the anatomy stays readable.
 OVERLAY_FLOOR = 0.2
 OVERLAY_ALPHA = 0.5
+FOOTER_LINE_PX = 14  # the montage's footer: PIL's default bitmap font, ~6 px a character
+FOOTER_CHAR_PX = 6
 
 
 class ExplainError(IchscanError):
@@ -257,6 +262,12 @@ class Explanation:
     summary: Path
     warnings: list[str] = field(default_factory=list)
     method: str = ""
+    trained_on: str = ""  # what the model was trained on, in predict's words
+
+    @property
+    def trained_on_line(self) -> str:
+        """The console line on what the maps rest on (``predict`` prints the same)."""
+        return f"model trained on {self.trained_on}"
 
 
 def _brain_view(scan: Scan) -> np.ndarray:
@@ -277,15 +288,23 @@ def overlay(grey: np.ndarray, heat: np.ndarray) -> Image.Image:
     return Image.fromarray(np.rint(base * (1 - alpha) + colours * alpha).astype(np.uint8))
 
 
-def _montage(tiles: list[tuple[Image.Image, str]]) -> Image.Image:
+def _montage(tiles: list[tuple[Image.Image, str]], footer: str = "") -> Image.Image:
+    """The tiles in a grid; ``footer``: a line under them (what the model was trained on),
+    wrapped to the sheet's width, in yellow when it names synthetic phantoms."""
     cols = min(MONTAGE_COLUMNS, max(1, len(tiles)))
     rows = -(-len(tiles) // cols)
-    sheet = Image.new("RGB", (cols * TILE, rows * TILE), (0, 0, 0))
+    width = cols * TILE
+    lines = textwrap.wrap(footer, max(20, width // FOOTER_CHAR_PX)) if footer else []
+    band = FOOTER_LINE_PX * len(lines) + (8 if lines else 0)
+    sheet = Image.new("RGB", (width, rows * TILE + band), (0, 0, 0))
     draw = ImageDraw.Draw(sheet)
     for i, (image, caption) in enumerate(tiles):
         x, y = (i % cols) * TILE, (i // cols) * TILE
         sheet.paste(image.resize((TILE, TILE), Image.BILINEAR), (x, y))
         draw.text((x + 4, y + 4), caption, fill=(255, 255, 255))
+    colour = (255, 210, 0) if "SYNTHETIC" in footer else (255, 255, 255)
+    for k, line in enumerate(lines):
+        draw.text((4, rows * TILE + 4 + k * FOOTER_LINE_PX), line, fill=colour)
     return sheet
 
 
@@ -324,8 +343,9 @@ def explain(
         overlays.append(path)
     top = [int(k) for k in np.argsort(-probs, kind="stable")[: max(1, top_k)]]
     tiles = [(Image.open(overlays[k]), f"slice {k}  p({name}) {probs[k]:.2f}") for k in top]
+    trained = trained_on(predictor.bundle.config)
     montage = out / "montage.png"
-    _montage(tiles).save(montage)
+    _montage(tiles, f"model trained on {trained}").save(montage)
     summary = out / "explain.json"
     result = Explanation(
         label=name,
@@ -338,6 +358,7 @@ def explain(
         summary=summary,
         warnings=list(scan.warnings),
         method=explainer.method,
+        trained_on=trained,
     )
     summary.write_text(
         json.dumps(
@@ -345,6 +366,8 @@ def explain(
                 "label": name,
                 "source": scan.source,
                 "method": result.method,
+                "trained_on": trained,
+                "trained_on_synthetic": trained.startswith("SYNTHETIC"),
                 "warnings": result.warnings,
                 "slice_ids": list(scan.slice_ids),
                 "slice_probs": result.slice_probs,

@@ -12,7 +12,10 @@ UID or file stem (``slab-NNN`` for a resliced series); probabilities with 6 deci
 decisions 0/1 at the bundle thresholds. When any input is a series or a volume, a second
 file beside it, ``preds.scans.csv``, has one row per scan::
 
-    scan, n_slices, <label>..., <label>_positive...
+    scan, n_slices, <label>..., <label>_positive..., source
+
+``source`` is the file, folder or zip the scan was read from (a folder and a zip of it hold
+the same scan keys).
 
 JSON: ``{"model", "labels", "thresholds", "scans": [...], "errors": [...]}`` with each scan's
 probabilities, decisions and slices (:meth:`ScanPrediction.to_dict`).
@@ -126,6 +129,7 @@ class CsvWriter(_Writer):
                 pred.n_slices,
                 *(_p(v) for v in pred.scan_probs),
                 *(int(v) for v in pred.scan_positive),
+                pred.source,
             ]
         )
 
@@ -137,7 +141,7 @@ class CsvWriter(_Writer):
             return written
         with _open(scans) as f:
             table = csv.writer(f)
-            table.writerow(["scan", "n_slices", *self._label_columns()])
+            table.writerow(["scan", "n_slices", *self._label_columns(), "source"])
             table.writerows(self.scan_rows)
         _temp(scans).replace(scans)
         return [*written, scans]

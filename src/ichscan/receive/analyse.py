@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from ichscan.infer.predictor import Predictor
 from ichscan.io.load import load_discovered
 from ichscan.io.series import discover
+from ichscan.models.bundle import trained_on
 from ichscan.receive.enhanced import load_multiframe
 from ichscan.receive.result import findings
 from ichscan.receive.sr import LabelResult, build_sr
@@ -51,10 +52,13 @@ TYPE2_COPIED = (
 
 
 def model_info(predictor: Predictor) -> dict[str, str]:
+    """The model as every result JSON names it, with what it was trained on (``predict``'s
+    words: synthetic phantoms are called so)."""
     config = predictor.bundle.config
     return {
         "architecture": str(config.get("architecture", "")),
         "labels": str(config.get("label_set", "")),
+        "trained_on": trained_on(config),
     }
 
 
@@ -136,11 +140,19 @@ def _evidence(refs: list[SliceRef], study_uid: str, series_uid: str) -> list[Dat
 
 
 def analyse_series(
-    store: Store, study_uid: str, series_uid: str, predictor: Predictor, *, algorithm: str
+    store: Store,
+    study_uid: str,
+    series_uid: str,
+    predictor: Predictor,
+    *,
+    algorithm: str,
+    partial: str | None = None,
 ) -> dict[str, Any]:
     """Predict one stored series and write its SR; the result fields for its JSON. Raises
     IchscanError for a series the model cannot read (the worker records it as failed). An SR
-    that cannot be built leaves ``sr`` None and says why in ``warnings``."""
+    that cannot be built leaves ``sr`` None and says why in ``warnings``. ``partial``: why
+    the series may be incomplete (its association was aborted): the first warning, and
+    ``completion`` PARTIAL in the JSON and the SR."""
     folder = store.series_dir(study_uid, series_uid)
     n_files = len(instance_files(folder))
     scan, refs = _read_series(folder, series_uid)
@@ -164,10 +176,18 @@ def analyse_series(
         )
     headline = int(np.argmax(slice_probs[:, 0]))
     key = source_slice(scan, analysed, headline)
-    warnings = list(scan.warnings[:MAX_WARNINGS])
+    warnings = ([partial] if partial else []) + list(scan.warnings[:MAX_WARNINGS])
     sr_file: str | None = None
     try:
-        encoded = _encoded_sr(refs, study_uid, series_uid, results, algorithm)
+        encoded = _encoded_sr(
+            refs,
+            study_uid,
+            series_uid,
+            results,
+            algorithm,
+            trained=trained_on(predictor.bundle.config),
+            partial=partial,
+        )
     except Exception as exc:
         # The findings stand without their SR: losing them to a header the SR cannot take
         # would hide a suspected bleed from the worklist.
@@ -197,6 +217,7 @@ def analyse_series(
         "sr": sr_file,
         "error": None,
         "warnings": warnings,
+        "completion": "COMPLETE" if partial is None else "PARTIAL",
     }
 
 
@@ -206,9 +227,18 @@ def _encoded_sr(
     series_uid: str,
     results: list[LabelResult],
     algorithm: str,
+    *,
+    trained: str | None = None,
+    partial: str | None = None,
 ) -> bytes:
     """The series' SR as a DICOM file's bytes."""
-    sr = build_sr(_evidence(refs, study_uid, series_uid), results, algorithm=algorithm)
+    sr = build_sr(
+        _evidence(refs, study_uid, series_uid),
+        results,
+        algorithm=algorithm,
+        trained_on=trained,
+        partial=partial,
+    )
     buffer = io.BytesIO()
     sr.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()

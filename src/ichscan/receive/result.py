@@ -3,8 +3,11 @@ arrives, moved along receiving -> queued -> analysing -> done | failed, and fill
 findings at the end. Pure functions over plain dicts; writing them is the store's job.
 
 Beyond the shared schema the record carries ``generation`` (1, then +1 each time a finished
-series is re-opened by new instances) and ``warnings`` (what the reader noticed about the
-series); readers of the schema may ignore both.
+series is re-opened by new instances), ``warnings`` (what the reader noticed about the
+series), ``association_aborted`` (null, or the association that ended without a release
+after delivering part of the series: calling AE, instances, time) and ``completion``
+(COMPLETE, or PARTIAL when analysed with that mark on, as the SR's CompletionFlag says);
+readers of the schema may ignore them.
 """
 
 from __future__ import annotations
@@ -103,7 +106,20 @@ def new_record(
         "model": dict(model),
         "generation": 1,
         "warnings": [],
+        "association_aborted": None,
+        "completion": None,
     }
+
+
+def aborted_warning(mark: dict[str, Any]) -> str:
+    """The warning of a series whose association ended without a release (its
+    ``association_aborted`` mark)."""
+    n = int(mark.get("instances") or 0)
+    who = f" from {mark['calling_ae']}" if mark.get("calling_ae") else ""
+    return (
+        f"association{who} aborted after {n} instance{'s' if n != 1 else ''}; "
+        "result may be incomplete"
+    )
 
 
 def reopen(record: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ABORT_RQ, A_RELEASE_RQ
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -54,7 +55,7 @@ from ichscan.io.dicom import (
 )
 from ichscan.receive.result import InstanceInfo
 from ichscan.receive.store import Store, is_safe_uid, write_instance
-from ichscan.receive.tracker import SeriesTracker
+from ichscan.receive.tracker import SeriesKey, SeriesTracker
 
 log = logging.getLogger("ichscan.receive")
 
@@ -141,9 +142,14 @@ def _check_pixel_length(ds: Dataset, syntax: str, label: str) -> None:
 @dataclass
 class _AssocStats:
     peer: str
+    calling: str = ""
+    started: float = 0.0  # the tracker's clock
     stored: int = 0
     refused: int = 0
-    ended: str = "closed"
+    # How it ended, from the last PDU the peer sent: "released" (A-RELEASE-RQ), "aborted"
+    # (A-ABORT-RQ, or our own abort), "dropped" (the connection closed without either).
+    ended: str = "dropped"
+    series: dict[SeriesKey, int] = field(default_factory=dict)  # instances stored, per series
 
 
 @dataclass
@@ -162,7 +168,7 @@ class StorageHandlers:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_REJECTED, self.on_rejected),
-            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_PDU_RECV, self.on_pdu),
             (evt.EVT_ABORTED, self.on_aborted),
             (evt.EVT_CONN_CLOSE, self.on_closed),
         ]
@@ -206,6 +212,8 @@ class StorageHandlers:
             log.exception("cannot store %s from %s (status 0xA701)", sop_uid, calling)
             return OUT_OF_RESOURCES + 1
         stats.stored += 1
+        key = (info.study_uid, info.series_uid)
+        stats.series[key] = stats.series.get(key, 0) + 1
         return SUCCESS
 
     def on_echo(self, event: Any) -> int:
@@ -218,7 +226,9 @@ class StorageHandlers:
         with contextlib.suppress(AttributeError, OSError):
             event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self._lock:
-            self._assocs[id(event.assoc)] = _AssocStats(_peer(event))
+            self._assocs[id(event.assoc)] = _AssocStats(
+                _peer(event), _calling(event), self.tracker.clock()
+            )
 
     def on_rejected(self, event: Any) -> None:
         allowed = [a.strip() for a in event.assoc.ae.require_calling_aet]
@@ -229,22 +239,46 @@ class StorageHandlers:
         )
         log.warning("association from %s rejected (%s)", _peer(event), why)
 
-    def on_released(self, event: Any) -> None:
-        self._stats(event).ended = "released"
+    def on_pdu(self, event: Any) -> None:
+        """How the peer ends the association, from the PDU itself: it is read (on the DUL
+        thread) before the connection closes, whereas pynetdicom signals a peer's A-ABORT
+        (EVT_ABORTED) only after the close, and even a release may race with it."""
+        pdu = event.pdu
+        if isinstance(pdu, A_RELEASE_RQ | A_ABORT_RQ):
+            with self._lock:
+                stats = self._assocs.get(id(event.assoc))
+                if stats is not None:
+                    stats.ended = "released" if isinstance(pdu, A_RELEASE_RQ) else "aborted"
 
     def on_aborted(self, event: Any) -> None:
-        self._stats(event).ended = "aborted"
+        # Our own abort (network timeout, stop): the connection closes after this.
+        with self._lock:
+            stats = self._assocs.get(id(event.assoc))
+            if stats is not None and stats.ended == "dropped":
+                stats.ended = "aborted"
 
     def on_closed(self, event: Any) -> None:
         with self._lock:
             stats = self._assocs.pop(id(event.assoc), None)
-        if stats is not None:
-            log.info(
-                "association from %s %s: %d instance(s) stored, %d refused",
-                stats.peer,
-                stats.ended,
-                stats.stored,
-                stats.refused,
+        if stats is None:
+            return
+        if stats.ended == "dropped" and getattr(event.assoc, "is_aborted", False):
+            stats.ended = "aborted"
+        log_at = log.info if stats.ended == "released" or not stats.stored else log.warning
+        log_at(
+            "association from %s %s: %d instance(s) stored, %d refused",
+            stats.peer,
+            stats.ended,
+            stats.stored,
+            stats.refused,
+        )
+        if stats.series:
+            # Without a release, nothing says the sender had sent all it meant to.
+            self.tracker.association_ended(
+                stats.series,
+                released=stats.ended == "released",
+                calling_ae=stats.calling,
+                started=stats.started,
             )
 
     def _stats(self, event: Any) -> _AssocStats:

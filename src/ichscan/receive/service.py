@@ -141,8 +141,8 @@ class Receiver:
             ) from None
         self.port = int(self._server.server_address[1])
         log.info(
-            "listening as %s on %s:%d; store %s; model %s (%s, %s); series timeout %gs; "
-            "%d worker(s)%s%s; %d unfinished series picked up",
+            "listening as %s on %s:%d; store %s; model %s (%s, %s; trained on %s); "
+            "series timeout %gs; %d worker(s)%s%s; %d unfinished series picked up",
             cfg.ae_title.strip(),
             cfg.host,
             self.port,
@@ -150,12 +150,18 @@ class Receiver:
             cfg.model,
             model["architecture"],
             model["labels"],
+            model["trained_on"],
             cfg.series_timeout_s,
             cfg.workers,
             f"; allow {','.join(cfg.allow)}" if cfg.allow else "",
             f"; forward to {self.destination}" if self.destination else "",
             self.recovered,
         )
+        if model["trained_on"].startswith("SYNTHETIC"):
+            log.warning(
+                "the model was trained on SYNTHETIC phantoms: its findings on real CT mean "
+                "nothing (every result JSON and SR says so)"
+            )
 
     def stop(self) -> None:
         """Stop accepting, let open associations finish (up to grace_s, then abort them:

@@ -6,6 +6,9 @@ Content tree (codes: see docs/receiver.md)::
       TEXT       (DCM 111001 "Algorithm Name")       ichscan <architecture> (<label set>)
       TEXT       (DCM 111003 "Algorithm Version")    the ichscan version
       TEXT       (DCM 121106 "Comment")              research-use statement
+      TEXT       (99ICHSCAN TRAINED_ON "Model training data")  what the model was trained
+                                                     on (predict's words: SYNTHETIC phantoms)
+      TEXT       (DCM 121106 "Comment")              only for a PARTIAL report: why
       CONTAINER  (DCM 121071 "Finding")              one per label, in the bundle's order
         CODE       (DCM 121071 "Finding")             the finding's code
         NUM        (DCM 111012 "Certainty of Finding") probability in percent (UCUM %)
@@ -13,7 +16,10 @@ Content tree (codes: see docs/receiver.md)::
         CODE       (99ICHSCAN DECISION "Model decision") SCT Present / SCT Absent
         IMAGE      (DCM 121080 "Best illustration of finding") the label's key slice
 
-Percent follows the CAD SR templates' "Certainty of Finding" (0-100). Patient and study
+Percent follows the CAD SR templates' "Certainty of Finding" (0-100). A report on a series
+whose association was aborted has CompletionFlag PARTIAL and says why (Completion Flag
+Description and a Comment); one from a model trained on synthetic phantoms says so in its
+Series Description too, where a PACS lists it. Patient and study
 attributes are copied from the evidence (the series' own instances) by highdicom, and every
 instance of the series is listed as evidence.
 """
@@ -46,6 +52,8 @@ REPORT_TITLE = CodedConcept("18748-4", "LN", "Diagnostic imaging report")
 PERCENT = CodedConcept("%", "UCUM", "Percent")
 THRESHOLD = CodedConcept("THRESHOLD", PRIVATE_SCHEME, "Decision threshold")
 DECISION = CodedConcept("DECISION", PRIVATE_SCHEME, "Model decision")
+TRAINED_ON = CodedConcept("TRAINED_ON", PRIVATE_SCHEME, "Model training data")
+SERIES_DESCRIPTION = "ichscan ICH triage"
 RESEARCH_NOTE = (
     "Produced by ichscan, research software that is not a medical device: a triage aid, "
     "not a diagnosis."
@@ -156,18 +164,28 @@ def build_sr(
     *,
     algorithm: str,
     series_number: int = 9901,
+    trained_on: str | None = None,
+    partial: str | None = None,
 ) -> ComprehensiveSR:
     """The SR of one analysed series. ``evidence``: the series' instances (headers suffice),
-    all from one study; the SR joins that study in a new series of its own."""
+    all from one study; the SR joins that study in a new series of its own. ``trained_on``:
+    what the model was trained on; ``partial``: why the series may be incomplete (the
+    report is then PARTIAL)."""
     root = ContainerContentItem(name=REPORT_TITLE)
     items: list = [
         TextContentItem(codes.DCM.AlgorithmName, algorithm, relationship_type=CONTAINS),
         TextContentItem(codes.DCM.AlgorithmVersion, __version__, relationship_type=CONTAINS),
         TextContentItem(codes.DCM.Comment, RESEARCH_NOTE, relationship_type=CONTAINS),
-        *(_finding(r) for r in results),
     ]
+    if trained_on:
+        items.append(TextContentItem(TRAINED_ON, trained_on, relationship_type=CONTAINS))
+    if partial:
+        items.append(TextContentItem(codes.DCM.Comment, partial, relationship_type=CONTAINS))
+    items.extend(_finding(r) for r in results)
     root.ContentSequence = ContentSequence(items)
-    return ComprehensiveSR(
+    synthetic = bool(trained_on) and str(trained_on).startswith("SYNTHETIC")
+    notes = [n for n, on in (("PARTIAL", partial), ("SYNTHETIC-trained model", synthetic)) if on]
+    sr = ComprehensiveSR(
         evidence=list(evidence),
         content=root,
         series_instance_uid=generate_uid(),
@@ -175,10 +193,23 @@ def build_sr(
         sop_instance_uid=generate_uid(),
         instance_number=1,
         manufacturer="ichscan",
-        is_complete=True,
+        is_complete=partial is None,
         is_final=False,  # unverified machine output
-        series_description="ichscan ICH triage",
+        series_description=SERIES_DESCRIPTION + (f" ({', '.join(notes)})" if notes else ""),
     )
+    if partial:
+        sr.CompletionFlagDescription = partial[:64]  # LO
+    return sr
+
+
+def sr_text(sr: Dataset, code_value: str) -> list[str]:
+    """The values of the root's TEXT items with concept code ``code_value`` (e.g.
+    ``"TRAINED_ON"``, ``"121106"`` for the comments), in order."""
+    return [
+        str(item.TextValue)
+        for item in sr.ContentSequence
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == code_value
+    ]
 
 
 def sr_summary(sr: Dataset) -> dict[str, dict[str, object]]:

@@ -12,6 +12,13 @@ its status until the series is finished, so each status change happens under one
 Each arrival bumps the series' epoch. An analysis started at epoch e whose series has moved
 on when it ends is thrown away and the series waits for quiet again: a series is never
 reported on a subset of what was acknowledged for it.
+
+An association that ends without a release (the sender's A-ABORT, or a dropped connection)
+may have cut its series short. Each series it delivered to that is still followed is marked
+(``association_aborted`` in the JSON), counts as just arrived (its quiet timer starts again,
+an analysis under way is discarded) and, when analysed with the mark still on, is reported
+PARTIAL, with a warning. The mark goes when an association that started after the abort
+delivers to the series and ends with a release (the sender's retry went through).
 """
 
 from __future__ import annotations
@@ -27,7 +34,14 @@ from typing import Any
 
 import pydicom
 
-from ichscan.receive.result import InstanceInfo, iso, new_record, now_utc, reopen
+from ichscan.receive.result import (
+    InstanceInfo,
+    aborted_warning,
+    iso,
+    new_record,
+    now_utc,
+    reopen,
+)
 from ichscan.receive.store import (
     FINISHED,
     Store,
@@ -50,6 +64,7 @@ class _Series:
     epoch: int = 0
     dirty: bool = False
     last_flush: float = 0.0
+    aborted_at: float | None = None  # when an association cut it short (None: not here)
 
 
 class SeriesTracker:
@@ -164,6 +179,65 @@ class SeriesTracker:
                 st.dirty = st.dirty or not write_now
             st.last_arrival = self.clock()
             st.epoch += 1
+
+    def association_ended(
+        self,
+        series: dict[SeriesKey, int],
+        *,
+        released: bool,
+        calling_ae: str,
+        started: float,
+    ) -> None:
+        """An association that stored ``series[key]`` instances of each series has ended;
+        ``started``: when it was accepted (this tracker's clock). See the module notes."""
+        with self._lock:
+            now = self.clock()
+            for key, n in series.items():
+                st = self._series.get(key)
+                if st is None:
+                    continue  # analysed already, after a full quiet period: left as it is
+                try:
+                    if not released:
+                        self._mark_aborted(key, st, n, calling_ae, now)
+                    elif st.record.get("association_aborted") and (
+                        st.aborted_at is None or started > st.aborted_at
+                    ):
+                        self._unmark_aborted(key, st, calling_ae)
+                except OSError as exc:
+                    log.error("series %s: cannot write its result (%s)", key[1], exc)
+
+    def _mark_aborted(
+        self, key: SeriesKey, st: _Series, n: int, calling_ae: str, now: float
+    ) -> None:
+        mark = {"calling_ae": calling_ae, "instances": n, "at": iso(now_utc())}
+        record = {**st.record, "association_aborted": mark}
+        if record["status"] in ("queued", "analysing"):
+            record["status"] = "receiving"  # an analysis under way is discarded (epoch)
+        self._commit(st, record)
+        st.last_arrival = now
+        st.aborted_at = now
+        st.epoch += 1
+        log.warning(
+            "series %s: %s; analysed once quiet for %gs, as PARTIAL unless a transfer from "
+            "the sender completes it",
+            key[1],
+            aborted_warning(mark),
+            self.timeout_s,
+        )
+
+    def _unmark_aborted(self, key: SeriesKey, st: _Series, calling_ae: str) -> None:
+        record = {**st.record, "association_aborted": None}
+        if record["status"] in ("queued", "analysing"):
+            record["status"] = "receiving"  # analysed as PARTIAL otherwise: again, whole
+            st.epoch += 1
+            st.last_arrival = self.clock()
+        self._commit(st, record)
+        st.aborted_at = None
+        log.info(
+            "series %s: a later association from %s was released; no longer partial",
+            key[1],
+            calling_ae or "-",
+        )
 
     def _existing(self, key: SeriesKey) -> dict[str, Any] | None:
         try:

@@ -20,7 +20,7 @@ from ichscan.errors import IchscanError
 from ichscan.infer.predictor import Predictor
 from ichscan.receive.analyse import analyse_series
 from ichscan.receive.forward import Forwarder
-from ichscan.receive.result import finished_fields, now_utc
+from ichscan.receive.result import aborted_warning, finished_fields, now_utc
 from ichscan.receive.store import Store, append_analysed
 from ichscan.receive.tracker import SeriesKey, SeriesTracker
 
@@ -100,8 +100,15 @@ class AnalysisWorker:
             return None
         record, epoch = started
         t0 = time.perf_counter()
+        mark = record.get("association_aborted")
         try:
-            fields = analyse_series(self.store, *key, self.predictor, algorithm=self.algorithm)
+            fields = analyse_series(
+                self.store,
+                *key,
+                self.predictor,
+                algorithm=self.algorithm,
+                partial=aborted_warning(mark) if mark else None,
+            )
             status = "done"
         except IchscanError as exc:
             fields, status = {"error": str(exc)}, "failed"
@@ -138,6 +145,8 @@ def result_line(record: dict[str, Any], seconds: float) -> str:
     more = f" ({', '.join(positives)})" if positives else ""
     key = record.get("key_slice") or {}
     no_sr = "" if record.get("sr") else "; no SR (see the result's warnings)"
+    if record.get("completion") == "PARTIAL":
+        no_sr += "; PARTIAL: the association was aborted, the series may be incomplete"
     return (
         f"{head}: {verdict}{more}, {label}={p:.3f}, key slice {key.get('index')}; "
         f"{record['slices']} slices analysed in {seconds:.1f}s, "

@@ -431,8 +431,12 @@ def create_app(
                 "suspected_ich",
                 "findings",
                 "key_slice",
+                "completion",
+                "warnings",
             )
         }
+        # What the receiver's model rested on (it may be another model than this server's).
+        store_summary["trained_on"] = (result.get("model") or {}).get("trained_on")
         record = _new_record(scan_id, name, meta, origin=origin, store_result=store_summary)
         _queue(scan_id, folder, job, record)
         return await _settle(scan_id, response)

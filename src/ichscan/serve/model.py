@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import copy
+from pathlib import Path, PurePath
 from typing import Any
+
+from ichscan.models.bundle import trained_on
 
 # Keys of the training record that hold paths on the training machine: not the web's business.
 _PATH_KEYS = {"data", "out", "source", "extra_train", "resume"}
@@ -24,10 +27,45 @@ def _without_paths(value: Any) -> Any:
     return value
 
 
+def is_synthetic_line(line: str) -> bool:
+    """Whether a ``trained_on`` line says the model rests on synthetic phantoms."""
+    return line.startswith("SYNTHETIC")
+
+
+def _name_only(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_name_only(v) for v in value]
+    return PurePath(str(value)).name or str(value) if value else value
+
+
+def training_note(config: dict[str, Any]) -> dict[str, Any]:
+    """What the model was trained on, for the web: ``trained_on`` (the words ``predict``
+    prints, with the training machine's paths cut to their last part, as the rest of the
+    web's model record does) and ``trained_on_synthetic`` (synthetic phantoms)."""
+    synthetic = is_synthetic_line(trained_on(config))
+    shown = copy.deepcopy(config)
+    training = shown.get("training") or {}
+    summary = training.get("data_summary") or {}
+    if summary.get("source"):
+        summary["source"] = _name_only(summary["source"])
+    if summary:
+        summary["synthetic"] = synthetic  # decided above, where the data may still be
+    if training.get("data"):
+        training["data"] = _name_only(training["data"])
+        if not summary:
+            # No summary: trained_on would look at the (now cut) path to decide.
+            training["data_summary"] = {"source": training["data"], "synthetic": synthetic}
+    extra = (training.get("config") or {}).get("extra_train")
+    if extra:
+        training["config"]["extra_train"] = _name_only(list(extra))
+    return {"trained_on": trained_on(shown), "trained_on_synthetic": synthetic}
+
+
 def model_info(predictor: Any) -> dict[str, Any]:
     config = predictor.bundle.config
     labels = list(predictor.labels)
     return {
+        **training_note(config),
         "architecture": config.get("architecture"),
         "label_set": config.get("label_set"),
         "labels": labels,

@@ -13,6 +13,7 @@ of the per-slice probabilities and of the heatmaps is always the same slice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -177,10 +178,10 @@ class Processor:
         from ichscan.io.nifti import read_nifti
 
         if job.kind == "nifti":
-            return read_nifti(job.path), []
+            return named_as_uploaded(read_nifti(job.path), job), []
         if job.kind == "image":
             window = self.predictor.image_window if self.predictor else "unknown"
-            return read_image(job.path, window=window), []
+            return named_as_uploaded(read_image(job.path, window=window), job), []
         found = rediscover(job, self.limits)
         return load_discovered(found), describe_discovery(found)
 
@@ -268,10 +269,30 @@ class Processor:
         return heat
 
 
+def named_as_uploaded(scan: Scan, job: Job) -> Scan:
+    """A NIfTI volume or an image names its scan and slices after its file (``head.nii.gz``:
+    scan ``head``, slices ``head-0000``...), as ``ichscan predict`` does; here the file is
+    the server's ``NNNN`` copy, so the names come from the upload's own file name."""
+    from ichscan.io.nifti import _stem as nifti_stem  # predict's naming rule, not a copy
+
+    original = job.names.get(str(job.path))
+    if not original:
+        return scan
+    stem = nifti_stem(Path(original)) if job.kind == "nifti" else Path(original).stem
+    stem = stem or original
+    ids = [f"{stem}-{k:04d}" for k in range(scan.n_slices)] if job.kind == "nifti" else [stem]
+    return dataclasses.replace(
+        scan, slice_ids=ids, patient_id=stem, study_uid=stem, series_uid=stem
+    )
+
+
 def prediction_fields(
     predictor: Any, slice_probs: np.ndarray, scan_probs: np.ndarray
 ) -> dict[str, Any]:
-    """Scan-level findings with their decisions, and the per-slice probabilities."""
+    """Scan-level findings with their decisions, and the per-slice probabilities, with what
+    the model was trained on (``trained_on``; ``trained_on_synthetic`` for phantoms)."""
+    from ichscan.serve.model import training_note
+
     labels = list(predictor.labels)
     thresholds = predictor.thresholds
     findings = [
@@ -285,6 +306,7 @@ def prediction_fields(
     ]
     headline = slice_probs[:, 0]
     return {
+        **training_note(predictor.bundle.config),
         "labels": labels,
         "headline_label": labels[0],
         "headline_probability": findings[0]["probability"],

@@ -36,6 +36,7 @@ SUMMARY_KEYS = (
     "suspected_ich",
     "headline_label",
     "headline_probability",
+    "trained_on_synthetic",
     "origin",
     "error",
 )

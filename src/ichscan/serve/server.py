@@ -6,10 +6,12 @@ import ipaddress
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from ichscan.serve.uploads import Limits
 
 TOKEN_ENV = "ICHSCAN_TOKEN"
+SYNTHETIC_WARNING = ": its findings on real CT mean nothing"
 
 
 def is_loopback(host: str) -> bool:
@@ -19,6 +21,29 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def startup_line(
+    host: str, port: int, data: str, store: str | None, config: dict[str, Any] | None
+) -> str:
+    """The server's start-up line: where it listens, and what the served model (``config``:
+    its bundle's, None without a model) was trained on, in ``predict``'s words."""
+    from ichscan.models.bundle import trained_on
+    from ichscan.serve.model import is_synthetic_line
+
+    shown = f"[{host}]" if ":" in host else host
+    line = (
+        f"ichscan serve: http://{shown}:{port}/ (API docs at /docs; data in {data}"
+        + (f"; worklist from {store}" if store else "")
+        + "). Research software, not a medical device."
+    )
+    if config is not None:
+        words = trained_on(config)
+        line += f" Model trained on {words}"
+        if is_synthetic_line(words):
+            line += SYNTHETIC_WARNING
+        line += "."
+    return line
 
 
 def run_server(
@@ -61,11 +86,9 @@ def run_server(
             f"upload and read scans (set --token or {TOKEN_ENV})",
             file=sys.stderr,
         )
-    shown = f"[{host}]" if ":" in host else host
+    predictor = app.state.processor.predictor
     print(
-        f"ichscan serve: http://{shown}:{port}/ (API docs at /docs; data in {data}"
-        + (f"; worklist from {store}" if store else "")
-        + "). Research software, not a medical device.",
+        startup_line(host, port, data, store, predictor.bundle.config if predictor else None),
         file=sys.stderr,
         flush=True,
     )

@@ -5,7 +5,9 @@ The receiver writes one JSON per series, ``DIR/results/<Study>/<Series>.json`` (
 module only reads: one worklist entry per study with its series nested, most urgent first —
 studies with a suspected ICH, then the rest, each group oldest arrival first (the longest
 waiting is read first). A file that cannot be used is left out and named in ``problems``;
-one bad file never hides the others.
+one bad file never hides the others. A series the receiver analysed from a transfer its
+sender aborted (``completion`` PARTIAL) is marked ``partial``, and so is its study: it is
+shown, a suspected bleed first as always, but not as a final result.
 """
 
 from __future__ import annotations
@@ -92,8 +94,16 @@ def _series_entry(record: dict[str, Any]) -> dict[str, Any]:
         "error",
         "model",
         "calling_ae",
+        "completion",
+        "warnings",
     )
-    return {key: record.get(key) for key in keys}
+    entry = {key: record.get(key) for key in keys}
+    trained = (record.get("model") or {}).get("trained_on")
+    entry["trained_on"] = trained
+    entry["trained_on_synthetic"] = isinstance(trained, str) and trained.startswith("SYNTHETIC")
+    # A series analysed from a transfer its sender aborted is no final result.
+    entry["partial"] = record.get("status") == "done" and record.get("completion") == "PARTIAL"
+    return entry
 
 
 def _study_status(statuses: list[str]) -> str:
@@ -149,6 +159,9 @@ def _study_entry(records: list[dict[str, Any]]) -> dict[str, Any]:
         "time_to_result_s": max(times) if times else None,
         "labels": labels,
         "findings": _merged_findings(series),
+        "partial": any(s["partial"] for s in series),
+        "trained_on": next((s["trained_on"] for s in series if s["trained_on"]), None),
+        "trained_on_synthetic": any(s["trained_on_synthetic"] for s in series),
         "series": series,
     }
 

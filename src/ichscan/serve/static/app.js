@@ -192,6 +192,12 @@ async function refreshScanList() {
     sub.className = "scan-sub";
     const when = item.created_at ? new Date(item.created_at).toLocaleString() : "";
     sub.append(`${when} · ${item.n_slices ?? "?"} slices `, verdictBadge(item));
+    if (item.trained_on_synthetic) {
+      const badge = document.createElement("span");
+      badge.className = "badge synthetic";
+      badge.textContent = "synthetic-trained model";
+      sub.append(" ", badge);
+    }
     button.append(name, sub);
     if (state.scan && state.scan.id === item.id) button.setAttribute("aria-current", "true");
     button.addEventListener("click", () => openScan(item.id));
@@ -203,9 +209,11 @@ async function refreshScanList() {
 // -- worklist ------------------------------------------------------------------------------
 
 function triageText(study) {
-  if (study.suspected_ich === true) return "Suspected ICH";
-  if (study.suspected_ich === false) return "No ICH suspected";
-  return study.status;
+  let text = study.status;
+  if (study.suspected_ich === true) text = "Suspected ICH";
+  else if (study.suspected_ich === false) text = "No ICH suspected";
+  if (study.partial) text += " (PARTIAL: transfer aborted, not final)";
+  return text;
 }
 
 async function refreshWorklist() {
@@ -226,6 +234,14 @@ async function refreshWorklist() {
     const triage = document.createElement("td");
     triage.className = "triage";
     triage.textContent = triageText(study);
+    if (study.trained_on_synthetic) {
+      const badge = document.createElement("span");
+      badge.className = "badge synthetic";
+      badge.textContent = "synthetic-trained model";
+      badge.title = trainedOnText(study.trained_on, true);
+      triage.append(" ", badge);
+    }
+    if (study.partial) row.classList.add("partial");
     const who = document.createElement("td");
     who.className = "patient";
     const patient = study.patient_name || study.patient_id || "(no name)";
@@ -340,6 +356,7 @@ function renderScan(record) {
   if (!record.labels.length) verdict.textContent = "No model loaded: slices only.";
   else if (record.suspected_ich) verdict.textContent = `Suspected ICH (${record.headline_label} at or above its threshold)`;
   else verdict.textContent = `No ICH suspected (${record.headline_label} below its threshold)`;
+  renderTraining(record);
 
   // Windows: a PNG/JPEG upload is already in one window and cannot be re-windowed.
   const windowed = record.windowed;
@@ -378,6 +395,28 @@ function renderScan(record) {
   slider.max = Math.max(0, n - 1);
   const start = record.key_slice ?? Math.floor(n / 2);
   showSlice(Math.min(Math.max(0, start), Math.max(0, n - 1)));
+}
+
+// What the model rests on, beside every result; loudly when it never saw real CT.
+function trainedOnText(words, synthetic) {
+  if (!words) return "";
+  return synthetic
+    ? `Model trained on ${words}. It has never seen real CT: its findings on a real scan mean nothing.`
+    : `Model trained on ${words}.`;
+}
+
+function renderTraining(record) {
+  const note = $("#trained-on");
+  note.textContent = trainedOnText(record.trained_on, record.trained_on_synthetic === true);
+  note.classList.toggle("synthetic", record.trained_on_synthetic === true);
+  note.hidden = !note.textContent;
+  // A store series the receiver analysed from a transfer its sender aborted.
+  const store = record.store_result || {};
+  const partial = $("#partial-note");
+  partial.hidden = store.completion !== "PARTIAL";
+  partial.textContent = partial.hidden
+    ? ""
+    : `Not final: the receiver's result is PARTIAL (${(store.warnings || []).join("; ") || "transfer aborted"}).`;
 }
 
 function renderFindings(record) {
