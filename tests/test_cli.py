@@ -502,6 +502,19 @@ def test_cli_predict_csv_and_scans_csv(cli_model: tuple[Path, Path], tmp_path: P
     assert (tmp_path / "preds.scans.csv").exists()
 
 
+def test_caches_prepared_by_prepare_and_train_remember_their_phantoms(
+    cli_model: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`ichscan evaluate CACHE` is told the data were ichscan's phantoms, wherever the cache
+    was written (its own path says nothing)."""
+    from ichscan.data.cache import PreparedCache
+
+    data, model = cli_model
+    assert main(["prepare", str(data), "--out", str(tmp_path / "c"), "--size", "32"]) == 0
+    assert PreparedCache(tmp_path / "c").facts["manifest"]["synthetic"] is True
+    assert PreparedCache(model / "cache").facts["manifest"]["synthetic"] is True
+
+
 def test_cli_evaluate_writes_report(cli_model: tuple[Path, Path], tmp_path: Path) -> None:
     data, model = cli_model
     assert main(["evaluate", str(model), str(data), "--out", str(tmp_path / "r")]) == 0

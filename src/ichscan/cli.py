@@ -219,6 +219,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from ichscan.data.manifest import write_manifest
     from ichscan.data.prepare import prepare
     from ichscan.data.splits import assign_folds
+    from ichscan.data.synth import is_synthetic
     from ichscan.preprocess.window import parse_windows
 
     try:
@@ -254,6 +255,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         label_set=label_set,
         overwrite=args.overwrite,
         crop=args.crop,
+        facts={"source": str(args.data), "synthetic": is_synthetic(args.data)},
     )
     write_manifest(
         df,

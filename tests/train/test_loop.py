@@ -66,6 +66,17 @@ def test_threshold_rule_is_checked_before_any_work(png_set: Path, tmp_path: Path
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("rule", ["youden", "calibrated", "sensitivity:0.9"])
+def test_a_diverged_model_is_named_not_thresholded(rule: str) -> None:
+    """NaN validation outputs: one line on the cause, not a threshold read off garbage or a
+    ValueError from deep in the threshold rule."""
+    from ichscan.train.loop import choose_threshold
+
+    y = np.array([0, 1, 0, 1])
+    with pytest.raises(TrainingError, match="2 of 4 validation probabilities are NaN"):
+        choose_threshold(y, np.array([0.1, np.nan, 0.2, np.nan]), rule)
+
+
 def test_resolve_threshold_defaults_per_recipe() -> None:
     from ichscan.train.loop import resolve_threshold
 

@@ -233,6 +233,8 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
             label_set=label_set,
             progress=config.progress,
             crop=crop,
+            # Kept in cache.json, so that `ichscan evaluate` on this cache knows its data.
+            facts={"source": str(data), "synthetic": is_synthetic(data)},
         )
     summary = {
         "source": str(data),

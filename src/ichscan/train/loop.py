@@ -260,6 +260,14 @@ def resolve_threshold(method: str, recipe: str) -> str:
 
 def choose_threshold(y_true: np.ndarray, y_prob: np.ndarray, method: str) -> float:
     """One label's threshold: youden, calibrated, or sensitivity:TARGET."""
+    bad = int((~np.isfinite(np.asarray(y_prob, dtype=np.float64))).sum())
+    if bad:
+        # The threshold rules refuse them too, as a ValueError: a user needs the cause.
+        raise TrainingError(
+            None,
+            f"{bad} of {len(y_prob)} validation probabilities are NaN or infinite: the model "
+            "diverged (try a lower --lr, or --no-amp)",
+        )
     if method == "youden":
         return youden_threshold(y_true, y_prob)
     if method == "calibrated":
