@@ -113,15 +113,22 @@ def _require_finite(p: np.ndarray) -> None:
         raise ValueError(f"{bad} of {p.size} probabilities are not finite (NaN or inf)")
 
 
+def _known_calls(
+    y_true: np.ndarray, y_prob: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(which cases have a known label, their truth, their ``probability >= threshold``
+    calls); raises ValueError on a non-finite probability among them."""
+    y = np.asarray(y_true)
+    keep = y >= 0
+    p = np.asarray(y_prob, dtype=np.float64)[keep]
+    _require_finite(p)
+    return keep, y[keep].astype(bool), p >= threshold
+
+
 def binary_counts(y_true: np.ndarray, y_prob: np.ndarray, threshold: float) -> dict[str, int]:
     """Confusion-matrix counts of ``probability >= threshold`` over known labels; raises
     ValueError on a non-finite probability."""
-    y = np.asarray(y_true)
-    keep = y >= 0
-    y = y[keep].astype(bool)
-    p = np.asarray(y_prob, dtype=np.float64)[keep]
-    _require_finite(p)
-    pred = p >= threshold
+    _, y, pred = _known_calls(y_true, y_prob, threshold)
     return {
         "tp": int((pred & y).sum()),
         "fp": int((pred & ~y).sum()),
@@ -203,12 +210,7 @@ def operating_point_ci95(
 ) -> dict[str, tuple[float, float]]:
     """95% Wilson intervals of sensitivity, specificity, PPV and NPV at a threshold (the
     clustered form when ``clusters`` gives each case's cluster); NaNs where undefined."""
-    y = np.asarray(y_true)
-    keep = y >= 0
-    truth = y[keep].astype(bool)
-    p = np.asarray(y_prob, dtype=np.float64)[keep]
-    _require_finite(p)
-    pred = p >= threshold
+    keep, truth, pred = _known_calls(y_true, y_prob, threshold)
     groups = None if clusters is None else np.asarray(clusters)[keep]
     # (cases the proportion is over, which of them count as hits)
     parts = {

@@ -40,7 +40,7 @@ from torch import nn
 from ichscan.errors import IchscanError
 from ichscan.infer.predictor import Predictor
 from ichscan.io.load import load
-from ichscan.models.bundle import trained_on
+from ichscan.models.bundle import SYNTHETIC_WORDS, is_synthetic_line, trained_on
 from ichscan.models.slice_model import SliceModel
 from ichscan.models.small_set import SmallSetModel
 from ichscan.preprocess.head_crop import crop_box
@@ -302,7 +302,7 @@ def _montage(tiles: list[tuple[Image.Image, str]], footer: str = "") -> Image.Im
         x, y = (i % cols) * TILE, (i // cols) * TILE
         sheet.paste(image.resize((TILE, TILE), Image.BILINEAR), (x, y))
         draw.text((x + 4, y + 4), caption, fill=(255, 255, 255))
-    colour = (255, 210, 0) if "SYNTHETIC" in footer else (255, 255, 255)
+    colour = (255, 210, 0) if SYNTHETIC_WORDS in footer else (255, 255, 255)
     for k, line in enumerate(lines):
         draw.text((4, rows * TILE + 4 + k * FOOTER_LINE_PX), line, fill=colour)
     return sheet
@@ -367,7 +367,7 @@ def explain(
                 "source": scan.source,
                 "method": result.method,
                 "trained_on": trained,
-                "trained_on_synthetic": trained.startswith("SYNTHETIC"),
+                "trained_on_synthetic": is_synthetic_line(trained),
                 "warnings": result.warnings,
                 "slice_ids": list(scan.slice_ids),
                 "slice_probs": result.slice_probs,

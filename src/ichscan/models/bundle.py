@@ -77,6 +77,15 @@ class Bundle:
         return self
 
 
+SYNTHETIC_WORDS = "SYNTHETIC phantoms"
+
+
+def is_synthetic_line(line: object) -> bool:
+    """Whether a :func:`trained_on` line (as a result JSON or SR carries it) says the model
+    rests on ichscan's synthetic phantoms."""
+    return isinstance(line, str) and line.startswith(SYNTHETIC_WORDS)
+
+
 def trained_on(config: dict[str, Any]) -> str:
     """One line on the data a bundle was trained on, for every output that prints its
     figures: synthetic phantoms are called so."""
@@ -90,7 +99,7 @@ def trained_on(config: dict[str, Any]) -> str:
         from ichscan.data.synth import is_synthetic
 
         synthetic = is_synthetic(source)
-    what = "SYNTHETIC phantoms" if synthetic else "data"
+    what = SYNTHETIC_WORDS if synthetic else "data"
     counts = [
         f"{summary[key]} {noun}"
         for key, noun in (("slices", "slices"), ("patients", "patients"))

@@ -18,6 +18,7 @@ import numpy as np
 
 from ichscan.errors import IchscanError
 from ichscan.infer.predictor import Predictor
+from ichscan.models.bundle import is_synthetic_line
 from ichscan.receive.analyse import model_info
 from ichscan.receive.forward import Destination, Forwarder, QuietForwarding
 from ichscan.receive.scp import StorageHandlers, make_ae
@@ -157,7 +158,7 @@ class Receiver:
             f"; forward to {self.destination}" if self.destination else "",
             self.recovered,
         )
-        if model["trained_on"].startswith("SYNTHETIC"):
+        if is_synthetic_line(model["trained_on"]):
             log.warning(
                 "the model was trained on SYNTHETIC phantoms: its findings on real CT mean "
                 "nothing (every result JSON and SR says so)"

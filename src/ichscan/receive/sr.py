@@ -44,6 +44,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from ichscan import __version__
+from ichscan.models.bundle import is_synthetic_line
 
 CONTAINS = "CONTAINS"
 PRIVATE_SCHEME = "99ICHSCAN"
@@ -183,7 +184,7 @@ def build_sr(
         items.append(TextContentItem(codes.DCM.Comment, partial, relationship_type=CONTAINS))
     items.extend(_finding(r) for r in results)
     root.ContentSequence = ContentSequence(items)
-    synthetic = bool(trained_on) and str(trained_on).startswith("SYNTHETIC")
+    synthetic = is_synthetic_line(trained_on)
     notes = [n for n, on in (("PARTIAL", partial), ("SYNTHETIC-trained model", synthetic)) if on]
     sr = ComprehensiveSR(
         evidence=list(evidence),

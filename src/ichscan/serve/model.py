@@ -6,7 +6,7 @@ import copy
 from pathlib import Path, PurePath
 from typing import Any
 
-from ichscan.models.bundle import trained_on
+from ichscan.models.bundle import is_synthetic_line, trained_on
 
 # Keys of the training record that hold paths on the training machine: not the web's business.
 _PATH_KEYS = {"data", "out", "source", "extra_train", "resume"}
@@ -25,11 +25,6 @@ def _without_paths(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_paths(v) for v in value]
     return value
-
-
-def is_synthetic_line(line: str) -> bool:
-    """Whether a ``trained_on`` line says the model rests on synthetic phantoms."""
-    return line.startswith("SYNTHETIC")
 
 
 def _name_only(value: Any) -> Any:

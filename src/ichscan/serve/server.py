@@ -28,8 +28,7 @@ def startup_line(
 ) -> str:
     """The server's start-up line: where it listens, and what the served model (``config``:
     its bundle's, None without a model) was trained on, in ``predict``'s words."""
-    from ichscan.models.bundle import trained_on
-    from ichscan.serve.model import is_synthetic_line
+    from ichscan.models.bundle import is_synthetic_line, trained_on
 
     shown = f"[{host}]" if ":" in host else host
     line = (

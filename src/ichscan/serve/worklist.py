@@ -18,6 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ichscan.models.bundle import is_synthetic_line
+
 SCHEMA = "ichscan.result/1"
 STATUSES = ("receiving", "queued", "analysing", "done", "failed")
 PENDING = ("receiving", "queued", "analysing")
@@ -100,7 +102,7 @@ def _series_entry(record: dict[str, Any]) -> dict[str, Any]:
     entry = {key: record.get(key) for key in keys}
     trained = (record.get("model") or {}).get("trained_on")
     entry["trained_on"] = trained
-    entry["trained_on_synthetic"] = isinstance(trained, str) and trained.startswith("SYNTHETIC")
+    entry["trained_on_synthetic"] = is_synthetic_line(trained)
     # A series analysed from a transfer its sender aborted is no final result.
     entry["partial"] = record.get("status") == "done" and record.get("completion") == "PARTIAL"
     return entry
