@@ -178,6 +178,28 @@ def test_select_last_keeps_the_last_epoch_and_never_stops_early(
         torch.testing.assert_close(kept[name], tensor, rtol=0, atol=0)
 
 
+def test_a_fresh_run_never_takes_an_earlier_runs_best_weights(
+    png_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into a folder that holds an earlier run: when no epoch of the new run improves on the
+    start (--select auc with undefined AUCs), the bundle must hold the new run's weights,
+    not the old best.pt."""
+    import ichscan.train.loop as loop
+
+    out = tmp_path / "model"
+    config = {**FAST, "epochs": 1, "select": "auc"}
+    train(TrainConfig(data=str(png_set), out=str(out), **config))
+    old = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+    real = loop.evaluate_rows
+    monkeypatch.setattr(loop, "evaluate_rows", lambda *a: {**real(*a), "mean_auc": float("nan")})
+    train(TrainConfig(data=str(png_set), out=str(out), **{**config, "seed": 7}))
+    last = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    kept = load_bundle(out).members[0].state_dict()
+    assert any(not torch.equal(kept[k], old[k]) for k in old)
+    for name, tensor in last["model"].items():
+        torch.testing.assert_close(kept[name], tensor, rtol=0, atol=0)
+
+
 def test_finetune_crop_is_cut_recorded_and_checked(png_set: Path, tmp_path: Path) -> None:
     from ichscan.data.cache import PreparedCache
     from ichscan.train.data import DataError

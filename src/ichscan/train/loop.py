@@ -452,6 +452,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _restore_rng(state, generator, ctx, config.seed + start_epoch, device)
     if ctx.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if resume_state is None:
+            # An earlier run's best.pt would otherwise become this run's model whenever no
+            # epoch of this one improves on the start (--select auc with undefined AUCs).
+            for stale_file in (ckpt_dir / "best.pt", ckpt_dir / "last.pt"):
+                stale_file.unlink(missing_ok=True)
     log = CsvLog(out / "train_log.csv", config.resume) if ctx.is_main else None
     tb = _tensorboard(out, config.tensorboard) if ctx.is_main else None
     started = time.monotonic()
