@@ -52,17 +52,44 @@ class StudyModel(nn.Module):
         b, s, _ = embeddings.shape
         if mask is None:
             mask = torch.ones(b, s, dtype=torch.bool, device=embeddings.device)
-        h = self.proj(embeddings)
+        m = mask.unsqueeze(-1).to(embeddings.dtype)
+        # A padded position must not reach a real one: the GRU's backward direction reads
+        # the padding first, and the convolutions look across a scan's end. So a scan's
+        # outputs are the same alone and in a padded batch.
+        h = self.proj(embeddings) * m
         if self.kind == "gru":
-            h, _ = self.seq(h)
+            h = self._gru(h, mask)
         else:
-            h = self.seq(h.transpose(1, 2)).transpose(1, 2)
+            h = h.transpose(1, 2)
+            keep = m.transpose(1, 2)
+            for layer in self.seq:
+                h = layer(h)
+                if isinstance(layer, nn.ReLU):
+                    h = h * keep
+            h = h.transpose(1, 2)
         slice_logits = self.slice_head(h)
-        m = mask.unsqueeze(-1).to(h.dtype)
         mean = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
         masked = h.masked_fill(~mask.unsqueeze(-1), torch.finfo(h.dtype).min)
         scan_logits = self.scan_head(torch.cat([mean, masked.max(1).values], dim=-1))
         return slice_logits, scan_logits
+
+    def _gru(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if _exporting() or bool(mask.all()):
+            return self.seq(h)[0]
+        lengths = mask.sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(
+            h, lengths, batch_first=True, enforce_sorted=False
+        )
+        out, _ = self.seq(packed)
+        return nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=h.shape[1])[0]
+
+
+def _exporting() -> bool:
+    """Whether the model is being traced or exported (ONNX): a branch on the mask's values
+    cannot be traced, and exported graphs run one scan at a time, without padding."""
+    return bool(
+        torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    )
 
 
 def build_study_model(config: dict[str, Any], embed_dim: int, n_labels: int) -> StudyModel:
