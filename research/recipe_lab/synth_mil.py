@@ -29,11 +29,10 @@ import torch
 from cv_members import split, zoom_centre
 from scipy.special import expit
 from synth_lab import insert_bleed
-from vote_rules import blob_path, shipped
+from vote_rules import blob_path, print_totals, shipped, tally
 from zoom_rules import fold_parts
 
 from ichscan.data.cache import PreparedCache
-from ichscan.evaluate.metrics import roc_auc
 from ichscan.models import small_set as model
 from ichscan.models.small_set import LiteMaps
 from ichscan.train import small_set as ss
@@ -114,13 +113,12 @@ def score(groups: list[str]) -> None:
     """The shipped rule, and the same with the candidate's MIL logits in place of the brain
     readers' (and the centre reader's) MIL columns."""
     totals = {k: [0, 0, []] for k in ("ships", "synth")}
-    watch = {}
     for group in groups:
         shipped_runs, cand = group.split(":")
         runs = [np.load(p) for p in shipped_runs.split("+")]
         brain_c, zoom_c = (np.load(p) for p in cand.split("+"))
         blobs = np.load(blob_path(shipped_runs))
-        ys, probs, ids = [], {"ships": [], "synth": []}, []
+        ys, probs = [], {"ships": [], "synth": []}
         for fold, (rows, y, readers, forest) in enumerate(fold_parts(runs)):
             assert np.array_equal(rows, brain_c[f"val_rows_{fold}"])
             assert np.array_equal(rows, zoom_c[f"val_rows_{fold}"])
@@ -132,25 +130,11 @@ def score(groups: list[str]) -> None:
             swapped[4][..., 0] = zoom_c[f"val_mil_{fold}"][..., 0]
             probs["synth"].append(expit(shipped(swapped, forest, blob)).mean(0))
             ys.append(y)
-            ids.append(rows)
-        y, order = np.concatenate(ys), np.concatenate(ids)
+        y = np.concatenate(ys)
         parts = [shipped_runs.split("+")[0].rsplit("/", 1)[-1]]
-        for k in totals:
-            p = np.concatenate(probs[k])
-            auc, right = roc_auc(y, p), int(((p >= 0.5) == y).sum())
-            totals[k][0] += right
-            totals[k][1] += len(y)
-            totals[k][2].append(auc)
-            parts.append(f"{k}: {auc:.4f} {right}")
-            watch.setdefault(k, []).append(dict(zip(order.tolist(), p.tolist(), strict=True)))
+        parts += [tally(totals[k], k, y, np.concatenate(probs[k])) for k in totals]
         print("  ".join(parts), flush=True)
-    print(
-        "all  "
-        + "  ".join(
-            f"{k}: mean AUC {np.mean(t[2]):.4f} right {t[0]} of {t[1]}" for k, t in totals.items()
-        )
-    )
-    return watch
+    print_totals(totals)
 
 
 def main() -> None:

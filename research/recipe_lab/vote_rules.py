@@ -84,14 +84,22 @@ def score(
             ys.append(y)
         y = np.concatenate(ys)
         parts = [Path(group.split("+")[0]).stem]
-        for k in names:
-            p = np.concatenate(probs[k])
-            auc, right = roc_auc(y, p), int(((p >= 0.5) == y).sum())
-            totals[k][0] += right
-            totals[k][1] += len(y)
-            totals[k][2].append(auc)
-            parts.append(f"{k}: {auc:.4f} {right}")
+        parts += [tally(totals[k], k, y, np.concatenate(probs[k])) for k in names]
         print("  ".join(parts), flush=True)
+    print_totals(totals)
+
+
+def tally(total: list, name: str, y: np.ndarray, p: np.ndarray) -> str:
+    """Add one group's pooled AUC and slices right at 0.5 to ``total`` ([right, n, AUCs]);
+    the group's part of the printed line."""
+    auc, right = roc_auc(y, p), int(((p >= 0.5) == y).sum())
+    total[0] += right
+    total[1] += len(y)
+    total[2].append(auc)
+    return f"{name}: {auc:.4f} {right}"
+
+
+def print_totals(totals: dict[str, list]) -> None:
     print(
         "all  "
         + "  ".join(
