@@ -173,6 +173,23 @@ def test_metrics_json_has_every_figure_at_both_levels(
     assert "whole scans" in metrics["slice"]["ci_method"]
 
 
+def test_scan_level_is_decided_at_the_thresholds_chosen_for_the_scan_score(
+    data: Path, tmp_path: Path
+) -> None:
+    """A bundle that chose thresholds for the scan score (the max over slices) is judged at
+    them on scans, and that level is then the tuned operating point; slices keep theirs."""
+    model = _bundle(tmp_path / "model")
+    config = json.loads((model / "bundle.json").read_text())
+    config["scan_thresholds"] = {name: 0.9 for name in LABELS}
+    (model / "bundle.json").write_text(json.dumps(config))
+    metrics = run_evaluate(model, data, tmp_path / "out", device="cpu", n_bootstrap=50, plots=False)
+    assert metrics["scan_thresholds"] == {name: 0.9 for name in LABELS}
+    assert {v["threshold"] for v in metrics["scan"]["labels"].values()} == {0.9}
+    assert {v["threshold"] for v in metrics["slice"]["labels"].values()} == {0.45}
+    assert metrics["model"]["scan_thresholds_chosen_on"] == "scans"
+    assert metrics["scan"]["operating_point_tuned"] and metrics["slice"]["operating_point_tuned"]
+
+
 def test_report_html_shows_the_plots_and_what_it_rests_on(
     evaluated: tuple[Path, Path, dict], data: Path
 ) -> None:

@@ -394,6 +394,35 @@ def test_images_only_write_no_scan_table(png_bundle: Path, png_file: Path, tmp_p
     assert not (tmp_path / "preds.scans.csv").exists()
 
 
+def test_scan_decisions_use_the_thresholds_training_chose_for_the_scan_score(
+    trained_bundle: Path, synth_dicom: Path, tmp_path: Path
+) -> None:
+    """A slice threshold applied to the max over a scan's slices calls far more scans
+    positive than it was tuned for: training chooses thresholds for the scan score on its
+    validation scans, and the scan's "positive" is decided at those; slices keep theirs."""
+    config = json.loads((trained_bundle / "bundle.json").read_text())
+    assert set(config["scan_thresholds"]) == set(RSNA)  # the validation scans are series
+    assert "validation fold's scans" in config["scan_threshold_method"]
+    copy = tmp_path / "bundle"
+    copy.mkdir()
+    for path in trained_bundle.iterdir():
+        if path.is_file():
+            (copy / path.name).write_bytes(path.read_bytes())
+    scan = load(_first_series(synth_dicom))
+    for value, expected in ((1.01, False), (0.0, True)):
+        config["scan_thresholds"] = {name: value for name in RSNA}
+        (copy / "bundle.json").write_text(json.dumps(config))
+        predictor = Predictor(copy, "cpu")
+        pred = predictor.predict_scan(scan)
+        assert (pred.scan_positive == expected).all()
+        np.testing.assert_array_equal(pred.slice_positive, pred.slice_probs >= pred.thresholds)
+    out = tmp_path / "preds.json"
+    assert run_predict([_first_series(synth_dicom)], copy, out, device="cpu", progress=False) == 0
+    doc = json.loads(out.read_text())
+    assert doc["scan_thresholds"] == {name: 0.0 for name in RSNA}
+    assert doc["thresholds"] == {name: config["thresholds"][name] for name in RSNA}
+
+
 def test_json_output_holds_scans_slices_and_errors(
     trained_bundle: Path, synth_dicom: Path, tmp_path: Path
 ) -> None:

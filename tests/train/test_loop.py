@@ -77,6 +77,23 @@ def test_a_diverged_model_is_named_not_thresholded(rule: str) -> None:
         choose_threshold(y, np.array([0.1, np.nan, 0.2, np.nan]), rule)
 
 
+def test_scan_thresholds_are_chosen_on_the_max_over_each_scans_slices() -> None:
+    """The scan score is the max over slices: its threshold is chosen on those maxima and the
+    scans' labels, by the same rule; single-slice scans need none of their own."""
+    from ichscan.labels import BINARY
+    from ichscan.train.loop import choose_scan_thresholds
+
+    # Negative scans whose busiest slice reaches 0.6 and 0.7; positives at 0.8 and 0.9:
+    # the slice-level threshold would sit lower, the scan-level one between 0.7 and 0.8.
+    probs = np.array([[0.1], [0.6], [0.2], [0.7], [0.3], [0.8], [0.5], [0.9]])
+    labels = np.array([[0], [0], [0], [0], [0], [1], [0], [1]])
+    scans = np.array(["a", "a", "b", "b", "c", "c", "d", "d"])
+    chosen = choose_scan_thresholds(probs, labels, scans, BINARY, "youden")
+    assert chosen is not None and 0.7 < chosen["hemorrhage"] <= 0.8
+    alone = np.array(list("abcdefgh"))
+    assert choose_scan_thresholds(probs, labels, alone, BINARY, "youden") is None
+
+
 def test_resolve_threshold_defaults_per_recipe() -> None:
     from ichscan.train.loop import resolve_threshold
 

@@ -613,7 +613,8 @@ def _html(metrics: dict[str, Any], plots: dict[str, dict[str, Path]], out_dir: P
         f"<li>model trained on: {html.escape(model['trained_on'])}</li>"
         f"<li>thresholds: {html.escape(model['threshold_method'] or 'not recorded')}; chosen "
         f"on {html.escape(model['thresholds_chosen_on'] or 'nothing recorded')}"
-        f"; scan score: {html.escape(model['scan_level'])}</li>"
+        f"; scan score: {html.escape(model['scan_level'])}; scan decisions at thresholds "
+        f"chosen on {html.escape(model['scan_thresholds_chosen_on'] or 'nothing recorded')}</li>"
         f"<li>weighted log loss: {html.escape(LOG_LOSS_DEFINITION)}</li>"
         f"<li>created {html.escape(metrics['created'])}</li></ul>"
         f"{''.join(sections)}</body></html>"
@@ -680,11 +681,14 @@ def run_evaluate(
     if len(weights) != len(labels):
         weights = (1.0,) * len(labels)
     thresholds = [float(t) for t in predictor.thresholds]  # float64, as predict decides
+    scan_thresholds = [float(t) for t in predictor.scan_thresholds]
     s_y, s_p = y_all[read], slice_p[read]
     c_y, c_p = np.stack(scan_y), np.stack(scan_p)
     common = {"n_bootstrap": n_bootstrap}
     scan_score = "study model" if predictor.backend.has_study else "max over slices"
     chosen_on = _thresholds_chosen_on(predictor)
+    # Thresholds the bundle chose for the scan score itself tune the scan level.
+    scan_chosen_on = "scans" if predictor.scan_thresholds_tuned else chosen_on
     metrics: dict[str, Any] = {
         "research_use_only": RESEARCH_NOTE,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -703,20 +707,22 @@ def run_evaluate(
             "tta": "horizontal flip" if predictor.backend.tta else "none",
             "threshold_method": _threshold_method(predictor),
             "thresholds_chosen_on": chosen_on,
+            "scan_thresholds_chosen_on": scan_chosen_on,
             "trained_on": trained_on(predictor.bundle.config),
         },
         "labels": labels,
         "thresholds": dict(zip(labels, thresholds, strict=True)),
+        "scan_thresholds": dict(zip(labels, scan_thresholds, strict=True)),
         "weighted_log_loss_definition": LOG_LOSS_DEFINITION,
         "bootstrap": n_bootstrap,
         "slice": level_metrics(
             s_y, s_p, labels, weights, thresholds, clusters=scan_of[read], **common
         ),
-        "scan": level_metrics(c_y, c_p, labels, weights, thresholds, **common),
+        "scan": level_metrics(c_y, c_p, labels, weights, scan_thresholds, **common),
     }
-    for level in ("slice", "scan"):
-        metrics[level]["operating_point_note"] = operating_point_note(level, chosen_on, scan_score)
-        metrics[level]["operating_point_tuned"] = chosen_on == f"{level}s"
+    for level, on in (("slice", chosen_on), ("scan", scan_chosen_on)):
+        metrics[level]["operating_point_note"] = operating_point_note(level, on, scan_score)
+        metrics[level]["operating_point_tuned"] = on == f"{level}s"
     metrics["slice"]["n_scans"] = len(scan_ids)
     metrics["scan"]["n_slices"] = int(read.size)
     metrics = _clean(metrics)
@@ -754,7 +760,7 @@ def run_evaluate(
                 "slice", labels, s_y, s_p, thresholds, out_dir / "plots", rests_on=rests_on
             ),
             "scan": plot_all(
-                "scan", labels, c_y, c_p, thresholds, out_dir / "plots", rests_on=rests_on
+                "scan", labels, c_y, c_p, scan_thresholds, out_dir / "plots", rests_on=rests_on
             ),
         }
     metrics["plots"] = {

@@ -107,6 +107,9 @@ class ScanPrediction:
     series_uid: str = ""
     embeddings: np.ndarray | None = None
     warnings: list[str] = field(default_factory=list)
+    # The scan decision's thresholds, when the bundle chose them on validation scans
+    # (Predictor.scan_thresholds); None: the slice thresholds decide the scan too.
+    scan_thresholds: np.ndarray | None = None
 
     @property
     def n_slices(self) -> int:
@@ -118,7 +121,8 @@ class ScanPrediction:
 
     @property
     def scan_positive(self) -> np.ndarray:
-        return self.scan_probs >= self.thresholds
+        chosen = self.thresholds if self.scan_thresholds is None else self.scan_thresholds
+        return self.scan_probs >= chosen
 
     @property
     def is_volume(self) -> bool:
@@ -296,6 +300,21 @@ class Predictor:
         self.thresholds = np.array(
             [float(chosen.get(name, 0.5)) for name in self.labels], dtype=np.float64
         )
+        # A slice model's scan score is the max over slices: the bundle may carry thresholds
+        # chosen for that max on its validation scans. A study model's own thresholds
+        # already decide its scan outputs.
+        by_scan = self.bundle.config.get("scan_thresholds")
+        self.scan_thresholds_tuned = bool(by_scan) and not self.backend.has_study
+        self.scan_thresholds = (
+            np.array(
+                [
+                    float(by_scan.get(n, t))
+                    for n, t in zip(self.labels, self.thresholds, strict=True)
+                ]
+            )
+            if self.scan_thresholds_tuned
+            else self.thresholds
+        )
         if reslice_mm == _FROM_BUNDLE:
             reslice_mm = self.bundle.input.get("slice_thickness_mm")
         self.reslice_mm = float(reslice_mm) if reslice_mm is not None else None
@@ -344,6 +363,7 @@ class Predictor:
             kind=str(scan.metadata.get("format") or ("image" if scan.windowed else "volume")),
             labels=list(self.labels),
             thresholds=self.thresholds,
+            scan_thresholds=self.scan_thresholds,
             slice_ids=list(resliced.slice_ids),
             slice_probs=slice_probs,
             scan_probs=scan_probs,

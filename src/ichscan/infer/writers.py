@@ -159,6 +159,11 @@ class JsonWriter(_Writer):
             "thresholds": dict(
                 zip(predictor.labels, map(float, predictor.thresholds), strict=True)
             ),
+            # What each scan's "positive" is decided at (the slice thresholds unless the
+            # bundle chose its own for the scan score).
+            "scan_thresholds": dict(
+                zip(predictor.labels, map(float, predictor.scan_thresholds), strict=True)
+            ),
             "research_use_only": RESEARCH_NOTE,
         }
         # Streamed: the head object without its closing brace, then the scans one by one.

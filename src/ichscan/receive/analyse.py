@@ -159,7 +159,7 @@ def analyse_series(
     analysed, x = predictor.prepare(scan)
     slice_probs, scan_probs, _ = predictor.predict_inputs(x)
     labels = list(predictor.labels)
-    thresholds = [float(t) for t in predictor.thresholds]
+    thresholds = [float(t) for t in predictor.scan_thresholds]  # scan-level decisions
 
     results = []
     for i, label in enumerate(labels):

@@ -68,6 +68,9 @@ def model_info(predictor: Any) -> dict[str, Any]:
         "thresholds": {
             name: float(t) for name, t in zip(labels, predictor.thresholds, strict=True)
         },
+        "scan_thresholds": {
+            name: float(t) for name, t in zip(labels, predictor.scan_thresholds, strict=True)
+        },
         "threshold_method": config.get("threshold_method"),
         "input": _without_paths(config.get("input", {})),
         "reslice_mm": predictor.reslice_mm,

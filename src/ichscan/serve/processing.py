@@ -294,7 +294,7 @@ def prediction_fields(
     from ichscan.serve.model import training_note
 
     labels = list(predictor.labels)
-    thresholds = predictor.thresholds
+    thresholds = predictor.scan_thresholds  # the findings are scan-level decisions
     findings = [
         {
             "label": label,

@@ -284,6 +284,27 @@ def choose_thresholds(
     }
 
 
+def choose_scan_thresholds(
+    probs: np.ndarray, labels: np.ndarray, scan_ids: np.ndarray, label_set: LabelSet, method: str
+) -> dict[str, float] | None:
+    """Thresholds for the scan score (the max over a scan's slices), chosen by the same rule
+    on the validation scans: a slice threshold applied to a maximum over dozens of slices
+    calls far more scans positive than it was tuned to. None when every validation scan is
+    one slice (the slice thresholds are then the scan thresholds)."""
+    scans, index = np.unique(scan_ids, return_inverse=True)
+    if len(scans) == len(scan_ids):
+        return None
+    scan_probs = np.full((len(scans), probs.shape[1]), -np.inf)
+    np.maximum.at(scan_probs, index, probs)
+    # A scan is positive if any slice is, negative if some slice is known negative.
+    positive = np.zeros(scan_probs.shape, bool)
+    known = np.zeros(scan_probs.shape, bool)
+    np.logical_or.at(positive, index, labels == 1)
+    np.logical_or.at(known, index, labels >= 0)
+    scan_labels = np.where(positive, 1, np.where(known, 0, -1))
+    return choose_thresholds(scan_probs, scan_labels, label_set, method)
+
+
 def _check_labels(
     labels: np.ndarray, rows: np.ndarray, label_set: LabelSet, what: str, why_empty: str
 ) -> None:
@@ -563,8 +584,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             )
         val_probs = predict_rows(model, val_set, device, config.batch_size * 2)
         final = evaluate_rows(val_probs, val_labels, label_set)
-        thresholds = choose_thresholds(
-            val_probs, val_labels, label_set, resolve_threshold(config.threshold, "finetune")
+        rule = resolve_threshold(config.threshold, "finetune")
+        thresholds = choose_thresholds(val_probs, val_labels, label_set, rule)
+        scan_thresholds = choose_scan_thresholds(
+            val_probs, val_labels, cache.index["scan_id"].to_numpy()[val_rows], label_set, rule
         )
         summary = _write_bundle(
             out,
@@ -578,6 +601,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             best_epoch,
             time.monotonic() - started,
             cache,
+            scan_thresholds,
         )
         _plot_curves(history, out / "training_curves.png")
         if tb is not None:
@@ -834,6 +858,7 @@ def _write_bundle(
     best_epoch: int,
     seconds: float,
     cache: PreparedCache,
+    scan_thresholds: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     spec = input_spec(
         cache.facts["windows"],
@@ -868,6 +893,11 @@ def _write_bundle(
     bundle["thresholds"] = thresholds
     method = resolve_threshold(config.threshold, "finetune")
     bundle["threshold_method"] = f"{method} on the validation fold"
+    if scan_thresholds is not None:
+        bundle["scan_thresholds"] = scan_thresholds
+        bundle["scan_threshold_method"] = (
+            f"{method} on the validation fold's scans (each the max over its slices)"
+        )
     save_bundle(out, bundle, [model])
     return bundle
 
