@@ -27,12 +27,14 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from cv_members import split, zoom_centre
+from scipy import ndimage as ndi
 from scipy.special import expit
 from synth_lab import insert_bleed
 from vote_rules import blob_path, print_totals, shipped, tally
 from zoom_rules import fold_parts
 
 from ichscan.data.cache import PreparedCache
+from ichscan.preprocess.head_crop import brain_region
 from ichscan.models import small_set as model
 from ichscan.models.small_set import LiteMaps
 from ichscan.train import small_set as ss
@@ -49,6 +51,29 @@ def copies(brain: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(made), np.asarray(origin)
 
 
+def insert_calcification(grey: np.ndarray, rng: np.random.Generator) -> np.ndarray | None:
+    """The slice with one small saturated oval in its brain tissue (semi-axes 1.5–4 px,
+    grey 250–255, edge softened by 0.7 px, no rim): what calcified plexus, pineal or basal
+    ganglia look like in a brain window, labelled negative (``--calcifications``)."""
+    brain = brain_region(grey)
+    if brain.sum() < 500:
+        return None
+    g = grey.astype(np.float32)
+    a, b = rng.uniform(1.5, 4.0, size=2)
+    depth = ndi.distance_transform_edt(brain)
+    room = np.argwhere(depth > max(a, b) + 6)
+    if len(room) == 0:
+        return None
+    r, c = room[rng.integers(len(room))]
+    theta = rng.uniform(0, np.pi)
+    yy, xx = np.mgrid[: g.shape[0], : g.shape[1]].astype(np.float32)
+    u = (xx - c) * np.cos(theta) + (yy - r) * np.sin(theta)
+    v = -(xx - c) * np.sin(theta) + (yy - r) * np.cos(theta)
+    soft = ndi.gaussian_filter((((u / a) ** 2 + (v / b) ** 2) <= 1).astype(np.float32), 0.7)
+    out = soft * rng.uniform(250, 255) + (1 - soft) * g
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
 def dump(args: argparse.Namespace) -> None:
     cache = PreparedCache(args.cache)
     rows = np.flatnonzero(cache.ok)
@@ -60,6 +85,17 @@ def dump(args: argparse.Namespace) -> None:
         SimpleNamespace(source=source, y=y), cache.index["fold"].to_numpy()[rows], args.fold_seed
     )
     synth, origin = copies(brain, y)
+    labels_of_copies = np.ones(len(synth), np.int64)
+    if args.calcifications:
+        calcs, calc_origin = [], []
+        for i in np.flatnonzero(y == 0):
+            made = insert_calcification(brain[i], np.random.default_rng(2000 + int(i)))
+            if made is not None:
+                calcs.append(made)
+                calc_origin.append(i)
+        synth = np.concatenate([synth, np.stack(calcs)])
+        origin = np.concatenate([origin, np.asarray(calc_origin)])
+        labels_of_copies = np.concatenate([labels_of_copies, np.zeros(len(calcs), np.int64)])
     if args.crop == "zoom":
         view = np.stack([zoom_centre(g) for g in brain])
         synth_view = np.stack([zoom_centre(g) for g in synth])
@@ -85,7 +121,7 @@ def dump(args: argparse.Namespace) -> None:
             )
         )
         print(f"{b}: {computed} copies' maps computed in {time.monotonic() - t0:.0f} s", flush=True)
-    y_all = np.concatenate([y, np.ones(m, np.int64)])
+    y_all = np.concatenate([y, labels_of_copies])
     source_aug = np.concatenate([source, source[origin]])  # a copy keeps its set's source
     result: dict[str, np.ndarray] = {"y": y, "folds": folds, "origin": origin}
     for fold in sorted(set(folds[folds >= 0])):
@@ -147,6 +183,11 @@ def main() -> None:
     d.add_argument("--fold-seed", type=int, default=0)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--control", action="store_true")
+    d.add_argument(
+        "--calcifications",
+        action="store_true",
+        help="also lend each negative a copy with a saturated oval, labelled negative",
+    )
     s = sub.add_parser("score")
     s.add_argument("groups", nargs="+")
     args = parser.parse_args()
