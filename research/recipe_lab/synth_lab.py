@@ -40,6 +40,16 @@ CEILING = 245.0  # under the saturated grey (250) of calcium and bone
 RIM = (2, 4, 10.0, 25.0)  # width px (low, high), darker by grey levels (low, high)
 
 
+def ellipse_distance(shape: tuple, centre: tuple, axes: tuple, theta: float) -> np.ndarray:
+    """(u/a)^2 + (v/b)^2 of every pixel for an ellipse at ``centre`` (row, col) with
+    semi-axes ``axes`` turned by ``theta``: at most 1 inside it."""
+    (r, c), (a, b) = centre, axes
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    u = (xx - c) * np.cos(theta) + (yy - r) * np.sin(theta)
+    v = -(xx - c) * np.sin(theta) + (yy - r) * np.cos(theta)
+    return (u / a) ** 2 + (v / b) ** 2
+
+
 def insert_bleed(grey: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, tuple] | None:
     """(the slice with one synthetic bleed, its centre (row, col)); None without room."""
     brain = brain_region(grey)
@@ -54,11 +64,7 @@ def insert_bleed(grey: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray
     if len(room) == 0:
         return None
     r, c = room[rng.integers(len(room))]
-    theta = rng.uniform(0, np.pi)
-    yy, xx = np.mgrid[: g.shape[0], : g.shape[1]].astype(np.float32)
-    u = (xx - c) * np.cos(theta) + (yy - r) * np.sin(theta)
-    v = -(xx - c) * np.sin(theta) + (yy - r) * np.cos(theta)
-    inside = (u / a) ** 2 + (v / b) ** 2
+    inside = ellipse_distance(g.shape, (r, c), (a, b), rng.uniform(0, np.pi))
     soft = ndi.gaussian_filter((inside <= 1).astype(np.float32), 1.0)
     out = g.copy()
     if rng.random() < 0.5:

@@ -29,7 +29,7 @@ import torch
 from cv_members import split, zoom_centre
 from scipy import ndimage as ndi
 from scipy.special import expit
-from synth_lab import insert_bleed
+from synth_lab import ellipse_distance, insert_bleed
 from vote_rules import blob_path, print_totals, shipped, tally
 from zoom_rules import fold_parts
 
@@ -65,11 +65,8 @@ def insert_calcification(grey: np.ndarray, rng: np.random.Generator) -> np.ndarr
     if len(room) == 0:
         return None
     r, c = room[rng.integers(len(room))]
-    theta = rng.uniform(0, np.pi)
-    yy, xx = np.mgrid[: g.shape[0], : g.shape[1]].astype(np.float32)
-    u = (xx - c) * np.cos(theta) + (yy - r) * np.sin(theta)
-    v = -(xx - c) * np.sin(theta) + (yy - r) * np.cos(theta)
-    soft = ndi.gaussian_filter((((u / a) ** 2 + (v / b) ** 2) <= 1).astype(np.float32), 0.7)
+    inside = ellipse_distance(g.shape, (r, c), (a, b), rng.uniform(0, np.pi))
+    soft = ndi.gaussian_filter((inside <= 1).astype(np.float32), 0.7)
     out = soft * rng.uniform(250, 255) + (1 - soft) * g
     return np.clip(out, 0, 255).astype(np.uint8)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class LabelSet:
@@ -102,3 +104,9 @@ def detect_label_set(columns: list[str] | tuple[str, ...]) -> LabelSet:
         f"cannot tell the label set from columns {sorted(present)}: expected the RSNA labels "
         f"({', '.join(RSNA.labels)}), the CQ500 findings, or a binary 'hemorrhage' column"
     )
+
+
+def scan_truth(y: np.ndarray) -> np.ndarray:
+    """A scan's label from its slices' (int [S, L]): 1 if any is 1, else 0 if any is 0,
+    else -1 (unknown)."""
+    return np.where((y == 1).any(0), 1, np.where((y == 0).any(0), 0, -1)).astype(np.int8)

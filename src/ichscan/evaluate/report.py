@@ -51,6 +51,7 @@ from ichscan.evaluate.metrics import (
 )
 from ichscan.infer.inputs import InputSpec
 from ichscan.infer.predictor import Predictor
+from ichscan.labels import scan_truth
 from ichscan.models.bundle import trained_on
 from ichscan.preprocess.head_crop import CROP_VERSION
 
@@ -271,12 +272,6 @@ def _ci_method(n_bootstrap: int, unit: str) -> str:
         f"95% CIs: AUC by percentile bootstrap over {n_bootstrap} resamples of {unit}; "
         "sensitivity, specificity, PPV and NPV by Wilson score interval"
     )
-
-
-def scan_truth(y: np.ndarray) -> np.ndarray:
-    """A scan's label from its slices' (int [S, L]): 1 if any is 1, else 0 if any is 0,
-    else -1."""
-    return np.where((y == 1).any(0), 1, np.where((y == 0).any(0), 0, -1)).astype(np.int8)
 
 
 # ---------------------------------------------------------------------------------------

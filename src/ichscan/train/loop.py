@@ -31,7 +31,7 @@ from ichscan.evaluate.metrics import (
     weighted_log_loss,
     youden_threshold,
 )
-from ichscan.labels import LabelSet, get_label_set
+from ichscan.labels import LabelSet, get_label_set, scan_truth
 from ichscan.models.backbones import get_spec
 from ichscan.models.bundle import atomic_torch_save, input_spec, new_config, save_bundle
 from ichscan.models.slice_model import SliceModel
@@ -296,12 +296,8 @@ def choose_scan_thresholds(
         return None
     scan_probs = np.full((len(scans), probs.shape[1]), -np.inf)
     np.maximum.at(scan_probs, index, probs)
-    # A scan is positive if any slice is, negative if some slice is known negative.
-    positive = np.zeros(scan_probs.shape, bool)
-    known = np.zeros(scan_probs.shape, bool)
-    np.logical_or.at(positive, index, labels == 1)
-    np.logical_or.at(known, index, labels >= 0)
-    scan_labels = np.where(positive, 1, np.where(known, 0, -1))
+    # Labelled as evaluate labels a scan: positive if any slice is.
+    scan_labels = np.stack([scan_truth(labels[index == k]) for k in range(len(scans))])
     return choose_thresholds(scan_probs, scan_labels, label_set, method)
 
 
