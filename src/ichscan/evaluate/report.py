@@ -52,7 +52,7 @@ from ichscan.evaluate.metrics import (
 from ichscan.infer.inputs import InputSpec
 from ichscan.infer.predictor import Predictor
 from ichscan.labels import scan_truth
-from ichscan.models.bundle import trained_on
+from ichscan.models.bundle import data_words, trained_on
 from ichscan.preprocess.head_crop import CROP_VERSION
 
 __all__ = ["LOG_LOSS_DEFINITION", "bootstrap_auc_ci", "run_evaluate"]
@@ -689,7 +689,7 @@ def run_evaluate(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "data": {
             **facts,
-            "evaluated_on": f"{'SYNTHETIC phantoms' if facts['synthetic'] else 'data'} at {data}",
+            "evaluated_on": data_words(data, facts["synthetic"]),
             "slices": n_rows,
             "unreadable_slices": int(n_rows - read.size),
         },

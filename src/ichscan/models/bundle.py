@@ -86,6 +86,11 @@ def is_synthetic_line(line: object) -> bool:
     return isinstance(line, str) and line.startswith(SYNTHETIC_WORDS)
 
 
+def data_words(source: object, synthetic: bool) -> str:
+    """How every output names the data a figure rests on: ichscan's phantoms are called so."""
+    return f"{SYNTHETIC_WORDS if synthetic else 'data'} at {source}"
+
+
 def trained_on(config: dict[str, Any]) -> str:
     """One line on the data a bundle was trained on, for every output that prints its
     figures: synthetic phantoms are called so."""
@@ -99,14 +104,13 @@ def trained_on(config: dict[str, Any]) -> str:
         from ichscan.data.synth import is_synthetic
 
         synthetic = is_synthetic(source)
-    what = SYNTHETIC_WORDS if synthetic else "data"
     counts = [
         f"{summary[key]} {noun}"
         for key, noun in (("slices", "slices"), ("patients", "patients"))
         if summary.get(key) is not None
     ]
     extra = (training.get("config") or {}).get("extra_train") or []
-    line = f"{what} at {source}" + (f" ({', '.join(counts)})" if counts else "")
+    line = data_words(source, bool(synthetic)) + (f" ({', '.join(counts)})" if counts else "")
     if extra:
         line += f" + extra training data {', '.join(map(str, extra))}"
     if "fold" in training and "folds" in training:
