@@ -1,5 +1,12 @@
 """Benchmark: the default training recipe on the real data in ../shared/data, by 5-fold
-patient-grouped cross-validation (each image is its own patient in these sets).
+patient-grouped cross-validation.
+
+These sets carry no patient ids, and head_ct holds the same slice twice (re-cropped or
+rescaled: 011/061, 198/199) and neighbouring slices of one head under nearby ids. So images
+whose 32×32 thumbnails correlate at r >= 0.9 (--same-patient-r) are taken as one patient
+(`ichscan.data.similar`), and the benchmark trains on a view of the set whose labels.csv
+carries that patient_id; the groups are printed and saved. Until session 18 each image was
+its own patient, so a copy of a test slice could sit in the training folds.
 
 For each dataset and fold, `ichscan train` runs with its defaults on the other four folds
 (plus, with --with-other, every image of the other dataset: both sets are brain-window axial
@@ -30,6 +37,8 @@ import json
 import math
 from pathlib import Path
 
+from ichscan.data.similar import SAME_PATIENT_R
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LABEL = {"head_ct": "hemorrhage", "rsna_png": "any"}
 # rsna_png carries the RSNA columns (any + subtypes); the target is hemorrhage yes/no (`any`).
@@ -43,6 +52,45 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def grouped_view(data: Path, out: Path, min_r: float) -> tuple[Path, dict]:
+    """A view of an image set (its images linked, not copied) whose labels.csv gives every
+    image the patient id of its near-duplicate group; and what was grouped."""
+    import csv
+
+    from ichscan.data.similar import similar_groups
+
+    with (data / "labels.csv").open(newline="") as f:
+        rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
+    images = {p.stem: p for p in (data / "images").iterdir() if p.suffix.lower() == ".png"}
+    ids = [row["id"] for row in rows if row["id"] in images]
+    groups, pairs = similar_groups([images[i] for i in ids], min_r)
+    patient = {i: f"group-{g:03d}" for i, g in zip(ids, groups, strict=True)}
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        link = out / "images" / images[i].name
+        if not link.is_symlink():
+            link.symlink_to(images[i].resolve())
+    with (out / "labels.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, [*rows[0].keys(), "patient_id"])
+        w.writeheader()
+        for row in rows:
+            if row["id"] in patient:
+                w.writerow({**row, "patient_id": patient[row["id"]]})
+    n_groups = len(set(groups.tolist()))
+    shared = sorted({i for a, b, _ in pairs for i in (ids[a], ids[b])})
+    note = (
+        f"{len(ids)} images as {n_groups} patients: {len(shared)} images in groups of "
+        f"near-duplicates (32x32 thumbnails at r >= {min_r:g}), kept in one fold"
+    )
+    return out, {
+        "patients": n_groups,
+        "same_patient_r": min_r,
+        "grouped_images": shared,
+        "pairs": [(ids[a], ids[b], round(r, 3)) for a, b, r in pairs],
+        "note": note,
+    }
 
 
 def write_predictions(path: Path, cv: dict) -> None:
@@ -74,6 +122,14 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         help="train with ichscan train --head-reader / --no-head-reader (default: neither)",
     )
+    parser.add_argument(
+        "--same-patient-r",
+        type=float,
+        default=SAME_PATIENT_R,
+        help="images whose thumbnails correlate at least this much are one patient "
+        f"(default {SAME_PATIENT_R}; 1.01 keeps every image its own patient, as before "
+        "session 18)",
+    )
     parser.add_argument("--out", default="bench_out/real_data")
     parser.add_argument("--data-root", default=str(SHARED), help="folder holding the sets")
     train_options = parser.add_argument_group(
@@ -104,8 +160,9 @@ def main() -> None:
         if not data.exists():
             raise SystemExit(f"{data} is absent")
         extra = [str(root / o) for o in LABEL if o != name] if args.with_other else []
+        view, groups = grouped_view(data, out / "grouped" / name, args.same_patient_r)
         cv = cross_validate(
-            str(data),
+            str(view),
             str(out / name),
             folds=args.folds,
             seed=args.seed,
@@ -132,6 +189,7 @@ def main() -> None:
             "accuracy_held_out_threshold_ci95": wilson(k_thr, n),
             "accuracy_at_0.5": k_half / n,
             "accuracy_at_0.5_ci95": wilson(k_half, n),
+            "patients": groups,
             "train_minutes_per_model": cv["minutes"],
             "fold_aucs": cv["fold_aucs"],
             "extra_training_data": extra,
@@ -144,6 +202,7 @@ def main() -> None:
             f"{name}: {n} images ({r['positives']} positive), {args.folds}-fold CV, "
             f"{recipe_name}{' + other set in training' if extra else ''}"
         )
+        print(f"  {groups['note']}")
         print(
             f"  ROC AUC {auc:.3f} (95% CI {lo:.3f}-{hi:.3f}); fold AUCs "
             + ", ".join(f"{a:.3f}" for a in cv["fold_aucs"])
