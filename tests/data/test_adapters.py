@@ -598,3 +598,179 @@ def test_a_mask_claiming_huge_dims_is_refused_from_its_header(tmp_path: Path) ->
     df, report, _ = adapt_nifti(tmp_path, masks=True)
     assert len(df) == 5 and (df["any"] == -1).all()
     assert [Path(b["path"]).name for b in report.bad_files] == ["b_mask.nii"]
+
+
+# --------------------------------------------------------------------------- QA audit s18
+
+
+def test_cq500_blank_reader_cells_are_unknown_not_votes_against(tmp_path: Path) -> None:
+    """A blank cell is a reader who did not answer: the majority is taken over those who
+    did (2 of 2 positive is positive), a 1-to-1 split is unknown, and both are reported."""
+    csv = tmp_path / "reads.csv"
+    rows = [
+        _reads_row("CQ500-CT-1", {"ICH": (1, 1, 1), "SDH": (1, 0, 1)}),
+        _reads_row("CQ500-CT-2", {"ICH": (1, 0, 0), "SAH": (1, 1, 0)}),
+    ]
+    table = pd.DataFrame(rows).astype(object)
+    table.loc[0, "R1:ICH"] = ""  # 1 and 1 from R2, R3: positive
+    table.loc[0, "R2:SDH"] = ""  # 1 and 1 from R1, R3: positive
+    table.loc[1, "R3:ICH"] = ""  # 1 from R1, 0 from R2: no majority
+    table.loc[1, "R3:SAH"] = ""  # 1 and 1 from R1, R2: positive
+    table.to_csv(csv, index=False)
+
+    problems: list[str] = []
+    reads = read_cq500_reads(csv, problems=problems).set_index("name")
+    assert reads.at["CQ500-CT-1", "ich"] == 1 and reads.at["CQ500-CT-1", "votes_ich"] == 2
+    assert reads.at["CQ500-CT-1", "sdh"] == 1
+    assert reads.at["CQ500-CT-2", "sah"] == 1
+    assert reads.at["CQ500-CT-2", "ich"] == -1 and reads.at["CQ500-CT-2", "votes_ich"] == 1
+    assert reads.at["CQ500-CT-2", "iph"] == 0  # answered by all three: untouched
+    text = " | ".join(problems)
+    assert "4 blank reader cell(s)" in text and "CQ500-CT-1" in text
+    assert "no majority" in text and "CQ500-CT-2" in text and "ICH" in text
+
+
+def test_cq500_reads_without_blanks_report_nothing(tmp_path: Path) -> None:
+    csv = tmp_path / "reads.csv"
+    pd.DataFrame([_reads_row("CQ500-CT-1", {"ICH": (1, 1, 0)})]).to_csv(csv, index=False)
+    problems: list[str] = []
+    reads = read_cq500_reads(csv, problems=problems)
+    assert reads["ich"].tolist() == [1] and problems == []
+
+
+def _synth(root: Path, layout: str, scans: int = 2, **kw: object) -> Path:
+    from ichscan.data.synth import write_synthetic
+
+    write_synthetic(root, n_scans=scans, layout=layout, shape=(6, 32, 32), seed=3, **kw)
+    return root
+
+
+def test_nifti_masks_are_read_when_every_volume_has_one(tmp_path: Path) -> None:
+    root = _synth(tmp_path / "nii", "nifti")
+    df, report, _ = build_manifest(root)
+    assert report.label_level == "slice"
+    truth = pd.read_csv(root / "slice_truth.csv")
+    # A mask marks every voxel of blood, the slice truth needs a minimum area.
+    assert (df["any"].to_numpy() >= truth["any"].to_numpy()).all()
+    assert any("masks" in n for n in report.notes)
+
+    _, unmasked, _ = build_manifest(root, masks=False)
+    assert unmasked.label_level == "scan"
+
+    next(root.glob("*_mask.nii.gz")).unlink()  # one volume without its mask: per scan
+    _, partial, _ = build_manifest(root)
+    assert partial.label_level == "scan"
+    assert any("1 of 2" in n and "mask" in n for n in partial.notes)
+
+
+def test_cq500_reads_per_patient_zips(tmp_path: Path) -> None:
+    """CQ500 as qure.ai distributes it: one CQ500-CT-<n>.zip per patient beside reads.csv."""
+    import shutil
+
+    root = _synth(tmp_path / "cq", "cq500")
+    folders, _, _ = build_manifest(root, thickness="native")
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        number = folder.name.split()[0].removeprefix("CQ500CT")
+        shutil.make_archive(str(root / f"CQ500-CT-{number}"), "zip", root, folder.name)
+        shutil.rmtree(folder)
+    zipped, report, _ = build_manifest(root, thickness="native")
+    assert len(zipped) == len(folders) == 2 * 41
+    assert (zipped["path"].str.endswith(".zip")).all() and (zipped["member"] != "").all()
+    assert zipped["image_id"].tolist() == folders["image_id"].tolist()
+    assert not report.labels_without_files
+
+
+def test_cq500_zips_beside_their_folders_are_not_read_twice(tmp_path: Path) -> None:
+    import shutil
+
+    root = _synth(tmp_path / "cq", "cq500", scans=1)
+    folder = next(p for p in root.iterdir() if p.is_dir())
+    shutil.make_archive(str(root / "CQ500-CT-0"), "zip", root, folder.name)
+    df, report, _ = build_manifest(root, thickness="native")
+    assert len(df) == 41 and not df["path"].str.endswith(".zip").any()
+    assert not report.files_without_labels
+
+
+@pytest.mark.parametrize(("layout", "labels"), [("rsna", "binary"), ("cq500", "rsna")])
+def test_a_fixed_label_set_is_checked_before_any_header_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str, labels: str
+) -> None:
+    root = _synth(tmp_path / layout, layout, scans=1)
+
+    def never(*args: object, **kw: object) -> None:
+        raise AssertionError("headers were read before the label set was checked")
+
+    monkeypatch.setattr(adapters, "read_header_table", never)
+    monkeypatch.setattr(adapters, "_map_patients", never)
+    with pytest.raises(InputError, match=f"label set, not {labels}"):
+        build_manifest(root, labels=labels)
+
+
+def test_cq500_thin_series_become_5mm_slabs(tmp_path: Path) -> None:
+    """DESIGN.md: CQ500's chosen series is resampled to 5 mm along the patient axis (the
+    slabs `ichscan convert --thickness 5` and `predict --reslice 5` make)."""
+    root = _synth(tmp_path / "cq", "cq500")
+    df, report, _ = build_manifest(root)
+    assert report.facts()["slab_mm"] == 5.0
+    assert (df["kind"] == "series").all()
+    per_scan = df.groupby("scan_id")
+    assert per_scan.size().tolist() == [6, 6]  # 41 slices of 0.625 mm -> 6 slabs of 5 mm
+    assert (df["member"] == df["series_id"]).all()
+    assert all(Path(p).name == "CT PLAIN THIN" for p in df["path"])
+    for _, scan in per_scan:
+        assert scan["slice_index"].tolist() == list(range(6))
+        np.testing.assert_allclose(scan["position_mm"], np.arange(6) * 5.0)
+    assert any("5 mm" in n for n in report.notes)
+
+    native, native_report, _ = build_manifest(root, thickness="native")
+    assert len(native) == 2 * 41 and (native["kind"] == "dicom").all()
+    assert native_report.facts().get("slab_mm") is None
+
+
+def test_middle_slabs_keep_their_place_in_the_scan(tmp_path: Path) -> None:
+    root = _synth(tmp_path / "cq", "cq500", scans=1)
+    df, report, _ = build_manifest(root, middle=4)
+    assert df["slice_index"].tolist() == [1, 2, 3, 4]
+    assert report.facts()["middle_slices"] == 4
+    thick, _, _ = build_manifest(root, thickness=2.5, middle=100)
+    assert len(thick) == 11  # all of them when there are fewer than asked for
+
+
+def test_slab_thickness_is_refused_where_slices_are_labelled_one_by_one(tmp_path: Path) -> None:
+    root = _synth(tmp_path / "rsna", "rsna", scans=1)
+    with pytest.raises(InputError, match="thickness"):
+        build_manifest(root, thickness=5.0)
+    assert len(build_manifest(root)[0]) == 6  # native by default
+
+
+def test_adapter_facts_carry_layout_and_label_level(tmp_path: Path) -> None:
+    root = _synth(tmp_path / "cq", "cq500", scans=1)
+    _, report, _ = build_manifest(root)
+    facts = report.facts()
+    assert facts["layout"] == "cq500" and facts["label_level"] == "scan"
+
+
+def test_dicom_slabs_take_the_labels_of_their_slices(tmp_path: Path) -> None:
+    """A slab is positive when one of its slices is, else unknown when one is, else 0."""
+    from ichscan.data.synth import write_synthetic
+    from ichscan.preprocess.reslice import slab_plan
+
+    root = tmp_path / "dcm"
+    write_synthetic(root, n_scans=1, layout="dicom", shape=(24, 32, 32), thickness=1.25, seed=1)
+    truth = pd.read_csv(root / "slice_truth.csv", dtype=str)
+    labels = list(RSNA.labels)
+    truth[labels] = "0"
+    truth.loc[truth["slice_index"] == "7", "any"] = "1"
+    truth.loc[truth["slice_index"] == "15", "any"] = ""
+    truth.to_csv(root / "slice_truth.csv", index=False)
+
+    slices, _, _ = build_manifest(root)
+    df, report, _ = build_manifest(root, thickness=5.0)
+    assert (df["kind"] == "series").all() and report.facts()["slab_mm"] == 5.0
+    n, slab = slab_plan(slices["position_mm"].to_numpy(), 5.0)
+    assert len(df) == n == 6 and slab is not None
+    expected = [0] * n
+    expected[slab[7]] = 1
+    expected[slab[15]] = -1
+    assert df["any"].tolist() == expected
+    assert (df["subdural"] == 0).all()

@@ -164,3 +164,35 @@ def test_slice_spacing_is_what_the_training_scans_had() -> None:
     assert slice_spacing_mm(_index({"sampled": [0.0, 5.0, 25.0, 60.0]})) is None
     assert slice_spacing_mm(_index({"one": [3.0], "two": [0.0, 5.0]})) is None
     assert slice_spacing_mm(_index({"png": [np.nan, np.nan, np.nan]})) is None
+
+
+def test_an_unsupported_format_names_the_flag_that_remakes_it(cache_dir: Path) -> None:
+    path = cache_dir / FACTS_FILE
+    facts = json.loads(path.read_text())
+    path.write_text(json.dumps({**facts, "format_version": 99}))
+    with pytest.raises(InputError, match="--overwrite") as error:
+        read_facts(cache_dir)
+    assert "--force" not in str(error.value)
+
+
+def test_label_level_is_read_from_cache_json(cache_dir: Path) -> None:
+    """Scan-level reads (CQ500, NIfTI without masks) copied onto every slice must not be
+    taken for slice labels: train-study and evaluate ask the cache which they are."""
+    assert PreparedCache(cache_dir).label_level == "slice"  # nothing recorded: per slice
+    path = cache_dir / FACTS_FILE
+    facts = json.loads(path.read_text())
+    facts["manifest"] = {**facts["manifest"], "layout": "cq500", "label_level": "scan"}
+    path.write_text(json.dumps(facts))
+    assert PreparedCache(cache_dir).label_level == "scan"
+
+
+def test_an_older_cache_takes_its_label_level_from_the_manifest_beside_it(
+    cache_dir: Path,
+) -> None:
+    """Caches made by `ichscan prepare` before cache.json carried the level have the
+    manifest.parquet that the same command wrote beside them, which does."""
+    from ichscan.data.manifest import write_manifest
+
+    index = pd.read_parquet(cache_dir / "index.parquet")
+    write_manifest(index, cache_dir / "manifest.parquet", RSNA, layout="nifti", label_level="scan")
+    assert PreparedCache(cache_dir).label_level == "scan"

@@ -479,3 +479,92 @@ def test_a_refused_volume_is_opened_once_for_all_its_rows(
     assert calls == ["all_nan.nii.gz", "good.nii.gz"]
     reasons = {b["reason"] for b in json.loads(result.report.read_text())["bad"]}
     assert reasons == {"no voxel holds a number (all are NaN or infinite)"}
+
+
+# --- QA audit s18 -----------------------------------------------------------------------
+
+
+def test_a_file_replaced_in_place_redoes_its_shard(dicoms: list[Path], tmp_path: Path) -> None:
+    """Same path, same ids, other pixels (a corrected re-export): the shard key sees the
+    file's size and modification time, so a re-run does not serve the old pixels."""
+    import shutil
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    paths = [Path(shutil.copy(p, folder / p.name)) for p in dicoms[:3]]
+    df, out = manifest(dicom_rows(paths)), tmp_path / "c"
+    run(df, out)
+    before = os.stat(paths[1])
+    shutil.copyfile(dicoms[5], paths[1])  # another slice's pixels under this name
+    os.utime(paths[1], ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+
+    again = run(df, out)
+    assert again.n_skipped_shards == 0
+    np.testing.assert_array_equal(PreparedCache(out)[1], dicom_to_input(paths[1], size=SIZE))
+    assert run(df, out).n_skipped_shards == 1  # nothing changed since: resumed
+
+
+def _cq500(root: Path, scans: int = 1) -> Path:
+    from ichscan.data.synth import write_synthetic
+
+    write_synthetic(root, n_scans=scans, layout="cq500", shape=(6, 32, 32), seed=3)
+    return root
+
+
+def test_series_rows_are_slabs_of_the_resliced_series(tmp_path: Path) -> None:
+    """A `series` row is slab k of its series resliced to the manifest's slab thickness,
+    windowed and resized: what `predict --reslice 5` reads for that series."""
+    from ichscan.data.adapters import build_manifest
+    from ichscan.io.load import load
+    from ichscan.preprocess.reslice import reslice_scan
+    from ichscan.preprocess.window import DEFAULT_WINDOWS, apply_lut, parse_windows, window_lut
+
+    df, report, label_set = build_manifest(_cq500(tmp_path / "cq"), middle=4)
+    out = tmp_path / "c"
+    result = run(df, out, label_set=label_set, facts=report.facts(), shard_size=3)
+    assert (result.n_ok, result.n_bad) == (4, 0)
+    cache = PreparedCache(out)
+    assert cache.facts["slab_mm"] == 5.0 and cache.facts["manifest"]["middle_slices"] == 4
+    assert cache.slice_spacing_mm == 5.0  # what a bundle trained on it tells predict
+
+    scan = load(df.at[0, "path"], series_uid=df.at[0, "member"])
+    slabs = reslice_scan(scan, 5.0).hu
+    lut = window_lut(parse_windows(DEFAULT_WINDOWS))
+    for i, k in enumerate(df["slice_index"]):
+        expected = resize_slice(apply_lut(slabs[k], lut), SIZE)
+        np.testing.assert_array_equal(cache[i], expected)
+
+
+def test_series_rows_without_a_slab_thickness_are_refused(tmp_path: Path) -> None:
+    from ichscan.data.adapters import build_manifest
+
+    df, _, label_set = build_manifest(_cq500(tmp_path / "cq"))
+    with pytest.raises(InputError, match="slab"):
+        run(df, tmp_path / "c", label_set=label_set)
+
+
+def test_a_second_prepare_on_one_cache_is_refused_and_a_stale_lock_taken_over(
+    dicoms: list[Path], tmp_path: Path
+) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from ichscan.data.cache import LOCK_FILE
+
+    df, out = manifest(dicom_rows(dicoms[:2])), tmp_path / "c"
+    out.mkdir()
+    lock = out / LOCK_FILE
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(InputError, match=f"pid {other.pid}") as refused:
+            run(df, out)
+        assert str(lock) in str(refused.value) and "\n" not in str(refused.value)
+        assert not (out / "cache.json").exists()
+    finally:
+        other.kill()
+        other.wait()
+    # Its process is gone: the lock is stale and taken over, and let go at the end.
+    assert run(df, out).n_ok == 2
+    assert not lock.exists()

@@ -343,3 +343,20 @@ def test_repeated_sop_instance_uid_keeps_one_and_names_the_other(
     assert sorted(b.path for b in found.bad_files) == [str(p) for p in paths[1:3]]
     assert all(f"repeats the SOPInstanceUID of {paths[0]}" in b.reason for b in found.bad_files)
     assert "2 slice(s) repeating another slice's SOPInstanceUID were left out" in series.problems
+
+
+def test_a_folder_of_nifti_and_images_is_named_not_called_empty(tmp_path: Path) -> None:
+    """No DICOM, but files ichscan reads one by one: say how many and what to give instead."""
+    from PIL import Image
+
+    for name in ("a.png", "b.png", "c.jpg"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    with pytest.raises(InputError) as error:
+        discover(tmp_path)
+    message = str(error.value)
+    assert "no DICOM files" in message and "3 image file(s)" in message
+    assert "a.png" in message and "ichscan prepare" in message
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match=r"no DICOM files found$"):
+        discover(empty)

@@ -246,3 +246,19 @@ def test_slab_thickness_too_small_for_the_span_is_refused() -> None:
     affine = np.diag([5.0, 1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="slab thickness is too small"):
         reslice(vol, affine, 0.0001)
+
+
+def test_slab_plan_is_what_reslice_makes_from_the_positions_alone() -> None:
+    """A manifest lists a series' slabs, and gives each its slices' labels, from headers."""
+    from ichscan.preprocess.reslice import is_thinner, slab_plan
+
+    z = np.r_[0:10, 20:30].astype(np.float64)  # 1 mm slices with a 10 mm gap
+    n, slab = slab_plan(z[::-1] + 40.0, 5.0)  # any origin, any order
+    origins = np.stack([np.zeros_like(z), np.zeros_like(z), z], axis=1)
+    out, _ = reslice(
+        np.zeros((len(z), 2, 2), np.float32), tilted_affine(0.0, 1.0), 5.0, slice_origins=origins
+    )
+    assert n == out.shape[0] == 6
+    assert slab is not None and slab[::-1].tolist() == [0] * 5 + [1] * 5 + [4] * 5 + [5] * 5
+    assert slab_plan(np.arange(6) * 5.0, 5.0) == (6, None)  # nothing to average
+    assert is_thinner(0.625, 5.0) and not is_thinner(4.8, 5.0) and not is_thinner(None, 5.0)

@@ -5,10 +5,13 @@ Layouts (``detect_layout`` tells them apart, in this order):
 - ``rsna``: ``stage_2_train.csv`` (or ``stage_1_train.csv``) with rows
   ``ID_<image>_<subtype>,<0|1>`` beside a folder of ``ID_<image>.dcm`` files. Labels are per
   slice; only DICOM headers are read, to group slices into series and order them in space.
-- ``cq500``: ``reads.csv`` (three radiologists x 14 findings) beside one folder per patient.
-  Labels are per scan (majority of the readers); the best series of each patient is chosen.
+- ``cq500``: ``reads.csv`` (three radiologists x 14 findings) beside one folder (or one
+  ``CQ500-CT-<n>.zip``) per patient. Labels are per scan (majority of the readers who
+  answered); the best series of each patient is chosen and, by default, read as 5 mm slabs
+  (``series`` rows: see ``slab_rows``).
 - ``nifti``: ``*.nii[.gz]`` volumes (``*_mask.nii[.gz]`` are masks, not scans) and an optional
-  ``labels.csv`` with ``id`` and scan-level label columns.
+  ``labels.csv`` with ``id`` and scan-level label columns; slice labels come from the masks
+  when every volume has one.
 - ``images``: ``images/`` with PNG/JPEG slices and ``labels.csv`` (``id`` + label columns),
   the slices already in a display window.
 - ``dicom``: any folder of DICOM: each study's chosen series, labels -1 (prediction-only
@@ -23,6 +26,7 @@ what was chosen (a patient's series, masks read as masks).
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing as mp
 import os
@@ -52,10 +56,20 @@ from ichscan.io.series import (
 )
 from ichscan.io.volume import default_workers
 from ichscan.labels import CQ500, CQ500_COLUMNS, RSNA, LabelSet, detect_label_set, get_label_set
+from ichscan.preprocess.reslice import is_thinner, slab_plan
 
 from .manifest import UNKNOWN, empty_manifest, normalise, write_manifest
 
 LAYOUTS = ("rsna", "cq500", "images", "nifti", "dicom")
+# Layouts whose label set is fixed: a --labels that differs is refused before any work.
+FIXED_LABEL_SETS = {"rsna": RSNA.name, "cq500": CQ500.name}
+# Layouts read as whole DICOM series, which can be cut into slabs: RSNA's slices are
+# labelled one by one (often a sample of a series), NIfTI and images are read as they come.
+SLAB_LAYOUTS = ("cq500", "dicom")
+# DESIGN.md: the chosen CQ500 series is resampled to 5 mm along the patient axis.
+CQ500_SLAB_MM = 5.0
+# The label sets a NIfTI label map gives per slice (see mask_slice_labels).
+MASK_LABELS = (RSNA.labels, ("hemorrhage",))
 # `ichscan synth` calls the image folder layout "png".
 LAYOUT_ALIASES = {"png": "images"}
 RSNA_CSVS = ("stage_2_train.csv", "stage_1_train.csv")
@@ -105,6 +119,25 @@ class AdapterReport:
     notes: list[str] = field(default_factory=list)
     label_level: str = "slice"
     source: str = ""
+    # How scans were cut: DICOM series read as slabs of this thickness (None: the native
+    # slices), and only the middle N slices of each scan kept (None: all).
+    slab_mm: float | None = None
+    middle_slices: int | None = None
+
+    def facts(self) -> dict[str, Any]:
+        """What a manifest or cache must carry for its rows to be read and trained on
+        right: the layout, whether labels are per slice or copied from the scan, and how
+        the scans were cut (a `series` row is only a slab at its slab thickness)."""
+        out: dict[str, Any] = {
+            "layout": self.layout,
+            "label_level": self.label_level,
+            "source": self.source,
+        }
+        if self.slab_mm is not None:
+            out["slab_mm"] = self.slab_mm
+        if self.middle_slices is not None:
+            out["middle_slices"] = self.middle_slices
+        return out
 
     def to_dict(self, max_listed: int | None = LISTED_IN_FACTS) -> dict[str, Any]:
         """Counts exactly, lists cut to `max_listed` examples (None keeps them whole)."""
@@ -207,30 +240,80 @@ def build_manifest(
     labels: str | None = None,
     workers: int | None = None,
     window: str = DEFAULT_IMAGE_WINDOW,
-    masks: bool = False,
+    masks: bool | None = None,
+    thickness: float | str | None = "auto",
+    middle: int | None = None,
 ) -> Adapted:
     """Detect (or take) the layout and adapt it. `labels` names a label set: it is required
     to match for rsna/cq500, chosen for images/nifti/dicom (else detected / defaulted).
     `workers` (rsna, cq500) sizes the header-reading process pool; `window` (images) names the
-    window the pixels are in; `masks` (nifti) takes slice labels from `*_mask` label maps."""
+    window the pixels are in; `masks` (nifti) takes slice labels from `*_mask` label maps
+    (None: when every volume has one). `thickness` (cq500, dicom): read each chosen series
+    that is thinner as slabs of that many mm (`series` rows, see `slab_rows`); "auto" is
+    DESIGN.md's 5 mm for CQ500 and the native slices elsewhere, "native" or None the native
+    slices. `middle`: keep the middle N slices (or slabs) of each scan."""
     layout = LAYOUT_ALIASES.get(layout or "", layout) or detect_layout(root)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    fixed = FIXED_LABEL_SETS.get(layout)
+    if labels is not None and fixed is not None and labels != fixed:
+        # Checked before any header is read: that takes minutes on a full RSNA set.
+        raise InputError(root, f"the {layout} layout carries the {fixed} label set, not {labels}")
+    slab_mm = slab_thickness(root, layout, thickness)
+    if middle is not None and middle < 1:
+        raise ValueError(f"middle must be a positive slice count, got {middle}")
     if layout == "rsna":
         result = adapt_rsna(root, workers=workers)
     elif layout == "cq500":
-        result = adapt_cq500(root, workers=workers)
+        result = adapt_cq500(root, workers=workers, slab_mm=slab_mm)
     elif layout == "images":
         result = adapt_images(root, labels=labels, window=window)
     elif layout == "nifti":
         result = adapt_nifti(root, labels=labels, masks=masks)
     else:
-        result = adapt_dicom(root, labels=labels)
+        result = adapt_dicom(root, labels=labels, slab_mm=slab_mm)
     if labels is not None and result[2].name != labels:
         raise InputError(
             root, f"the {layout} layout carries the {result[2].name} label set, not {labels}"
         )
+    if middle is not None:
+        result = _keep_middle(*result, middle)
     return result
+
+
+def slab_thickness(root: str | Path, layout: str, thickness: float | str | None) -> float | None:
+    """The slab thickness a layout is read at (see build_manifest), None for native."""
+    if thickness == "auto":
+        return CQ500_SLAB_MM if layout == "cq500" else None
+    if thickness is None or thickness == "native":
+        return None
+    value = float(thickness)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"a slab thickness must be a positive number of mm, got {thickness!r}")
+    if layout not in SLAB_LAYOUTS:
+        raise InputError(
+            root,
+            f"thickness {value:g} mm: slabs are cut from whole DICOM series (the "
+            f"{' and '.join(SLAB_LAYOUTS)} layouts); the {layout} layout is read at its own "
+            "slices",
+        )
+    return value
+
+
+def _keep_middle(rows: pd.DataFrame, report: AdapterReport, label_set: LabelSet, n: int) -> Adapted:
+    """The middle n slices of each scan (all of a shorter one), as preprocess.select picks
+    them. Rows keep their slice_index: it is where they lie in the whole scan."""
+    by_scan = rows.groupby("scan_id", sort=False)["slice_index"]
+    rank = by_scan.rank(method="first").astype(np.int64) - 1
+    start = ((by_scan.transform("size") - n).clip(lower=0) // 2).astype(np.int64)
+    keep = (rank >= start) & (rank < start + n)
+    report.middle_slices = n
+    if not keep.all():
+        report.notes.append(
+            f"kept the middle {n} slice(s) of each scan: {int((~keep).sum())} of {len(rows)} "
+            "left out"
+        )
+    return _finish(rows.loc[keep], report, label_set)
 
 
 def write_dataset_manifest(
@@ -238,12 +321,7 @@ def write_dataset_manifest(
 ) -> tuple[Path, AdapterReport]:
     """Adapt `root` (keywords as for build_manifest) and write the manifest with its facts."""
     df, report, label_set = build_manifest(root, **kw)
-    facts: dict[str, Any] = {
-        "layout": report.layout,
-        "label_level": report.label_level,
-        "source": report.source,
-        "report": report.to_dict(),
-    }
+    facts: dict[str, Any] = {**report.facts(), "report": report.to_dict()}
     if report.layout == "images":
         facts["window"] = kw.get("window", DEFAULT_IMAGE_WINDOW)
     return write_manifest(df, out_parquet, label_set, **facts), report
@@ -570,10 +648,13 @@ def order_slices(rows: pd.DataFrame, report: AdapterReport) -> pd.DataFrame:
 # --------------------------------------------------------------------------- CQ500
 
 
-def read_cq500_reads(csv: str | Path) -> pd.DataFrame:
-    """One row per scan: name, category, the majority (>= 2 of 3 readers) of each finding as
-    the CQ500 labels (int8), the number of readers voting for each (`votes_<label>`), and each
-    reader's agreement with the majority over the 14 findings (`r1_agreement`...)."""
+def read_cq500_reads(csv: str | Path, *, problems: list[str] | None = None) -> pd.DataFrame:
+    """One row per scan: name, category, the majority of each finding among the readers who
+    answered (2 of 3, or 2 of 2) as the CQ500 labels (int8; -1 when those who answered do
+    not reach one: 1 of 2, or a single answer), the number of readers voting for it
+    (`votes_<label>`), and each reader's agreement with the majority over the findings both
+    have (`r1_agreement`...). A blank or -1 cell is a reader who did not answer; blanks and
+    findings left without a majority are appended to `problems`, with counts."""
     csv = Path(csv)
     raw = _read_csv(csv, dtype=str, keep_default_na=False)
     raw.columns = raw.columns.str.strip()
@@ -595,15 +676,48 @@ def read_cq500_reads(csv: str | Path) -> pd.DataFrame:
         ],
         axis=1,
     )  # [scan, reader, finding]
-    votes = reads.sum(axis=1)
-    majority = (votes >= 2).astype(np.int8)
+    votes = (reads == 1).sum(axis=1)
+    against = (reads == 0).sum(axis=1)
+    majority = np.where(votes >= 2, 1, np.where(against >= 2, 0, UNKNOWN)).astype(np.int8)
+    if problems is not None:
+        problems += _cq500_read_problems(csv, names, reads, majority)
     out = pd.DataFrame({"name": names})
     if "Category" in raw.columns:
         out["category"] = raw["Category"].str.strip()
     out[list(CQ500.labels)] = majority
     out[[f"votes_{label}" for label in CQ500.labels]] = votes.astype(np.int8)
+    known = majority != UNKNOWN
     for i, reader in enumerate(CQ500_READERS):
-        out[f"{reader.lower()}_agreement"] = (reads[:, i, :] == majority).mean(axis=1)
+        both = known & (reads[:, i, :] != UNKNOWN)
+        agree = (both & (reads[:, i, :] == majority)).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[f"{reader.lower()}_agreement"] = agree / both.sum(axis=1)
+    return out
+
+
+def _cq500_read_problems(
+    csv: Path, names: pd.Series, reads: np.ndarray, majority: np.ndarray
+) -> list[str]:
+    """Blank reader cells and the findings they leave without a majority, counted and the
+    first named (scan, reader:finding)."""
+    out: list[str] = []
+    blank = np.argwhere(reads == UNKNOWN)
+    if len(blank):
+        scan, reader, finding = blank[0]
+        out.append(
+            f"{csv}: {len(blank)} blank reader cell(s), read as no answer: the majority is "
+            f"taken among the readers who answered (first: {names.iloc[scan]} "
+            f"{CQ500_READERS[reader]}:{CQ500_COLUMNS[finding]})"
+        )
+    tied = np.argwhere(majority == UNKNOWN)
+    if len(tied):
+        scan, finding = tied[0]
+        answers = reads[scan, :, finding]
+        out.append(
+            f"{csv}: {len(tied)} finding(s) have no majority among the readers who answered "
+            f"and are unknown (-1) (first: {names.iloc[scan]} {CQ500_COLUMNS[finding]}: "
+            f"{int((answers == 1).sum())} of {int((answers != UNKNOWN).sum())} positive)"
+        )
     return out
 
 
@@ -612,26 +726,20 @@ def cq500_number(names: pd.Series) -> pd.Series:
     return names.astype(str).str.extract(_NUMBER, expand=False).astype("Int64")
 
 
-def adapt_cq500(root: str | Path, *, workers: int | None = None) -> Adapted:
+def adapt_cq500(
+    root: str | Path, *, workers: int | None = None, slab_mm: float | None = None
+) -> Adapted:
     """CQ500: majority reads as scan-level labels on every slice of each patient's chosen
-    series. Reads without a patient folder are reported (with only reads.csv, the manifest
-    is empty and the report says how many reads have no images)."""
+    series, or on every slab of it (`slab_mm`, see `slab_rows`). A patient is a folder, or
+    the CQ500-CT-<n>.zip it is distributed as (read in place; a folder of the same patient
+    wins). Reads without a patient are reported (with only reads.csv, the manifest is empty
+    and the report says how many reads have no images)."""
     root = _dataset_root(root)
     csv = root / CQ500_READS
-    report = AdapterReport("cq500", label_level="scan", source=str(root))
-    reads = read_cq500_reads(csv).assign(number=lambda d: cq500_number(d["name"]))
-    reads = _dedupe_reads(reads, csv, report)
-
-    dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    folders = pd.DataFrame({"folder": pd.Series(dirs, dtype=object)})
-    folders["number"] = cq500_number(pd.Series([p.name for p in dirs], dtype=object))
-    unnamed = folders["number"].isna()
-    if unnamed.any():
-        report.problems.append(
-            f"{int(unnamed.sum())} folder(s) do not look like a CQ500 patient "
-            f"(CQ500CT<n>) and were ignored (first: {folders.loc[unnamed, 'folder'].iloc[0]})"
-        )
-    folders = folders.loc[~unnamed]
+    report = AdapterReport("cq500", label_level="scan", source=str(root), slab_mm=slab_mm)
+    reads = read_cq500_reads(csv, problems=report.problems)
+    reads = _dedupe_reads(reads.assign(number=lambda d: cq500_number(d["name"])), csv, report)
+    folders = _cq500_patient_entries(root, report)
     twice = folders.duplicated("number")
     if twice.any():
         report.problems.append(
@@ -647,7 +755,8 @@ def adapt_cq500(root: str | Path, *, workers: int | None = None) -> Adapted:
     report.files_without_labels += matched.loc[no_read, "folder"].map(str).tolist()
     if no_folder.any():
         report.problems.append(
-            f"{csv}: {int(no_folder.sum())} read(s) have no patient folder under {root}"
+            f"{csv}: {int(no_folder.sum())} read(s) have no patient folder (or "
+            f"CQ500-CT-<n>.zip) under {root}"
             + (": the manifest is empty" if not (matched["_merge"] == "both").any() else "")
         )
     if no_read.any():
@@ -657,7 +766,7 @@ def adapt_cq500(root: str | Path, *, workers: int | None = None) -> Adapted:
         )
     both = matched.loc[matched["_merge"] == "both"].reset_index(drop=True)
     frames: list[pd.DataFrame] = []
-    results = _map_patients(both["folder"].tolist(), workers)
+    results = _map_patients(both["folder"].tolist(), workers, slab_mm)
     for i, (rows, bad, problems, notes) in enumerate(results):
         report.bad_files += bad
         report.problems += problems
@@ -668,7 +777,44 @@ def adapt_cq500(root: str | Path, *, workers: int | None = None) -> Adapted:
         labels = both.loc[i, list(CQ500.labels)].astype(np.int8).to_dict()
         frames.append(rows.assign(patient_id=both.at[i, "name"], **labels))
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    _note_slabs(rows, report)
     return _finish(rows, report, CQ500)
+
+
+def _cq500_patient_entries(root: Path, report: AdapterReport) -> pd.DataFrame:
+    """Patient folders and zips under the root, with their CQ500 number; what does not look
+    like a patient is reported. A zip whose patient also has a folder (unzipped beside it)
+    is left for the folder, with a note."""
+    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    zips = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".zip")
+    entries = pd.DataFrame({"folder": pd.Series([*dirs, *zips], dtype=object)})
+    entries["number"] = cq500_number(pd.Series([p.name for p in entries["folder"]], dtype=object))
+    unnamed = entries["number"].isna()
+    if unnamed.any():
+        report.problems.append(
+            f"{int(unnamed.sum())} folder(s) or zip(s) do not look like a CQ500 patient "
+            f"(CQ500CT<n>) and were ignored (first: {entries.loc[unnamed, 'folder'].iloc[0]})"
+        )
+    entries = entries.loc[~unnamed]
+    is_zip = entries["folder"].map(lambda p: p.is_file())
+    unzipped = is_zip & entries["number"].isin(entries.loc[~is_zip, "number"])
+    if unzipped.any():
+        report.notes.append(
+            f"{int(unzipped.sum())} patient zip(s) have a folder of the same patient beside "
+            f"them; the folders were read (first: {entries.loc[unzipped, 'folder'].iloc[0]})"
+        )
+    return entries.loc[~unzipped].reset_index(drop=True)
+
+
+def _note_slabs(rows: pd.DataFrame, report: AdapterReport) -> None:
+    if report.slab_mm is None or rows.empty:
+        return
+    scans = rows.groupby("scan_id", sort=False)["kind"].first()
+    slabbed = int((scans == "series").sum())
+    report.notes.append(
+        f"{slabbed} of {len(scans)} chosen series read as {report.slab_mm:g} mm slabs along "
+        "the slice normal (tilt corrected); the rest are no thinner and keep their slices"
+    )
 
 
 def _dedupe_reads(reads: pd.DataFrame, csv: Path, report: AdapterReport) -> pd.DataFrame:
@@ -696,18 +842,22 @@ def _dedupe_reads(reads: pd.DataFrame, csv: Path, report: AdapterReport) -> pd.D
 PatientResult = tuple[pd.DataFrame | None, list[dict[str, str]], list[str], list[str]]
 
 
-def _map_patients(folders: list[Path], workers: int | None) -> Iterator[PatientResult]:
+def _map_patients(
+    folders: list[Path], workers: int | None, slab_mm: float | None = None
+) -> Iterator[PatientResult]:
     n_workers = min(workers or default_workers(), len(folders))
+    read = functools.partial(_cq500_patient, slab_mm=slab_mm)
     if n_workers <= 1:
-        yield from map(_cq500_patient, folders)
+        yield from map(read, folders)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(n_workers, mp_context=mp.get_context(method)) as pool:
-        yield from _bounded_map(pool, _cq500_patient, iter(folders), 2 * n_workers)
+        yield from _bounded_map(pool, read, iter(folders), 2 * n_workers)
 
 
-def _cq500_patient(folder: Path) -> PatientResult:
-    """The rows of one patient's chosen series (labels added by the caller)."""
+def _cq500_patient(folder: Path, slab_mm: float | None = None) -> PatientResult:
+    """The rows of one patient's chosen series (labels added by the caller): its slices,
+    or its slabs when `slab_mm` is given and the series is thinner."""
     try:
         found = discover(folder)
     except InputError as exc:
@@ -726,7 +876,10 @@ def _cq500_patient(folder: Path) -> PatientResult:
         if others
         else []
     )
-    return series_rows(best), bad, problems, notes
+    rows, problem = rows_at_thickness(best, slab_mm)
+    if problem:
+        problems.append(f"{folder}: series {best.series_uid}: {problem}")
+    return rows, bad, problems, notes
 
 
 def _best_series(found: Discovery) -> Series | None:
@@ -754,13 +907,60 @@ def series_rows(series: Series) -> pd.DataFrame:
     )
 
 
+def rows_at_thickness(series: Series, slab_mm: float | None) -> tuple[pd.DataFrame, str]:
+    """The series' slab rows when `slab_mm` is given and the series is thinner, else its
+    slice rows; and a problem line when it could not be cut into slabs (then its slices)."""
+    if slab_mm is None or not is_thinner(series.slice_spacing_mm, slab_mm):
+        return series_rows(series), ""
+    try:
+        return slab_rows(series, slab_mm), ""
+    except ValueError as exc:
+        return series_rows(series), f"cannot be cut into {slab_mm:g} mm slabs ({exc}); kept whole"
+
+
+def slab_rows(series: Series, slab_mm: float) -> pd.DataFrame:
+    """One `series` row per slab of the series resliced to `slab_mm` (what
+    preprocess.reslice makes of it: slabs along the slice normal, tilt corrected, each the
+    mean of the slices within it). `path` is where the series lies (its folder, or its
+    zip), `member` its SeriesInstanceUID, `slice_index` the slab: prepare reads the series
+    once per run of its rows and reslices it. The slab count comes from the headers."""
+    n, _ = slab_plan(series.positions_mm, slab_mm)
+    uid = series.series_uid
+    return pd.DataFrame(
+        {
+            "path": series_source(series),
+            "member": uid,
+            "kind": "series",
+            "image_id": [f"{uid}-slab-{j:03d}" for j in range(n)],
+            "patient_id": series.patient_id or series.study_uid,
+            "study_id": series.study_uid,
+            "series_id": uid,
+            "scan_id": uid,
+            "slice_index": np.arange(n, dtype=np.int32),
+            "position_mm": np.arange(n, dtype=np.float64) * slab_mm,
+        }
+    )
+
+
+def series_source(series: Series) -> str:
+    """The zip or the folder that holds every file of the series (discover reads it back)."""
+    paths = {h.path for h in series.headers}
+    if len(paths) == 1 and series.first.member is not None:
+        return series.first.path
+    return os.path.commonpath([os.path.dirname(p) or "." for p in paths])
+
+
 # --------------------------------------------------------------------------- plain DICOM
 
 
-def adapt_dicom(root: str | Path, *, labels: str | None = None) -> Adapted:
-    """A folder of DICOM: every slice of each study's chosen series. Labels are -1 (for
-    prediction-only manifests) unless a `slice_truth.csv` (sop_uid + label columns, as
-    `ichscan synth` writes) gives per-slice labels. Series not chosen are counted."""
+def adapt_dicom(
+    root: str | Path, *, labels: str | None = None, slab_mm: float | None = None
+) -> Adapted:
+    """A folder of DICOM: every slice of each study's chosen series (or every slab of it,
+    `slab_mm` as in adapt_cq500). Labels are -1 (for prediction-only manifests) unless a
+    `slice_truth.csv` (sop_uid + label columns, as `ichscan synth` writes) gives per-slice
+    labels; a slab then gets those of its slices (positive when one is, unknown when one is
+    and none is positive). Series not chosen are counted."""
     root = _dataset_root(root)
     truth_csv = root / SLICE_TRUTH_CSV
     truth = None
@@ -769,17 +969,21 @@ def adapt_dicom(root: str | Path, *, labels: str | None = None) -> Adapted:
             truth_csv, labels, id_column="sop_uid", known_columns=SLICE_TRUTH_EXTRA
         )
     label_set = truth.label_set if truth else get_label_set(labels or RSNA.name)
-    report = AdapterReport("dicom", label_level="slice", source=str(root))
+    report = AdapterReport("dicom", label_level="slice", source=str(root), slab_mm=slab_mm)
     found = discover(root)
     report.bad_files = [{"path": b.path, "reason": b.reason} for b in found.bad_files]
     if found.bad_files:
         first = found.bad_files[0]
         report.problems.append(f"{len(found.bad_files)} file(s) could not be used (first: {first})")
-    frames = []
+    frames, slices = [], []
     for s in found.series:
         if s.selected:
-            frames.append(series_rows(s))
+            rows, problem = rows_at_thickness(s, slab_mm)
+            frames.append(rows)
+            slices.append(series_rows(s))
             report.problems += [f"series {s.series_uid}: {p}" for p in s.problems]
+            if problem:
+                report.problems.append(f"series {s.series_uid}: {problem}")
         else:
             report.notes.append(
                 f"series {s.series_uid} ({s.n_slices} slice(s), {s.first.path}) left out: "
@@ -790,8 +994,47 @@ def adapt_dicom(root: str | Path, *, labels: str | None = None) -> Adapted:
         for label in label_set.labels:
             rows[label] = UNKNOWN
     else:
-        rows = _join_slice_truth(rows, truth, report)
+        labelled = _join_slice_truth(pd.concat(slices, ignore_index=True), truth, report)
+        rows = _labels_per_row(rows, labelled, list(label_set.labels), slab_mm)
+    _note_slabs(rows, report)
     return _finish(rows, report, label_set)
+
+
+def _labels_per_row(
+    rows: pd.DataFrame, slices: pd.DataFrame, labels: list[str], slab_mm: float | None
+) -> pd.DataFrame:
+    """Slice labels onto the manifest rows, in their order: as they are for slice rows,
+    merged per slab for `series` rows (see adapt_dicom)."""
+    is_slab = (rows["kind"] == "series").to_numpy()
+    if not is_slab.any():
+        return slices
+    values = np.full((len(rows), len(labels)), UNKNOWN, dtype=np.int8)
+    native = slices[["image_id", *labels]].drop_duplicates("image_id")
+    found = rows.loc[~is_slab, ["image_id"]].merge(native, on="image_id", how="left")
+    values[~is_slab] = found[labels].fillna(UNKNOWN).to_numpy()
+    slabbed = slices.loc[slices["scan_id"].isin(set(rows.loc[is_slab, "scan_id"]))]
+    per_slab = _slab_labels(slabbed, labels, float(slab_mm or 0))
+    found = rows.loc[is_slab, ["scan_id", "slice_index"]].merge(
+        per_slab, on=["scan_id", "slice_index"], how="left"
+    )
+    values[is_slab] = found[labels].fillna(UNKNOWN).to_numpy()
+    return rows.assign(**{label: values[:, j] for j, label in enumerate(labels)})
+
+
+def _slab_labels(slices: pd.DataFrame, labels: list[str], slab_mm: float) -> pd.DataFrame:
+    """Per (scan, slab): 1 if a slice in it is positive, else -1 if one is unknown, else 0.
+    A slab that holds no slice (interpolated across a gap) gets no row: unknown."""
+    frames = []
+    for scan, group in slices.groupby("scan_id", sort=False):
+        _, slab = slab_plan(group["position_mm"].to_numpy(), slab_mm)
+        if slab is None:
+            continue  # not thinner: never cut into slabs
+        by_slab = group[labels].groupby(slab)
+        merged = np.where(by_slab.max() == 1, 1, np.where(by_slab.min() == UNKNOWN, UNKNOWN, 0))
+        frame = pd.DataFrame(merged, columns=labels)
+        frames.append(frame.assign(scan_id=scan, slice_index=by_slab.max().index.to_numpy()))
+    columns = ["scan_id", "slice_index", *labels]
+    return pd.concat(frames)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def _join_slice_truth(rows: pd.DataFrame, truth: LabelTable, report: AdapterReport) -> pd.DataFrame:
@@ -1017,13 +1260,17 @@ def _report_unmatched(
 # --------------------------------------------------------------------------- NIfTI
 
 
-def adapt_nifti(root: str | Path, labels: str | None = None, *, masks: bool = False) -> Adapted:
+def adapt_nifti(
+    root: str | Path, labels: str | None = None, *, masks: bool | None = None
+) -> Adapted:
     """NIfTI volumes (+ labels.csv with scan-level labels): one row per slice, reading only
     the headers. Slices run along the volume's superior axis, as `read_nifti` orders them.
     `<stem>_mask.nii[.gz]` files are masks, not scans; with `masks=True` each slice's labels
-    come from its scan's mask instead (see `mask_slice_labels`) and the level is "slice"."""
+    come from its scan's mask instead (see `mask_slice_labels`) and the level is "slice".
+    `masks=None`: from the masks when every volume has one and the label set is one they
+    can give (rsna, binary), else labels.csv's per scan."""
     root = _dataset_root(root)
-    report = AdapterReport("nifti", label_level="slice" if masks else "scan", source=str(root))
+    report = AdapterReport("nifti", source=str(root))
     all_files = list(_nifti_files(root))
     mask_files = {
         _nifti_stem(p)[: -len("_mask")]: p
@@ -1031,11 +1278,6 @@ def adapt_nifti(root: str | Path, labels: str | None = None, *, masks: bool = Fa
         if _nifti_stem(p).lower().endswith("_mask")
     }
     volumes = [p for p in all_files if p not in set(mask_files.values())]
-    if mask_files and not masks:
-        report.notes.append(
-            f"{len(mask_files)} *_mask NIfTI file(s) are masks, not scans, and were skipped "
-            f"(first: {next(iter(mask_files.values()))})"
-        )
     files = pd.DataFrame({"path": [str(p) for p in volumes], "stem": map(_nifti_stem, volumes)})
     _report_duplicate_stems(files, report)
     csv = root / LABELS_CSV
@@ -1050,13 +1292,49 @@ def adapt_nifti(root: str | Path, labels: str | None = None, *, masks: bool = Fa
         table = table.loc[table["path"].notna()]
     else:
         label_set = get_label_set(labels or RSNA.name)
-        if not masks:
-            report.problems.append(f"{root}: no {LABELS_CSV}: every label is unknown (-1)")
         table = files.drop_duplicates("stem").rename(columns={"stem": "id"})
+    if masks is None:
+        masks = _masks_apply(files["stem"], mask_files, label_set, report)
+    elif mask_files and not masks:
+        report.notes.append(
+            f"{len(mask_files)} *_mask NIfTI file(s) are masks, not scans, and were skipped "
+            f"(first: {next(iter(mask_files.values()))})"
+        )
+    report.label_level = "slice" if masks else "scan"
+    if not csv.is_file() and not masks:
+        report.problems.append(f"{root}: no {LABELS_CSV}: every label is unknown (-1)")
     rows = _nifti_rows(table, report)
     if masks and len(rows):
         rows = _labels_from_masks(rows, mask_files, label_set, report)
     return _finish(rows, report, label_set)
+
+
+def _masks_apply(
+    stems: pd.Series, mask_files: dict[str, Path], label_set: LabelSet, report: AdapterReport
+) -> bool:
+    """Whether slice labels come from the masks by default, with a note saying which way
+    and why: every volume needs its mask, or slices without one would be unknown."""
+    if not mask_files:
+        return False
+    have = int(stems.isin(list(mask_files)).sum())
+    first = next(iter(mask_files.values()))
+    if have == len(stems) and label_set.labels in MASK_LABELS:
+        report.notes.append(
+            f"slice labels from the {len(mask_files)} *_mask label map(s), one per volume "
+            f"(first: {first}); labels per scan instead: --no-masks"
+        )
+        return True
+    why = (
+        f"{have} of {len(stems)} volume(s) have a *_mask, and slice labels need one for "
+        "every volume"
+        if have < len(stems)
+        else f"masks give rsna or binary labels, not {label_set.name}"
+    )
+    report.notes.append(
+        f"{len(mask_files)} *_mask NIfTI file(s) are masks, not scans, and were skipped "
+        f"(first: {first}): {why}; labels are per scan"
+    )
+    return False
 
 
 def mask_slice_labels(mask: str | Path, label_set: LabelSet) -> np.ndarray:
@@ -1066,7 +1344,7 @@ def mask_slice_labels(mask: str | Path, label_set: LabelSet) -> np.ndarray:
     `ichscan synth` writes)."""
     import nibabel as nib
 
-    if label_set.labels not in (RSNA.labels, ("hemorrhage",)):
+    if label_set.labels not in MASK_LABELS:
         raise InputError(mask, "slice labels from masks need the rsna or binary label set")
     img = open_nifti(mask)  # read_nifti's header checks: a mask bomb is refused unread
     try:

@@ -9,6 +9,7 @@ Layout of a cache folder::
       index.parquet            the manifest rows + shard, offset, ok (one row per slice)
       cache.json               windows, mode, size, channels, layout, label set, version, counts
       report.json              the rows that could not be read, with the reason
+      .prepare.lock            while a prepare writes here: its process id and host
 
 ``cache.json`` is written last: its presence means the cache is complete and consistent.
 
@@ -31,6 +32,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +49,11 @@ SHARDS_DIR = "shards"
 INDEX_FILE = "index.parquet"
 FACTS_FILE = "cache.json"
 REPORT_FILE = "report.json"
+# Written by `ichscan prepare` beside the cache: the manifest with the adapter's facts.
+MANIFEST_FILE = "manifest.parquet"
+LOCK_FILE = ".prepare.lock"
 CACHE_COLUMNS = ("shard", "offset", "ok")
+LABEL_LEVELS = ("slice", "scan")
 
 
 def shard_path(root: str | Path, shard: int) -> Path:
@@ -124,9 +132,61 @@ def read_facts(root: str | Path) -> dict[str, Any]:
         raise InputError(
             path,
             f"cache format version {facts.get('format_version')} is not the supported "
-            f"{CACHE_FORMAT_VERSION}; prepare it again with --force",
+            f"{CACHE_FORMAT_VERSION}; prepare it again with --overwrite",
         )
     return facts
+
+
+@contextmanager
+def prepare_lock(root: Path) -> Iterator[Path]:
+    """Hold the cache folder's lock while preparing into it. Two runs on one folder would
+    share temp names: one unlinks the other's half-written shard and the other then marks a
+    shard done that it never finished. A lock left by a process that is gone is taken over."""
+    lock = root / LOCK_FILE
+    holder = {"pid": os.getpid(), "host": socket.gethostname()}
+    while True:
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            _refuse_or_clear(lock, holder["host"])
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(holder, f)
+        break
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _refuse_or_clear(lock: Path, host: str) -> None:
+    """InputError naming the lock and its holder when that process may still be running;
+    else remove the stale lock."""
+    try:
+        owner = json.loads(lock.read_text())
+        pid, owner_host = int(owner["pid"]), str(owner["host"])
+    except FileNotFoundError:
+        return  # let go between our attempt and this read: try again
+    except (OSError, ValueError, KeyError, TypeError):
+        pid, owner_host = None, host  # a half-written lock: its writer died right away
+    if pid is not None and (owner_host != host or _running(pid)):
+        where = f" on {owner_host}" if owner_host != host else ""
+        raise InputError(
+            lock,
+            f"another ichscan prepare (pid {pid}{where}) is writing this cache; wait for it "
+            "to finish, or delete this file if that process is gone",
+        )
+    lock.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 class PreparedCache:
@@ -173,6 +233,12 @@ class PreparedCache:
     def ok(self) -> np.ndarray:
         """bool [N]: False for rows that could not be read (their pixels are all zero)."""
         return self.index["ok"].to_numpy(bool)
+
+    @property
+    def label_level(self) -> str:
+        """Whether the labels are per "slice" (each row's own) or per "scan" (its scan's,
+        copied onto every slice: CQ500 reads, NIfTI labels.csv)."""
+        return label_level(self.facts, self.root)
 
     @property
     def slice_spacing_mm(self) -> float | None:
@@ -224,6 +290,28 @@ class PreparedCache:
             f"PreparedCache({str(self.root)!r}, {len(self)} slices, "
             f"{self.size}x{self.size}x{self.channels})"
         )
+
+
+def label_level(facts: dict[str, Any], root: str | Path | None = None) -> str:
+    """The label level of a cache from its cache.json `facts`. A cache prepared before
+    cache.json carried it falls back to the manifest.parquet that `ichscan prepare` wrote
+    beside it (in `root`), else to per slice."""
+    recorded = facts.get("manifest", {}).get("label_level")
+    if recorded is None and root is not None:
+        recorded = _manifest_label_level(Path(root) / MANIFEST_FILE)
+    return recorded if recorded in LABEL_LEVELS else "slice"
+
+
+def _manifest_label_level(path: Path) -> str | None:
+    import pyarrow.parquet as pq
+
+    from ichscan.data.manifest import META_KEY
+
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(META_KEY)
+        return json.loads(raw).get("label_level") if raw else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def slice_spacing_mm(index: pd.DataFrame) -> float | None:

@@ -6,9 +6,11 @@ Columns (in this order, then one int8 column per label of the label set):
 
 | column       | type    | meaning                                                          |
 |--------------|---------|------------------------------------------------------------------|
-| path         | str     | file holding the slice (DICOM file, NIfTI volume, PNG, zip)       |
-| member       | str     | zip member name, "" otherwise                                    |
-| kind         | str     | "dicom", "nifti" or "image"                                      |
+| path         | str     | file holding the slice (DICOM file, NIfTI volume, PNG, zip), or  |
+|              |         | the folder or zip holding a series read as slabs                 |
+| member       | str     | zip member name, or the slabs' SeriesInstanceUID; "" otherwise    |
+| kind         | str     | "dicom", "nifti", "image", or "series": slab `slice_index` of the |
+|              |         | series resliced to the facts' `slab_mm` (CQ500 at 5 mm)          |
 | image_id     | str     | SOP Instance UID, or file stem (images), or "<stem>-<k>" (NIfTI)  |
 | patient_id   | str     | patient (splits never put one patient in two folds)              |
 | study_id     | str     | StudyInstanceUID or equivalent                                   |

@@ -17,6 +17,14 @@ Per row, by ``kind``:
 - ``nifti``: slice ``slice_index`` of the volume, in ichscan's [slice, row, column] order
   (that of :func:`ichscan.io.nifti.read_nifti`), read through nibabel's array proxy (one
   slice, not the whole volume), then windowed with the window lookup table and resized.
+- ``series``: slab ``slice_index`` of the DICOM series ``member`` found under ``path``,
+  resliced to the manifest's ``slab_mm`` by :func:`ichscan.preprocess.reslice.reslice_scan`
+  (what ``predict --reslice`` reads), then windowed and resized. A worker holds one series
+  at a time: the slabs of the series it is on, kept while consecutive rows need them.
+
+A shard is redone when its rows, the settings or an input file (its size or modification
+time) changed since it was made; otherwise a re-run keeps it. One run at a time may write a
+cache folder: a second is refused while the first holds ``.prepare.lock``.
 
 A row that cannot be read is zero-filled, flagged ``ok=False`` and listed with its reason in
 report.json; the run goes on. Only a run where no row at all is usable fails.
@@ -34,7 +42,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -54,6 +62,7 @@ from ichscan.data.cache import (
     SHARDS_DIR,
     ShardWriter,
     marker_path,
+    prepare_lock,
     shard_path,
     temp_path,
     write_json_atomic,
@@ -68,10 +77,13 @@ from ichscan.io.dicom import (
     read_dataset,
 )
 from ichscan.io.image import read_grey
+from ichscan.io.load import load_discovered
 from ichscan.io.nifti import has_a_number, nonfinite_to_air, open_nifti
+from ichscan.io.series import discover, iter_files
 from ichscan.labels import LabelSet, detect_label_set, get_label_set
 from ichscan.preprocess.head_crop import CROP_VERSION, CROPS, crop_slice, extra_planes
 from ichscan.preprocess.resize import resize_slice
+from ichscan.preprocess.reslice import reslice_scan
 from ichscan.preprocess.slice_input import dicom_to_input, fused_table, stored_to_input
 from ichscan.preprocess.window import (
     DEFAULT_WINDOWS,
@@ -86,7 +98,7 @@ from ichscan.progress import progress_bar
 
 __all__ = ["PrepareResult", "prepare", "read_row"]
 
-KINDS = ("dicom", "nifti", "image")
+KINDS = ("dicom", "nifti", "image", "series")
 MODES = ("linear", "sigmoid")
 # A zip member bigger than this is not one CT slice (512² int16 is 0.5 MB); refusing it
 # keeps a hostile archive from ballooning a worker.
@@ -112,6 +124,7 @@ class Params:
     size: int
     mode: str
     crop: str = "none"  # preprocess.head_crop: a crop at full resolution first
+    slab_mm: float | None = None  # the slab thickness `series` rows are resliced to
 
     @property
     def channels(self) -> int:
@@ -133,6 +146,8 @@ class Params:
         }
         if self.crop != "none":  # part of the shards' key: a new crop redoes them
             out["crop_version"] = CROP_VERSION
+        if self.slab_mm is not None:  # only then: caches without slabs keep their keys
+            out["slab_mm"] = self.slab_mm
         out["hu_decode_version"] = HU_DECODE_VERSION  # so is a new decode
         return out
 
@@ -258,6 +273,9 @@ class RowReader:
         # The last volume that could not be opened: its other rows fail the same way
         # without opening it again (an all-NaN volume is read whole to be refused).
         self._nifti_error: tuple[str, str] | None = None
+        # The slabs of the last series read (or why it could not be), keyed by where it
+        # lies and its UID: one series volume per worker at a time.
+        self._slabs: tuple[tuple[str, str], np.ndarray | str] | None = None
 
     def read(self, row: RowRef) -> np.ndarray:
         if row.kind == "dicom":
@@ -266,6 +284,8 @@ class RowReader:
             return self._image(row)
         if row.kind == "nifti":
             return self._nifti_slice(row)
+        if row.kind == "series":
+            return self._slab(row)
         raise InputError(row.path, f"unknown row kind {row.kind!r}; expected one of {KINDS}")
 
     def _dicom(self, row: RowRef) -> np.ndarray:
@@ -343,12 +363,49 @@ class RowReader:
             return _crop_resize(windowed, p)
         return resize_slice(windowed, p.size)
 
+    def _slab(self, row: RowRef) -> np.ndarray:
+        key = (row.path, row.member)
+        if self._slabs is None or self._slabs[0] != key:
+            self._slabs = None  # let the last series go before reading the next
+            try:
+                self._slabs = (key, read_slabs(row.path, row.member, self.params.slab_mm))
+            except InputError as exc:
+                self._slabs = (key, exc.problem)  # its other rows fail alike, unread
+        slabs = self._slabs[1]
+        if isinstance(slabs, str):
+            raise InputError(row.path, slabs)
+        k = int(row.slice_index)
+        if not 0 <= k < len(slabs):
+            raise InputError(
+                row.path, f"series {row.member}: slab {k} is outside its {len(slabs)} slabs"
+            )
+        p = self.params
+        windowed = apply_lut(slabs[k], window_lut(list(p.windows), mode=p.mode))
+        if p.crop != "none":
+            return _crop_resize(windowed, p)
+        return resize_slice(windowed, p.size)
+
     def close(self) -> None:
         if self._zip is not None:
             self._zip[1].close()
             self._zip = None
         self._nifti = None
         self._nifti_error = None
+        self._slabs = None
+
+
+def read_slabs(source: str, series_uid: str, slab_mm: float | None) -> np.ndarray:
+    """int16 HU slabs [n, rows, cols] of the series `series_uid` under `source` (folder or
+    zip), resliced to `slab_mm` along the slice normal, tilt corrected: exactly the slabs
+    `predict --reslice` reads. Decoded in this process (a prepare worker has its own)."""
+    if slab_mm is None:
+        raise InputError(source, "a series row needs a slab thickness (slab_mm) to be read")
+    found = discover(source)
+    scan = load_discovered(found, series_uid=series_uid, workers=1)
+    try:
+        return reslice_scan(scan, slab_mm).hu
+    except ValueError as exc:
+        raise InputError(source, f"cannot reslice series {series_uid} ({exc})") from None
 
 
 def _crop_resize(planes: np.ndarray, p: Params) -> np.ndarray:
@@ -363,9 +420,11 @@ def read_row(
     size: int = 256,
     mode: str = "linear",
     crop: str = "none",
+    slab_mm: float | None = None,
 ) -> np.ndarray:
-    """One manifest row → uint8 [size, size, C], exactly as `prepare` stores it."""
-    params = _params(windows, size, mode, crop)
+    """One manifest row → uint8 [size, size, C], exactly as `prepare` stores it (`slab_mm`:
+    the manifest's slab thickness, for a `series` row)."""
+    params = _params(windows, size, mode, crop, slab_mm)
     reader = RowReader(params)
     try:
         return reader.read(_row_ref(row))
@@ -569,7 +628,18 @@ def _runner(workers: int, ray_address: str | None) -> Runner:
 # The prepare verb
 
 
-def _params(windows: WindowSpec, size: int, mode: str, crop: str = "none") -> Params:
+class _RunOptions(NamedTuple):
+    """How a prepare runs, as opposed to what it makes (Params)."""
+
+    workers: int | None
+    ray: str | None
+    progress: bool
+    overwrite: bool
+
+
+def _params(
+    windows: WindowSpec, size: int, mode: str, crop: str = "none", slab_mm: float | None = None
+) -> Params:
     wins = tuple(parse_windows(windows))
     if len(wins) > 3:
         raise ValueError(f"at most 3 windows (channels) per slice, got {len(wins)}")
@@ -583,7 +653,9 @@ def _params(windows: WindowSpec, size: int, mode: str, crop: str = "none") -> Pa
         raise ValueError(f"a {crop} crop finds the head in a brain window: list brain first")
     if len(wins) + extra_planes(crop) > 3:
         raise ValueError(f"a {crop} crop adds a plane: at most 2 windows with it")
-    return Params(wins, int(size), mode, crop)
+    if slab_mm is not None and not float(slab_mm) > 0:
+        raise ValueError(f"slab_mm must be a positive thickness, got {slab_mm}")
+    return Params(wins, int(size), mode, crop, None if slab_mm is None else float(slab_mm))
 
 
 def _load_manifest(
@@ -611,16 +683,46 @@ def _load_manifest(
     return df, labels, facts
 
 
-def _shard_key(rows: Sequence[RowRef], params: Params) -> str:
+def _shard_key(rows: Sequence[RowRef], params: Params, stamps: Sequence[str]) -> str:
     digest = hashlib.sha256(json.dumps(params.as_json(), sort_keys=True).encode())
-    for row in rows:
+    for row, stamp in zip(rows, stamps, strict=True):
         digest.update("\x1f".join(map(str, row)).encode())
-        digest.update(b"\x1e")
+        digest.update(b"\x1f" + stamp.encode() + b"\x1e")
     return digest.hexdigest()
+
+
+class _Stamps:
+    """Size and modification time of each row's file, so that a file replaced in place
+    (a corrected re-export under the same name and ids) gets its shard redone. Rows of one
+    file come together (a volume's slices, a zip's members), so the last stat is reused; a
+    `series` row's folder stands for all the files in it."""
+
+    def __init__(self) -> None:
+        self._last: tuple[str, str] = ("", "")
+
+    def __call__(self, path: str) -> str:
+        if self._last[0] != path:
+            self._last = (path, _stamp(path))
+        return self._last[1]
+
+
+def _stamp(path: str) -> str:
+    try:
+        if not os.path.isdir(path):
+            st = os.stat(path)
+            return f"{st.st_size}:{st.st_mtime_ns}"
+        digest = hashlib.sha256()
+        for file in iter_files(Path(path)):
+            st = file.stat()
+            digest.update(f"{file}\x1f{st.st_size}:{st.st_mtime_ns}\x1e".encode())
+        return digest.hexdigest()
+    except OSError:
+        return "unreadable"  # the worker says why; the key stays stable meanwhile
 
 
 def _jobs(df: pd.DataFrame, root: Path, params: Params, shard_size: int) -> Iterator[ShardJob]:
     """Shard jobs in manifest order, built lazily so a huge manifest is never duplicated."""
+    stamp = _Stamps()
     for shard, start in enumerate(range(0, len(df), shard_size)):
         # Python strings for one shard at a time: converting whole columns up front would
         # hold a second copy of the manifest as Python objects.
@@ -631,7 +733,8 @@ def _jobs(df: pd.DataFrame, root: Path, params: Params, shard_size: int) -> Iter
             RowRef(str(k), os.path.abspath(p), str(m), str(i), int(s))
             for k, p, m, i, s in zip(*columns, strict=True)
         )
-        yield ShardJob(shard, str(root), rows, params, _shard_key(rows, params))
+        key = _shard_key(rows, params, [stamp(row.path) for row in rows])
+        yield ShardJob(shard, str(root), rows, params, key)
 
 
 def _clean(root: Path, n_shards: int, overwrite: bool) -> None:
@@ -670,29 +773,63 @@ def prepare(
     remakes everything. `ray` = "local" or a cluster address runs the shard jobs as Ray
     tasks (every node must see the input files and `out` at the same paths). `label_set`
     names the label set of a DataFrame (detected from its columns when omitted); `facts`
-    (layout, label_level, source...) describe a DataFrame the way a manifest file's metadata
-    does, and land in cache.json under "manifest".
+    (layout, label_level, source...: an AdapterReport's ``facts()``) describe a DataFrame the
+    way a manifest file's metadata does, and land in cache.json under "manifest"; their
+    `slab_mm` is the thickness `series` rows are resliced to. A second prepare into the
+    same `out` while this one runs is refused (InputError naming the lock).
     Raises InputError when no row at all could be read; otherwise bad rows are zero-filled
     and listed in report.json.
     """
     start = time.perf_counter()
+    run = _RunOptions(workers, ray, progress, overwrite)
     params = _params(windows, size, mode, crop)
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     df, labels, manifest_facts = _load_manifest(manifest_or_df, label_set)
     manifest_facts = {**manifest_facts, **(facts or {})}
+    params = _with_slabs(params, df, manifest_facts)
     root = Path(out).absolute()
     if root.exists() and not root.is_dir():
         raise InputError(root, "exists and is not a folder; choose a folder for the cache")
     (root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    with prepare_lock(root):
+        return _prepare_shards(df, root, labels, manifest_facts, params, shard_size, start, run)
+
+
+def _with_slabs(params: Params, df: pd.DataFrame, facts: dict[str, Any]) -> Params:
+    """The params with the manifest's slab thickness, which its `series` rows need."""
+    slab_mm = facts.get("slab_mm")
+    if slab_mm is None and (df["kind"] == "series").any():
+        raise InputError(
+            facts.get("source"),
+            "the manifest has series rows (slabs) but no slab thickness: pass the adapter's "
+            "facts (AdapterReport.facts(), with slab_mm) along with it",
+        )
+    if slab_mm is None:
+        return params
+    if not float(slab_mm) > 0:
+        raise InputError(facts.get("source"), f"slab thickness {slab_mm!r} is not above 0 mm")
+    return replace(params, slab_mm=float(slab_mm))
+
+
+def _prepare_shards(
+    df: pd.DataFrame,
+    root: Path,
+    labels: LabelSet,
+    manifest_facts: dict[str, Any],
+    params: Params,
+    shard_size: int,
+    start: float,
+    run: _RunOptions,
+) -> PrepareResult:
     n_shards = -(-len(df) // shard_size)
-    _clean(root, n_shards, overwrite)
-    workers = max(1, workers or len(os.sched_getaffinity(0)))
-    if not ray:
+    _clean(root, n_shards, run.overwrite)
+    workers = max(1, run.workers or len(os.sched_getaffinity(0)))
+    if not run.ray:
         workers = min(workers, n_shards)  # one shard is one job: more processes would idle
 
     outcomes: dict[int, ShardOutcome] = {}
-    bar = progress_bar(total=len(df), unit="slice", desc="prepare", disable=not progress)
+    bar = progress_bar(total=len(df), unit="slice", desc="prepare", disable=not run.progress)
 
     def todo() -> Iterator[ShardJob]:
         for job in _jobs(df, root, params, shard_size):
@@ -704,7 +841,7 @@ def prepare(
                 bar.update(len(job.rows))
 
     with bar:
-        for outcome in _runner(workers, ray)(todo()):
+        for outcome in _runner(workers, run.ray)(todo()):
             outcomes[outcome.shard] = outcome
             bar.update(len(outcome.ok))
     seconds = time.perf_counter() - start

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ichscan.data.cache import REPORT_FILE, PreparedCache
+from ichscan.data.skipped import NO_FILE, skipped_inputs
 from ichscan.data.synth import is_synthetic
 from ichscan.errors import IchscanError, InputError
 from ichscan.evaluate.metrics import (
@@ -55,7 +56,13 @@ from ichscan.labels import scan_truth
 from ichscan.models.bundle import data_words, trained_on
 from ichscan.preprocess.head_crop import CROP_VERSION
 
-__all__ = ["LOG_LOSS_DEFINITION", "bootstrap_auc_ci", "run_evaluate"]
+__all__ = [
+    "LOG_LOSS_DEFINITION",
+    "NO_FILE",
+    "bootstrap_auc_ci",
+    "run_evaluate",
+    "skipped_inputs",
+]
 
 RESEARCH_NOTE = "ichscan is research software, not a medical device"
 LOG_LOSS_DEFINITION = (
@@ -77,41 +84,6 @@ class EvaluateError(IchscanError):
 
 # Skipped inputs listed in metrics.json; the count is exact.
 LISTED_SKIPPED = 50
-NO_FILE = "labelled, but no file found"
-
-
-def skipped_inputs(report: Any | None, prepare_report: Path | None) -> list[dict[str, str]]:
-    """Every labelled input left out, with why: files the adapter could not read, labels
-    whose file is missing (``report``, an AdapterReport), and slices whose pixels could not
-    be read (the ``report.json`` that prepare wrote)."""
-    out: list[dict[str, str]] = []
-    if report is not None:
-        out += [{"path": str(b["path"]), "reason": str(b["reason"])} for b in report.bad_files]
-        # A file named by its label's id that could not be read leaves that label without a
-        # file too (the DICOM layout counts both): list the file once, with its reason.
-        listed = {Path(e["path"]).stem for e in out} | {Path(e["path"]).name for e in out}
-        out += [
-            {"path": str(name), "reason": NO_FILE}
-            for name in report.labels_without_files
-            if str(name) not in listed
-        ]
-    if prepare_report is not None:
-        out += _prepare_bad(prepare_report)
-    return out
-
-
-def _prepare_bad(path: Path) -> list[dict[str, str]]:
-    try:
-        bad = json.loads(path.read_text()).get("bad", [])
-    except (OSError, ValueError, AttributeError):
-        return []  # a cache prepared before the report existed
-    return [
-        {
-            "path": f"{b['path']}!{b['member']}" if b.get("member") else str(b["path"]),
-            "reason": str(b.get("reason", "")),
-        }
-        for b in bad
-    ]
 
 
 def _skipped_facts(skipped: list[dict[str, str]]) -> dict[str, Any]:
@@ -323,7 +295,7 @@ def _open_data(
             "source": str(data),
             "synthetic": bool(synthetic),
             "layout": "prepared cache",
-            "label_level": manifest.get("label_level", cache.facts.get("label_level", "slice")),
+            "label_level": cache.label_level,
             **_skipped_facts(skipped_inputs(None, cache.root / REPORT_FILE)),
         }
     from ichscan.data.adapters import build_manifest
@@ -345,13 +317,9 @@ def _open_data(
         progress=progress,
         workers=workers,
         crop=spec.crop,
-        # Kept in cache.json, so that evaluating this cache again still knows its data.
-        facts={
-            "source": str(data),
-            "synthetic": synthetic,
-            "layout": report.layout,
-            "label_level": report.label_level,
-        },
+        # Kept in cache.json, so that evaluating this cache again still knows its data
+        # (and a series row its slab thickness).
+        facts={**report.facts(), "source": str(data), "synthetic": synthetic},
     )
     facts = {
         "source": str(data),

@@ -600,9 +600,25 @@ def discover(path: str | Path, zip_limits: ZipLimits | None = None) -> Discovery
     notes = [n for s in series for n in sorted({n for h in s.headers for n in h.notes})]
     if not series and not bad:
         raise InputError(
-            shown(path), "no DICOM files found" if Path(path).is_dir() else "not a DICOM file"
+            shown(path),
+            _nothing_found(ignored) if Path(path).is_dir() else "not a DICOM file",
         )
     return Discovery(str(path), series, bad, ignored, notes)
+
+
+def _nothing_found(ignored: list[str]) -> str:
+    """No DICOM in a folder; when it holds the files ichscan reads one at a time (NIfTI
+    volumes, PNG/JPEG slices), say how many and what to give instead."""
+    kinds = (("NIfTI", (".nii", ".nii.gz")), ("image", (".png", ".jpg", ".jpeg")))
+    for kind, suffixes in kinds:
+        found = [name for name in ignored if name.lower().endswith(suffixes)]
+        if found:
+            return (
+                f"no DICOM files found; it holds {len(found)} {kind} file(s) (first: "
+                f"{found[0]}): give one of them (each is one scan), or the folder to "
+                "`ichscan prepare` if it is a dataset"
+            )
+    return "no DICOM files found"
 
 
 def is_ct_sop_class(uid: str) -> bool:

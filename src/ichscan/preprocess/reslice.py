@@ -48,7 +48,7 @@ from scipy import ndimage
 
 from ichscan.scan import Scan
 
-__all__ = ["reslice", "reslice_scan"]
+__all__ = ["is_thinner", "reslice", "reslice_scan", "slab_plan"]
 
 # Shifts below this many pixels are skipped: they change no voxel measurably and an
 # untilted series would otherwise pay a resampling pass per slice.
@@ -64,6 +64,9 @@ _SPACING_TOL_MM = 0.01
 # (0.5 mm over a 2 m whole-body scan is 4000).
 MAX_EXTENT_MM = 2000.0
 MAX_OUT_SLICES = 4096
+# A series counts as thin, and is read as slabs, only below this share of the slab
+# thickness (the rule of infer.predictor, which reads a 4.8 mm series as it is for 5 mm).
+THIN_MARGIN = 0.9
 
 
 def _cast(acc: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -103,6 +106,65 @@ def _geometry(
     # 1e-16 px would make ndimage's constant mode treat a whole edge row as outside.
     shifts[np.abs(shifts) <= _MIN_SHIFT_PX] = 0.0
     return normal, ref, dist, shifts
+
+
+def _plan(d_sorted: np.ndarray, t: float) -> tuple[float, int, float]:
+    """(input spacing, slab count, depth of the first slab's centre) for slices at the
+    ascending depths ``d_sorted`` along the normal; ValueError for an impossible plan."""
+    if len(d_sorted) > 1:
+        steps = np.diff(d_sorted)
+        positive = steps[steps > 0]
+        if positive.size == 0:
+            raise ValueError("all slices lie in the same plane; cannot reslice")
+        spacing = float(np.median(positive))
+    else:
+        spacing = t  # one slice: nothing to average, output it as one slab
+    extent = float(d_sorted[-1] - d_sorted[0])
+    if extent > MAX_EXTENT_MM:
+        # A slice 1 km away would make the output volume the memory bomb.
+        raise ValueError(
+            f"slices span {extent:.0f} mm along the slice normal, more than any body "
+            f"({MAX_EXTENT_MM:.0f} mm): a slice position is wrong or the series is mixed"
+        )
+    # Enough slabs that every input slice (each `spacing` thick) is covered.
+    n_out = max(1, math.ceil((extent + spacing) / t - 1e-6))
+    if n_out > MAX_OUT_SLICES:
+        raise ValueError(
+            f"{n_out} slabs of {t:g} mm over {extent:.0f} mm is more than {MAX_OUT_SLICES}: "
+            "the slab thickness is too small"
+        )
+    first = (float(d_sorted[0]) + float(d_sorted[-1])) / 2 - (n_out - 1) * t / 2
+    return spacing, n_out, first
+
+
+def _slab_of(d_sorted: np.ndarray, t: float, n_out: int, first: float) -> np.ndarray:
+    """The slab each slice's centre falls in (thin input)."""
+    slab = np.floor((d_sorted - (first - t / 2)) / t).astype(np.int64)
+    return np.clip(slab, 0, n_out - 1, out=slab)
+
+
+def slab_plan(positions_mm: np.ndarray, thickness_mm: float) -> tuple[int, np.ndarray | None]:
+    """What ``reslice`` makes of slices at ``positions_mm`` (along the normal, any origin and
+    order): the number of slabs, and for thin input the slab each slice is averaged into
+    (None when the slices are interpolated instead). So a manifest can list a series'
+    slabs, and give each its slices' labels, from headers alone. ValueError as ``reslice``."""
+    d = np.asarray(positions_mm, dtype=np.float64)
+    if d.size == 0:
+        raise ValueError("cannot reslice a volume with no slices")
+    order = np.argsort(d, kind="stable")
+    t = float(thickness_mm)
+    spacing, n_out, first = _plan(d[order], t)
+    if not spacing < t - _SPACING_TOL_MM:
+        return n_out, None
+    slab = np.empty(d.size, dtype=np.int64)
+    slab[order] = _slab_of(d[order], t, n_out, first)
+    return n_out, slab
+
+
+def is_thinner(spacing_mm: float | None, thickness_mm: float) -> bool:
+    """Whether a series is read as slabs of ``thickness_mm``: only when its spacing is
+    clearly below it (as ``predict --reslice`` decides), so a 4.8 mm series is read as is."""
+    return spacing_mm is not None and spacing_mm < THIN_MARGIN * thickness_mm
 
 
 def reslice(
@@ -171,36 +233,13 @@ def reslice(
             np.multiply(plane(int(order[lo])), acc_dtype.type(1 - w), out=out, dtype=acc_dtype)
             out += upper
 
-    if n_in > 1:
-        steps = np.diff(d_sorted)
-        positive = steps[steps > 0]
-        if positive.size == 0:
-            raise ValueError("all slices lie in the same plane; cannot reslice")
-        spacing = float(np.median(positive))
-    else:
-        spacing = t  # one slice: nothing to average, output it as one slab
-    extent = float(d_sorted[-1] - d_sorted[0])
-    if extent > MAX_EXTENT_MM:
-        # A slice 1 km away would make the output volume the memory bomb.
-        raise ValueError(
-            f"slices span {extent:.0f} mm along the slice normal, more than any body "
-            f"({MAX_EXTENT_MM:.0f} mm): a slice position is wrong or the series is mixed"
-        )
-    # Enough slabs that every input slice (each `spacing` thick) is covered.
-    n_out = max(1, math.ceil((extent + spacing) / t - 1e-6))
-    if n_out > MAX_OUT_SLICES:
-        raise ValueError(
-            f"{n_out} slabs of {t:g} mm over {extent:.0f} mm is more than {MAX_OUT_SLICES}: "
-            "the slab thickness is too small"
-        )
-    first = (float(d_sorted[0]) + float(d_sorted[-1])) / 2 - (n_out - 1) * t / 2
+    spacing, n_out, first = _plan(d_sorted, t)
     depths = first + t * np.arange(n_out)
 
     out = np.empty((n_out, *vol.shape[1:]), dtype=vol.dtype)
     acc = np.empty(vol.shape[1:], dtype=acc_dtype)
     if spacing < t - _SPACING_TOL_MM:
-        slab = np.floor((d_sorted - (first - t / 2)) / t).astype(np.int64)
-        np.clip(slab, 0, n_out - 1, out=slab)
+        slab = _slab_of(d_sorted, t, n_out, first)
         bounds = np.searchsorted(slab, np.arange(n_out + 1), side="left")
         for j in range(n_out):
             members = order[bounds[j] : bounds[j + 1]]

@@ -182,6 +182,8 @@ def resolve_training_data(config: TrainConfig, *, main: bool = True) -> Training
                 "source": str(cache.facts.get("source") or data),
                 "prepared_cache": str(data),
                 "synthetic": is_synthetic(cache.facts.get("source") or data),
+                "label_level": cache.label_level,
+                **_cut_facts(cache.facts.get("manifest", {})),
             },
             recipe=recipe,
         )
@@ -233,14 +235,16 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
             label_set=label_set,
             progress=config.progress,
             crop=crop,
-            # Kept in cache.json, so that `ichscan evaluate` on this cache knows its data.
-            facts={"source": str(data), "synthetic": is_synthetic(data)},
+            # Kept in cache.json, so that `ichscan evaluate` and `train-study` on this
+            # cache know its data, its label level and how its scans were cut.
+            facts={**report.facts(), "source": str(data), "synthetic": is_synthetic(data)},
         )
     summary = {
         "source": str(data),
         "synthetic": is_synthetic(data),
         "layout": report.layout,
         "label_level": report.label_level,
+        **_cut_facts(report.facts()),
         "adapter_problems": report.problems[:20],
     }
     if source_window:
@@ -256,6 +260,11 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
         summary,
         recipe=recipe,
     )
+
+
+def _cut_facts(facts: dict[str, Any]) -> dict[str, Any]:
+    """How the scans were cut (slab thickness, middle slices), for the bundle's summary."""
+    return {k: facts[k] for k in ("layout", "slab_mm", "middle_slices") if k in facts}
 
 
 SMALL_SET_SIZE = 320  # ichscan.models.small_set.CROP_SIZE, without importing torch here
