@@ -423,6 +423,67 @@ def test_scan_decisions_use_the_thresholds_training_chose_for_the_scan_score(
     assert doc["thresholds"] == {name: config["thresholds"][name] for name in RSNA}
 
 
+def _study_copy(study_bundle: Path, dst: Path, **study: object) -> Path:
+    """The study bundle with these keys in its study_model, and slice-model scan thresholds
+    (of the max over slices) that a study model's scans must never be decided at."""
+    dst.mkdir()
+    for path in study_bundle.iterdir():
+        if path.is_file():
+            (dst / path.name).write_bytes(path.read_bytes())
+    config = json.loads((dst / "bundle.json").read_text())
+    config["scan_thresholds"] = {name: 0.0 for name in RSNA}
+    config["study_model"].update(study)
+    (dst / "bundle.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_a_study_model_decides_scans_at_its_own_scan_thresholds(
+    study_bundle: Path, synth_dicom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The scan head is an output of its own: its scans are decided at the thresholds
+    train-study chose on it, in every output (and the server and receiver, which read
+    Predictor.scan_thresholds); its slices at its slice thresholds."""
+    slice_t = {name: 0.0 for name in RSNA}
+    scan_t = {name: 1.01 for name in RSNA}
+    copy = _study_copy(study_bundle, tmp_path / "m", thresholds=slice_t, scan_thresholds=scan_t)
+    predictor = Predictor(copy, "cpu")
+    assert predictor.scan_thresholds_tuned and predictor.scan_thresholds_note is None
+    np.testing.assert_array_equal(predictor.scan_thresholds, [1.01] * len(RSNA))
+    pred = predictor.predict_scan(load(_first_series(synth_dicom)))
+    assert pred.slice_positive.all() and not pred.scan_positive.any()
+    series = [_first_series(synth_dicom)]
+    assert run_predict(series, copy, tmp_path / "p.json", device="cpu", progress=False) == 0
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["scan_thresholds"] == scan_t and doc["thresholds"] == slice_t
+    assert not any(doc["scans"][0]["positive"].values())
+    assert "scan_thresholds_note" not in doc
+    assert run_predict(series, copy, tmp_path / "p.csv", device="cpu", progress=True) == 0
+    _, rows = _read_csv(scans_csv_path(tmp_path / "p.csv"))
+    assert [rows[0][f"{n}_positive"] for n in RSNA] == ["0"] * len(RSNA)
+    assert "note:" not in capsys.readouterr().err
+
+
+def test_an_older_study_bundle_decides_scans_at_its_slice_thresholds_and_says_so(
+    study_bundle: Path, synth_dicom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A study model trained before train-study chose scan thresholds: its scans are decided
+    as they were (at its slice thresholds, never at the slice model's max-over-slices
+    ones), and predict says so in one line and in the JSON."""
+    slice_t = {name: 0.25 for name in RSNA}
+    copy = _study_copy(study_bundle, tmp_path / "m", thresholds=slice_t)
+    predictor = Predictor(copy, "cpu")
+    assert not predictor.scan_thresholds_tuned
+    np.testing.assert_array_equal(predictor.scan_thresholds, [0.25] * len(RSNA))
+    assert "predates its own scan thresholds" in (predictor.scan_thresholds_note or "")
+    series = [_first_series(synth_dicom)]
+    assert run_predict(series, copy, tmp_path / "p.json", device="cpu", progress=True) == 0
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["scan_thresholds"] == slice_t
+    assert "predates its own scan thresholds" in doc["scan_thresholds_note"]
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert len(notes) == 1 and "run `ichscan train-study` again" in notes[0]
+
+
 def test_json_output_holds_scans_slices_and_errors(
     trained_bundle: Path, synth_dicom: Path, tmp_path: Path
 ) -> None:

@@ -300,11 +300,22 @@ class Predictor:
         self.thresholds = np.array(
             [float(chosen.get(name, 0.5)) for name in self.labels], dtype=np.float64
         )
-        # A slice model's scan score is the max over slices: the bundle may carry thresholds
-        # chosen for that max on its validation scans. A study model's own thresholds
-        # already decide its scan outputs.
-        by_scan = self.bundle.config.get("scan_thresholds")
-        self.scan_thresholds_tuned = bool(by_scan) and not self.backend.has_study
+        # The scan score has thresholds of its own where the bundle chose them on validation
+        # scans: a slice model's for the max over slices, a study model's for its scan head
+        # (pooled over the scan, calibrated apart from its slice head). A study model from
+        # before those were chosen decides scans at its slice thresholds, as it always did.
+        by_scan = (
+            study.get("scan_thresholds")
+            if self.backend.has_study
+            else self.bundle.config.get("scan_thresholds")
+        )
+        self.scan_thresholds_tuned = bool(by_scan)
+        self.scan_thresholds_note = (
+            "this bundle's study model predates its own scan thresholds: scans are decided "
+            "at its slice thresholds (run `ichscan train-study` again to choose them)"
+            if self.backend.has_study and not by_scan
+            else None
+        )
         self.scan_thresholds = (
             np.array(
                 [
@@ -571,6 +582,8 @@ def run_predict(
     )
     if progress:  # the console run: say what the figures rest on (the JSON says it too)
         print(f"model trained on {trained_on(predictor.bundle.config)}", file=sys.stderr)
+        if predictor.scan_thresholds_note:
+            print(f"note: {predictor.scan_thresholds_note}", file=sys.stderr)
     n_ok = n_bad = 0
     writer = open_writer(fmt, out, predictor)
     try:

@@ -166,6 +166,8 @@ class JsonWriter(_Writer):
             ),
             "research_use_only": RESEARCH_NOTE,
         }
+        if predictor.scan_thresholds_note:
+            head["scan_thresholds_note"] = predictor.scan_thresholds_note
         # Streamed: the head object without its closing brace, then the scans one by one.
         self.file.write(json.dumps(head, indent=1)[:-2] + ',\n "scans": [\n')
         self.first = True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from ichscan.errors import IchscanError
 from ichscan.evaluate.metrics import roc_auc, weighted_log_loss
 from ichscan.models.bundle import Bundle, load_bundle, save_bundle
 from ichscan.models.study import StudyModel
+from ichscan.preprocess.head_crop import extra_planes
+from ichscan.progress import progress_bar
 from ichscan.train.dataset import SliceDataset
 from ichscan.train.loop import choose_threshold, masked_bce, pick_device, seed_everything
 
@@ -60,9 +63,11 @@ def embed_cache(
     device: torch.device,
     batch_size: int = 64,
     path: Path | None = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """float16 [N, D] embeddings of every cache row by the bundle's first slice model; in
-    memory, or written to the .npy file ``path`` and returned as its read-only memory map."""
+    memory, or written to the .npy file ``path`` and returned as its read-only memory map.
+    ``progress``: a bar on stderr (the RSNA set takes hours on a CPU)."""
     model = bundle.members[0].to(device).eval()
     dataset = SliceDataset(cache, np.arange(len(cache)), input_kind=bundle.input["kind"])
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -73,7 +78,10 @@ def embed_cache(
         else np.lib.format.open_memmap(path, mode="w+", dtype=EMBEDDING_DTYPE, shape=shape)
     )
     i = 0
-    for x, _ in loader:
+    bar = progress_bar(
+        loader, desc="embedding slices", unit="batch", disable=not progress, file=sys.stderr
+    )
+    for x, _ in bar:
         e = model.embed(x.to(device)).float().cpu().numpy()
         out[i : i + len(e)] = e
         i += len(e)
@@ -120,28 +128,31 @@ def train_study(config: StudyConfig) -> dict[str, Any]:
     seed_everything(config.seed)
     device = pick_device(config.device)
     bundle = load_bundle(config.model, device)
-    cache_root = Path(config.data) if config.data else Path(config.model) / "cache"
-    if not PreparedCache.is_cache(cache_root):
-        raise StudyTrainingError(
-            cache_root,
-            "no prepared cache here: pass the cache the slice "
-            "model was trained on (ichscan prepare DATA --out CACHE)",
-        )
+    cache_root = _cache_root(config, bundle)
     cache = PreparedCache(cache_root)
     if list(cache.label_names) != bundle.labels and bundle.config["label_set"] != "binary":
         raise StudyTrainingError(
             cache_root, f"cache labels {cache.label_names} do not match the model's {bundle.labels}"
         )
+    _check_input(bundle, cache)
+    _check_held_out(config, bundle, cache)
     labels = _labels_for(bundle, cache)
     # CQ500 reads are per scan: copying them onto every slice would teach the slice outputs
     # that every slice of a bleeding scan bleeds.
-    slice_level = cache.facts.get("manifest", {}).get("label_level", "slice") != "scan"
+    slice_level = cache.label_level != "scan"
     started = time.monotonic()
     row_bytes = bundle.members[0].embed_dim * np.dtype(EMBEDDING_DTYPE).itemsize
     _check_disk(Path(config.model), len(cache) * row_bytes)
+    # These read the index only: a set they refuse is refused in seconds, not after an
+    # embedding pass that takes hours on a large set.
+    train_groups, val_groups = _split_scans(cache, _validation_fold(bundle))
     with tempfile.TemporaryDirectory(dir=config.model, prefix=".study-embeddings-") as tmp:
-        emb = embed_cache(bundle, cache, device, path=Path(tmp) / "embeddings.npy")
-        model, study_config = _fit_study(config, bundle, cache, emb, labels, slice_level, device)
+        emb = embed_cache(
+            bundle, cache, device, path=Path(tmp) / "embeddings.npy", progress=config.progress
+        )
+        model, study_config = _fit_study(
+            config, bundle, (train_groups, val_groups), emb, labels, slice_level, device
+        )
         del emb  # the memory map, before its file goes
     study_config["seconds"] = round(time.monotonic() - started, 1)
     save_bundle(config.model, bundle.config, bundle.members, model.cpu(), study_config)
@@ -159,34 +170,197 @@ def _check_disk(folder: Path, embedding_bytes: int) -> None:
         )
 
 
-def _fit_study(
-    config: StudyConfig,
-    bundle: Bundle,
-    cache: PreparedCache,
-    emb: np.ndarray,
-    labels: np.ndarray,
-    slice_level: bool,
-    device: torch.device,
-) -> tuple[StudyModel, dict[str, Any]]:
-    cache_root = cache.root
+def _cache_root(config: StudyConfig, bundle: Bundle) -> Path:
+    """--data; else the model's own cache (a model trained on raw data prepared it there);
+    else the prepared cache the bundle records it was trained on, which `ichscan train
+    CACHE` leaves where it was."""
+    if config.data:
+        root = Path(config.data)
+        if not PreparedCache.is_cache(root):
+            raise StudyTrainingError(
+                root,
+                "no prepared cache here: pass the cache the slice "
+                "model was trained on (ichscan prepare DATA --out CACHE)",
+            )
+        return root
+    own = Path(config.model) / "cache"
+    if PreparedCache.is_cache(own):
+        return own
+    recorded = (bundle.config.get("training") or {}).get("data")
+    if recorded and PreparedCache.is_cache(recorded):
+        return Path(recorded)
+    elsewhere = f", nor is {recorded} (what it was trained on) one" if recorded else ""
+    raise StudyTrainingError(
+        own,
+        f"no prepared cache here{elsewhere}: pass the cache the slice model was trained on "
+        "with --data (ichscan prepare DATA --out CACHE)",
+    )
+
+
+def _window_text(window: Any) -> str:
+    if isinstance(window, dict):
+        return f"{window['name']} {float(window['center']):g}/{float(window['width']):g}"
+    return str(window)
+
+
+def _check_input(bundle: Bundle, cache: PreparedCache) -> None:
+    """Refuse a cache cut otherwise than the slices predict gives the slice model: the study
+    model and its thresholds would be fitted to embeddings of inputs it never sees."""
+    spec = bundle.input
+    crop = str(spec.get("crop", "none"))
+    model = {
+        "size": f"{int(spec['size'])} px",
+        "windows": ", ".join(_window_text(w) for w in spec["windows"]),
+        "mode": str(spec.get("mode", "linear")),
+        "crop": crop if crop == "none" else f"{crop} v{spec.get('crop_version') or 1}",
+        # the planes a cache stores per slice for this input (training's cache held these)
+        "channels": str(len(spec["windows"]) + extra_planes(crop)),
+    }
+    here = {
+        "size": f"{cache.size} px",
+        "windows": ", ".join(_window_text(w) for w in cache.facts.get("windows", [])),
+        "mode": str(cache.facts.get("mode", "linear")),
+        "crop": cache.crop if cache.crop == "none" else f"{cache.crop} v{cache.crop_version}",
+        "channels": str(cache.channels),
+    }
+    differ = [f"{k} {here[k]} (the model: {model[k]})" for k in model if here[k] != model[k]]
+    if differ:
+        raise StudyTrainingError(
+            cache.root,
+            f"this cache's input differs from the model's: {'; '.join(differ)}; pass the "
+            "cache the slice model was trained on, or prepare one as it was",
+        )
+
+
+def _check_held_out(config: StudyConfig, bundle: Bundle, cache: PreparedCache) -> None:
+    """Refuse a cache whose validation fold is not the scans the slice model held out: on
+    scans the slice model trained on, the study model's validation (its AUC, and the
+    thresholds chosen there) would be optimistic. Exact, by scan and patient, against the
+    slice model's own cache when that is another folder that still exists; otherwise the
+    split's fold count and slice counts must be what the bundle records (a one-line note
+    says that this is all that was checked, where the slice model's cache is gone)."""
+    training = bundle.config.get("training") or {}
+    if "fold" not in training or "folds" not in training:
+        print(
+            f"note: {bundle.root}: the bundle does not record the slice model's split, so "
+            f"whether {cache.root}'s validation fold was held out from it is not checked",
+            file=sys.stderr,
+        )
+        return
+    fold, folds = int(training["fold"]), int(training["folds"])
+    cache_folds = cache.index["fold"].to_numpy()
+    split = int(cache_folds.max()) + 1
+    retrain = "pass the cache the slice model was trained on"
+    if split != folds:
+        raise StudyTrainingError(
+            cache.root,
+            f"this cache is split into {split} folds, the slice model's data into {folds}: its "
+            f"fold {fold} is not the scans the slice model held out; {retrain}",
+        )
+    slice_cache = _slice_model_cache(config, training)
+    if slice_cache is not None and slice_cache.resolve() != cache.root.resolve():
+        other = PreparedCache(slice_cache)
+        seen = _rows(other, fold, validation=False)
+        held = _rows(cache, fold, validation=True)
+        leaked = 0
+        for column in ("scan_id", "patient_id"):
+            known = set(other.index[column].to_numpy()[seen].astype(str)) - {""}
+            ours = cache.index[column].to_numpy()[held].astype(str)
+            leaked = max(leaked, len(set(ours) & known))
+        if leaked:
+            raise StudyTrainingError(
+                cache.root,
+                f"{leaked} scan(s) or patient(s) of validation fold {fold} here are in the "
+                f"slice model's training folds (in {slice_cache}): the study model's validation "
+                f"would not be held out; {retrain}",
+            )
+        return
+    summary = training.get("data_summary") or {}
+    recorded = (summary.get("train_slices"), summary.get("validation_slices"))
+    if None in recorded:
+        print(
+            f"note: {bundle.root}: the bundle does not record its split's slice counts, so "
+            f"whether {cache.root}'s fold {fold} was held out from the slice model is not "
+            "checked",
+            file=sys.stderr,
+        )
+        return
+    here = (
+        int(_rows(cache, fold, validation=False).sum()),
+        int(_rows(cache, fold, validation=True).sum()),
+    )
+    if here != tuple(int(n) for n in recorded):
+        seed = (training.get("config") or {}).get("seed")
+        how = f" (--folds {folds} --seed {seed})" if seed is not None else ""
+        raise StudyTrainingError(
+            cache.root,
+            f"this cache splits {here[0]} training and {here[1]} validation slices (fold "
+            f"{fold}), the slice model {recorded[0]} and {recorded[1]}: another split, so the "
+            f"study model's validation scans may be ones the slice model trained on; {retrain}"
+            f", or one split as it was{how}",
+        )
+    if slice_cache is None:
+        print(
+            f"note: the slice model's cache ({training.get('data')}) is not there to compare "
+            f"scans with: {cache.root}'s split is checked by its fold and slice counts only",
+            file=sys.stderr,
+        )
+
+
+def _slice_model_cache(config: StudyConfig, training: dict[str, Any]) -> Path | None:
+    """The prepared cache the slice model was trained on, where it still exists."""
+    own = Path(config.model) / "cache"
+    if PreparedCache.is_cache(own):
+        return own
+    recorded = training.get("data")
+    return Path(recorded) if recorded and PreparedCache.is_cache(recorded) else None
+
+
+def _rows(cache: PreparedCache, fold: int, validation: bool) -> np.ndarray:
+    """bool [N]: the rows the slice model validated on (or trained on), as training splits:
+    readable, not held out, in a fold (-2: extra training data, never validated)."""
+    folds = cache.index["fold"].to_numpy()
+    usable = cache.ok & ~cache.index["holdout"].to_numpy(bool) & ((folds >= 0) | (folds == -2))
+    return usable & ((folds == fold) if validation else (folds != fold))
+
+
+def _validation_fold(bundle: Bundle) -> int:
+    return int((bundle.config.get("training") or {}).get("fold", 0))
+
+
+def _split_scans(cache: PreparedCache, fold: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(training scans, validation scans) of the cache, each the rows of one readable scan
+    in slice order; refused when either is empty or the scans are single slices."""
     groups = [g[cache.ok[g]] for g in scan_groups(cache) if cache.ok[g].any()]
-    fold = int(bundle.config.get("training", {}).get("fold", 0))
     folds = cache.index["fold"].to_numpy()
     val_groups = [g for g in groups if folds[g[0]] == fold]
     train_groups = [g for g in groups if folds[g[0]] != fold and folds[g[0]] >= 0]
     if not train_groups or not val_groups:
         raise StudyTrainingError(
-            cache_root, f"need scans in both the training folds and the validation fold {fold}"
+            cache.root, f"need scans in both the training folds and the validation fold {fold}"
         )
     lengths = np.array([len(g) for g in groups])
     if np.median(lengths) < MIN_MEDIAN_SLICES:
         # A sequence model over one-slice "scans" (a folder of PNG slices) learns nothing a
         # slice model does not, and its outputs would silently replace the slice model's.
         raise StudyTrainingError(
-            cache_root,
+            cache.root,
             f"{int((lengths < 2).sum())} of {len(groups)} scans are a single slice: the study "
             "model reads scans of several slices (RSNA studies, CQ500 series, NIfTI volumes)",
         )
+    return train_groups, val_groups
+
+
+def _fit_study(
+    config: StudyConfig,
+    bundle: Bundle,
+    split: tuple[list[np.ndarray], list[np.ndarray]],
+    emb: np.ndarray,
+    labels: np.ndarray,
+    slice_level: bool,
+    device: torch.device,
+) -> tuple[StudyModel, dict[str, Any]]:
+    train_groups, val_groups = split
     weights = torch.tensor(bundle.label_set.weights, device=device)
     model = StudyModel(emb.shape[1], labels.shape[1], kind=config.kind, hidden=config.hidden).to(
         device
@@ -230,6 +404,7 @@ def _fit_study(
     outputs = _outputs(model, val_groups, emb, labels, device)
     final = study_metrics(outputs, bundle)
     thresholds, method = study_thresholds(outputs, bundle, slice_level)
+    scan_thresholds, scan_method = study_scan_thresholds(outputs, bundle, thresholds)
     study_config = {
         "kind": config.kind,
         "hidden": config.hidden,
@@ -237,6 +412,14 @@ def _fit_study(
         "validation": final,
         "thresholds": thresholds,
         "threshold_method": method,
+        # What the slice thresholds were tuned on. "scans": the labels are per scan, so no
+        # slice output was ever scored against a label and the slice decisions are not a
+        # tuned operating point.
+        "threshold_level": "slices" if slice_level else "scans",
+        # The scan head is an output of its own (pooled over the scan): its decisions need
+        # thresholds chosen on it, which predict uses for the scan's "positive".
+        "scan_thresholds": scan_thresholds,
+        "scan_threshold_method": scan_method,
         "validation_scans": len(val_groups),
         "train_scans": len(train_groups),
         "note": "trained on the frozen slice model's embeddings of the same training folds",
@@ -304,20 +487,53 @@ def study_thresholds(
     """Decision thresholds for the study model's own outputs, chosen on the validation scans
     the way the slice model's were: its probabilities replace the slice model's at predict
     time, so the slice model's thresholds do not fit them. Chosen on slice outputs where the
-    labels are per slice, on scan outputs otherwise; a label with one class there keeps the
-    slice model's threshold. ``outputs``: :func:`_outputs` of the validation scans."""
+    labels are per slice, on scan outputs otherwise (the slice outputs then have no labels);
+    a label with one class there keeps the slice model's threshold. ``outputs``:
+    :func:`_outputs` of the validation scans."""
     sp, sy, cp, cy = outputs
     probs, truth = (sp, sy) if slice_level else (cp, cy)
+    method = _threshold_rule(bundle)
+    out = _choose(probs, truth, bundle.labels, method, dict(bundle.thresholds))
+    where = "slices" if slice_level else "scans"
+    return out, f"{method} on the study model's validation {where}"
+
+
+def study_scan_thresholds(
+    outputs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    bundle: Bundle,
+    slice_thresholds: dict[str, float],
+) -> tuple[dict[str, float], str]:
+    """Thresholds for the study model's scan output, chosen by the same rule on the
+    validation scans' scan outputs: the scan head pools the whole scan and is calibrated
+    apart from the slice head, so a slice threshold can call every scan positive, or none. A
+    label with one class among the validation scans keeps its slice threshold (what predict
+    decided scans with before scan thresholds were chosen)."""
+    _, _, cp, cy = outputs
+    method = _threshold_rule(bundle)
+    out = _choose(cp, cy, bundle.labels, method, dict(slice_thresholds))
+    return out, f"{method} on the study model's validation scans (its scan output)"
+
+
+def _threshold_rule(bundle: Bundle) -> str:
+    """The rule the slice model's thresholds were chosen by (youden by default)."""
     recorded = str(bundle.config.get("threshold_method", "youden")).split(" ")[0]
-    method = recorded if recorded in ("youden", "calibrated") or ":" in recorded else "youden"
-    out = dict(bundle.thresholds)
-    for j, name in enumerate(bundle.labels):
+    return recorded if recorded in ("youden", "calibrated") or ":" in recorded else "youden"
+
+
+def _choose(
+    probs: np.ndarray,
+    truth: np.ndarray,
+    names: list[str],
+    method: str,
+    fallback: dict[str, float],
+) -> dict[str, float]:
+    out = dict(fallback)
+    for j, name in enumerate(names):
         known = truth[:, j] >= 0
         y = truth[known, j]
         if (y == 1).any() and (y == 0).any():
             out[name] = choose_threshold(y, probs[known, j], method)
-    where = "slices" if slice_level else "scans"
-    return out, f"{method} on the study model's validation {where}"
+    return out
 
 
 def evaluate_study(
