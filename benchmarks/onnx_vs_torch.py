@@ -9,7 +9,10 @@ inside, probabilities and embedding out), random weights (only the time matters)
   onnxruntime                 what Predictor(backend="onnx") runs (all graph optimisations)
 
 for batch sizes 1, 8 and 32, best of N timed passes over the same slices; the ratio is
-onnxruntime slices/s over torch eager slices/s. Target: >= 1.5x at batch 32.
+onnxruntime slices/s over torch eager slices/s. Target: >= 1.5x at batch 32. The machine
+may be shared: the three paths alternate, one pass each per round, so a change of load
+falls on all three rather than on one path's block of passes. Fewer slices than the
+largest batch are refused (that row would time a smaller batch under its label).
 
 --bundle MODEL_DIR times a trained bundle instead (a small-set bundle too: its density
 features are computed in NumPy by both paths, inside the timing), exported to the work
@@ -63,16 +66,40 @@ def make_bundle(work: Path, arch: str, size: int) -> Path:
     return save_bundle(root, config, [model])
 
 
+BATCHES = (1, 8, 32)
+
+
 def slices_per_second(
-    run: Callable[[np.ndarray], object], x: np.ndarray, batch: int, repeat: int
-) -> float:
+    runs: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, batch: int, repeat: int
+) -> dict[str, float]:
+    """Each path's best of `repeat` passes over x in batches of `batch`, the paths taking
+    turns within every round."""
+    passes = {name: _one_pass(run, x, batch) for name, run in runs.items()}
+    for one_pass in passes.values():
+        one_pass()  # warm-up: kernel selection and allocation are not throughput
+    best = dict.fromkeys(passes, float("inf"))
+    for _ in range(repeat):
+        for name, one_pass in passes.items():
+            best[name] = min(best[name], _timed(one_pass))
+    return {name: len(x) / seconds for name, seconds in best.items()}
+
+
+def _one_pass(run: Callable[[np.ndarray], object], x: np.ndarray, batch: int) -> Callable[[], None]:
     def one_pass() -> None:
         for start in range(0, len(x), batch):
             run(x[start : start + batch])
 
-    one_pass()  # warm-up: kernel selection and allocation are not throughput
-    best = min(_timed(one_pass) for _ in range(repeat))
-    return len(x) / best
+    return one_pass
+
+
+def too_few_slices(n: int, where: str) -> str | None:
+    """Why n slices cannot time every batch size, or None."""
+    if n >= max(BATCHES):
+        return None
+    return (
+        f"{where}: {n} slices, fewer than the largest batch ({max(BATCHES)}); that row would "
+        f"time a batch of {n}: give --slices {max(BATCHES)} or more"
+    )
 
 
 def _timed(fn: Callable[[], None]) -> float:
@@ -92,6 +119,9 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, help="time this trained bundle instead")
     parser.add_argument("--cache", type=Path, help="real slices from this prepared cache")
     args = parser.parse_args()
+    problem = too_few_slices(args.slices, "--slices")
+    if problem:
+        parser.error(problem)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,6 +152,9 @@ def main() -> None:
 
         cache = PreparedCache(args.cache)
         rows = range(min(args.slices, len(cache)))
+        problem = too_few_slices(len(rows), str(args.cache))
+        if problem:
+            parser.error(problem)
         planes = np.stack([np.asarray(cache[i]) for i in rows])
         spec = InputSpec.from_bundle(bundle.input)
         x = np.ascontiguousarray(model_channels(planes, spec).transpose(0, 3, 1, 2))
@@ -140,18 +173,19 @@ def main() -> None:
 
     results: dict[str, dict[str, float]] = {}
     source = f"real slices of {args.cache}" if args.cache else "random uint8 slices"
+    weights = f"bundle {args.bundle}" if args.bundle else "random weights"
     print(
-        f"{name} at {size} px, {len(x)} {source}, {threads} thread(s), "
+        f"{name} at {size} px ({weights}), {len(x)} {source}, {threads} thread(s), "
         f"{platform.processor() or platform.machine()} with {len(os.sched_getaffinity(0))} "
-        f"cores; slices/s, best of {args.repeat}"
+        f"cores; slices/s, best of {args.repeat} round(s), the three paths alternating"
     )
     print(
         f"{'batch':>5} {'torch eager':>12} {'ichscan torch':>14} {'onnxruntime':>12} {'x eager':>8}"
     )
-    for batch in (1, 8, 32):
-        eager_rate = slices_per_second(torch_eager, x, batch, args.repeat)
-        backend_rate = slices_per_second(backend.slices, x, batch, args.repeat)
-        ort_rate = slices_per_second(runtime.slices, x, batch, args.repeat)
+    paths = {"eager": torch_eager, "backend": backend.slices, "ort": runtime.slices}
+    for batch in BATCHES:
+        rates = slices_per_second(paths, x, batch, args.repeat)
+        eager_rate, backend_rate, ort_rate = rates["eager"], rates["backend"], rates["ort"]
         ratio = ort_rate / eager_rate
         results[str(batch)] = {
             "torch_eager": eager_rate,

@@ -201,8 +201,9 @@ def main() -> None:
 
     stages = ("load", "reslice", "window", "infer", "write", "total")
     print(
-        f"\npredict one {N_SLICES}-slice {THIN_MM} mm 512x512 JPEG-lossless series -> "
-        f"{THICK_MM:g} mm, {args.arch} at {SIZE} px; {platform.processor() or platform.machine()}, "
+        f"\npredict one synthetic {N_SLICES}-slice {THIN_MM} mm 512x512 JPEG-lossless phantom "
+        f"series -> {THICK_MM:g} mm, {args.arch} at {SIZE} px (random weights: only the time "
+        f"counts); {platform.processor() or platform.machine()}, "
         f"{cores} cores, torch threads {torch.get_num_threads()}; best of {args.repeat} "
         f"(model load {load_s:.2f} s, not included)"
     )

@@ -291,8 +291,9 @@ def main() -> None:
         return statistics.median(r[key] for r in runs[name])
 
     print(
-        f"\n`ichscan listen` on loopback: one {N_SLICES}-slice {THIN_MM} mm 512x512 uncompressed "
-        f"series; ResNet18 at {SIZE} px on {THICK_MM:g} mm slabs (random weights); "
+        f"\n`ichscan listen` on loopback: one synthetic {N_SLICES}-slice {THIN_MM} mm 512x512 "
+        f"uncompressed phantom series; ResNet18 at {SIZE} px on {THICK_MM:g} mm slabs "
+        "(random weights); "
         f"{platform.processor() or platform.machine()}, {cores} cores; series timeout "
         f"{args.timeout:g} s; median of {args.repeat}; load average {load_before:.1f} before, "
         f"{load_after:.1f} after"

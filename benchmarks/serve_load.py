@@ -348,9 +348,11 @@ def main() -> int:
         t0 = time.perf_counter()
         wait_healthy(url, server)
         startup = time.perf_counter() - t0
+        weights = "" if args.model else ", random weights: only the time counts"
         print(
-            f"server up in {startup:.1f} s (model {model}, {args.workers} worker(s)); "
-            f"upload = {len(files)} DICOM files, {sum(len(d) for _, d in files) / 1e6:.1f} MB"
+            f"server up in {startup:.1f} s (model {model}{weights}; {args.workers} worker(s)); "
+            f"upload = one synthetic {len(files)}-slice phantom series, {len(files)} DICOM "
+            f"files, {sum(len(d) for _, d in files) / 1e6:.1f} MB"
         )
         # One scan first so that both phases meet a warm model (first-call costs excluded).
         pid = server.pid

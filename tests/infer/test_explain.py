@@ -58,21 +58,29 @@ def test_gradcam_peak_falls_in_the_bleed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("architecture", "layer_type"),
+    ("architecture", "layer_type", "named"),
     [
-        ("resnet18", "BasicBlock"),
-        ("alexnet", "Conv2d"),
-        ("densenet121", "Sequential"),
-        ("efficientnet_b0", "Conv2dNormActivation"),
-        ("efficientnet_lite0", "MBConvBlock"),
+        ("resnet18", "BasicBlock", "resnet18 backbone.layer4.1 (the last residual block)"),
+        ("alexnet", "Conv2d", "alexnet backbone.features.10 (the last convolution)"),
+        ("densenet121", "Sequential", "densenet121 backbone.features (the dense blocks"),
+        ("efficientnet_b0", "Conv2dNormActivation", "efficientnet_b0 backbone.features.8 ("),
+        ("efficientnet_lite0", "MBConvBlock", "efficientnet_lite0 backbone._blocks."),
     ],
 )
-def test_target_layer_of_each_family_gives_a_map(architecture: str, layer_type: str) -> None:
+def test_target_layer_of_each_family_gives_a_map(
+    architecture: str, layer_type: str, named: str
+) -> None:
+    """Each family's layer gives a map, and `method` (explain.json) names that layer: for
+    EfficientNet-Lite a stride-16 block, not the last convolution."""
     torch.manual_seed(0)
     model = SliceModel(architecture, 2, pretrained="none", dropout=0.0).eval()
     layer = target_layer(model)
     assert type(layer).__name__ == layer_type
     explainer = GradCamExplainer([model], [layer], ["a", "b"])
+    assert explainer.method.startswith(f"Grad-CAM (pytorch_grad_cam) of {named}")
+    if architecture == "efficientnet_lite0":
+        index = list(model.backbone._blocks).index(layer)
+        assert f"_blocks.{index} (the last block at stride 16" in explainer.method
     x = np.random.default_rng(0).integers(0, 256, (2, 3, 96, 96), dtype=np.uint8)
     maps = explainer.maps(x, 1)
     assert maps.shape == (2, 96, 96) and np.isfinite(maps).all()

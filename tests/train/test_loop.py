@@ -241,17 +241,52 @@ def test_finetune_crop_is_cut_recorded_and_checked(png_set: Path, tmp_path: Path
         train(TrainConfig(data=str(png_set), out=str(tmp_path / "d"), crop="brain+head", **FAST))
 
 
-def test_more_ranks_than_gpus_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """NCCL cannot share a GPU between ranks: the second rank on a one-GPU node says so."""
+@pytest.mark.parametrize("rank", [0, 1])
+def test_more_ranks_than_gpus_is_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch, rank: int
+) -> None:
+    """NCCL cannot share a GPU between ranks: two ranks on a one-GPU node say so, rank 0
+    too (the only rank whose errors are printed)."""
     from ichscan.train import distributed
 
+    def no_gpu_work(*_: object, **__: object) -> None:
+        raise AssertionError("a rank went on to its GPU")
+
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(TrainingError, match=r"this node has 1 GPU.*--nproc_per_node 1"):
+    monkeypatch.setattr(torch.cuda, "set_device", no_gpu_work)
+    with pytest.raises(
+        TrainingError, match=r"2 processes, but this node has 1 GPU.*--nproc_per_node 1"
+    ):
         distributed.init_from_env()
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_only_rank_0_prints_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], rank: str
+) -> None:
+    """Every rank runs the same checks, so each error would be printed once per rank; the
+    other ranks exit with the same code and nothing on stderr (usage errors too)."""
+    from ichscan.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    # refused before torch.distributed starts: no process group needed here
+    argv = ["train", str(tmp_path), "--out", str(tmp_path / "m"), "--arch", "resnet17"]
+    assert main(argv) == 2
+    with pytest.raises(SystemExit) as usage:
+        main(["train", str(tmp_path), "--epochs", "many"])
+    assert usage.value.code == 2
+    err = capsys.readouterr().err
+    if rank == "0":
+        assert err.count("ichscan train: error: unknown architecture") == 1
+        assert "--epochs" in err
+    else:
+        assert err == ""
 
 
 def test_resume_with_another_architecture_is_refused(
@@ -371,8 +406,45 @@ if os.environ["RANK"] == "1":
 """
 
 
+@pytest.fixture(scope="module")
+def png_cache(png_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """png_set prepared at 32 px in 3 folds: what torchrun trains on."""
+    from ichscan.cli import main
+
+    cache = tmp_path_factory.mktemp("synthpng_cache") / "cache"
+    argv = ["prepare", str(png_set), "--out", str(cache), "--size", "32", "--folds", "3"]
+    assert main([*argv, "--workers", "1"]) == 0
+    return cache
+
+
+def torchrun(script: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 script args` on a free port (tests run in parallel)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            str(script),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
+
+
 def torchrun_two_ranks(
-    png_set: Path,
+    png_cache: Path,
     tmp_path: Path,
     env: dict[str, str],
     setup: str = "",
@@ -386,7 +458,7 @@ def torchrun_two_ranks(
         "import dataclasses, json, os\n"
         "from ichscan.train.loop import TrainConfig, train\n"
         f"{setup}\n"
-        f"cfg = TrainConfig(data={str(png_set)!r}, out={str(out)!r}, architecture='resnet18',"
+        f"cfg = TrainConfig(data={str(png_cache)!r}, out={str(out)!r}, architecture='resnet18',"
         " pretrained='none', size=32, batch_size=4, epochs=1, folds=3, workers=0,"
         " progress=False, tensorboard=False)\n"
         f"cfg = dataclasses.replace(cfg, **{options or {}!r})\n"
@@ -394,41 +466,107 @@ def torchrun_two_ranks(
         f"open(os.path.join({str(tmp_path)!r}, f\"rank{{s['rank']}}.json\"), 'w')"
         ".write(json.dumps(s['final_weights_sha256']))\n"
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            str(script),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **env},
-    )
+    proc = torchrun(script, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "bundle.json").exists()
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-def test_ddp_two_cpu_processes_agree_on_weights(png_set: Path, tmp_path: Path) -> None:
+# Each rank notes how many rows every validation pass of the training loop predicted.
+COUNT_VALIDATION_ROWS = """
+import ichscan.train.loop as loop
+_predict_rows = loop.predict_rows
+
+def counted(model, dataset, *args, **kwargs):
+    with open(f"{os.environ['RANK_LOG']}{os.environ['RANK']}.txt", "a") as f:
+        f.write(f"{len(dataset)}\\n")
+    return _predict_rows(model, dataset, *args, **kwargs)
+
+loop.predict_rows = counted
+"""
+
+
+def test_ddp_two_cpu_processes_agree_on_weights(png_cache: Path, tmp_path: Path) -> None:
     """The same command under torchrun: 2 gloo ranks, short epochs, identical weights; and
     --max-minutes decided by rank 0's clock, so a rank whose clock is past the limit goes
-    on with the others instead of leaving them waiting in an all-reduce."""
+    on with the others instead of leaving them waiting in an all-reduce. Each epoch's
+    validation is split between the ranks (each predicts its share, the probabilities
+    gathered in row order), and the bundle records the 2 processes and the batch they
+    made together."""
     # CPU processes even on a GPU machine: two NCCL ranks cannot share one GPU.
     sums = torchrun_two_ranks(
-        png_set,
+        png_cache,
         tmp_path,
-        {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""},
-        setup=RANK1_CLOCK_AHEAD,
-        options={"epochs": 2, "max_minutes": 30},
+        {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "RANK_LOG": str(tmp_path / "val")},
+        setup=RANK1_CLOCK_AHEAD + COUNT_VALIDATION_ROWS,
+        options={"epochs": 2, "max_minutes": 30, "select": "last"},
     )
     assert sums[0] == sums[1]
-    assert list(pd.read_csv(tmp_path / "ddp_model" / "train_log.csv")["epoch"]) == [0, 1]
+    out = tmp_path / "ddp_model"
+    log = pd.read_csv(out / "train_log.csv")
+    assert list(log["epoch"]) == [0, 1]
+    training = load_bundle(out).config["training"]
+    assert training["processes"] == 2 and training["effective_batch_size"] == 2 * 4
+    validation = training["data_summary"]["validation_slices"]
+    passes = [[int(n) for n in (tmp_path / f"val{r}.txt").read_text().split()] for r in (0, 1)]
+    # rank 0: a half each epoch, then the whole fold for the thresholds; rank 1: its half
+    assert passes[0] == [(validation + 1) // 2] * 2 + [validation]
+    assert passes[1] == [validation // 2] * 2
+    # the gathered halves in row order: --select last keeps the last epoch's weights, which
+    # rank 0 then scores on the whole fold, as the last epoch's split pass did
+    final = load_bundle(out).config["metrics"]["validation"]["weighted_log_loss"]
+    assert abs(final - log["val_loss"].iloc[-1]) < 1e-5
+
+
+def test_torchrun_refuses_raw_data_in_one_line_from_rank_0(png_set: Path, tmp_path: Path) -> None:
+    """Under torchrun a dataset folder (not a prepared cache) is refused before any work:
+    rank 0 alone would prepare it while the others time out waiting. The line is printed
+    once (rank 0), the other rank exits with the same code quietly; the small-set recipe
+    is refused as early."""
+    script = tmp_path / "cli.py"
+    script.write_text("import sys\nfrom ichscan.cli import main\nsys.exit(main())\n")
+    out = tmp_path / "m"
+    env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = torchrun(script, "train", str(png_set), "--out", str(out), env=env)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("ichscan train: error:")]
+    assert lines == [
+        f"ichscan train: error: {png_set}: under torchrun, training reads a prepared cache; "
+        f"prepare the cache first: ichscan prepare {png_set} --out CACHE, then torchrun ... "
+        "train CACHE"
+    ]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({}, "prepare the cache first: ichscan prepare"),
+        ({"recipe": "small-set", "labels": "binary"}, "small-set recipe runs in one process"),
+    ],
+)
+def test_torchrun_refusals_come_before_any_preparation(
+    png_set: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    options: dict[str, str],
+    error: str,
+) -> None:
+    """Each rank refuses raw data and the small-set recipe before rank 0 prepares anything
+    (which on RSNA takes longer than the other ranks' collective timeout)."""
+    import ichscan.train.loop as loop
+    from ichscan.train.distributed import DistContext
+
+    def prepared(*_: object, **__: object) -> None:
+        raise AssertionError("the data were prepared before torchrun's limits were checked")
+
+    # A rank of two, as torchrun starts it; nothing collective runs before the refusal.
+    monkeypatch.setattr(loop.dist_utils, "init_from_env", lambda: DistContext(0, 2))
+    monkeypatch.setattr(loop, "resolve_training_data", prepared)
+    out = tmp_path / "m"
+    with pytest.raises(TrainingError, match=error):
+        train(TrainConfig(data=str(png_set), out=str(out), **{**FAST, **options}))
+    assert not out.exists()
 
 
 @pytest.mark.gpu
@@ -456,9 +594,9 @@ def test_training_on_a_gpu_uses_mixed_precision_and_predicts_on_the_cpu(
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs"
 )
-def test_ddp_two_gpus_agree_on_weights(png_set: Path, tmp_path: Path) -> None:
+def test_ddp_two_gpus_agree_on_weights(png_cache: Path, tmp_path: Path) -> None:
     """torchrun with NCCL, one rank per GPU: identical weights at the end."""
-    sums = torchrun_two_ranks(png_set, tmp_path, {"CUDA_VISIBLE_DEVICES": "0,1"})
+    sums = torchrun_two_ranks(png_cache, tmp_path, {"CUDA_VISIBLE_DEVICES": "0,1"})
     assert sums[0] == sums[1]
 
 

@@ -4,10 +4,12 @@ Grad-CAM (Selvaraju et al. 2017) weights the channels of a late convolutional la
 mean gradient of the label's logit and keeps the positive part; the maintained
 ``grad-cam`` package (``pytorch_grad_cam``) computes it and scales each map to [0, 1]. Here:
 
-- The target layer per backbone family (`target_layer`): ResNet ``layer4[-1]``, DenseNet
-  ``features`` (its last norm, the map the classifier pools), VGG/AlexNet the last Conv2d
-  of ``features``, EfficientNet-B ``features[-1]`` (the 1x1 head conv block),
-  EfficientNet-Lite ``_conv_head`` (its last conv; the blocks before it are narrower).
+- The target layer per backbone family (`target_layer`): ResNet ``layer4[-1]`` (the last
+  residual block), DenseNet ``features`` (up to its last norm, the map the classifier
+  pools), VGG/AlexNet the last Conv2d of ``features``, EfficientNet-B ``features[-1]`` (the
+  1x1 head conv block), EfficientNet-Lite the last of its ``_blocks`` at stride 16 (not the
+  ``_conv_head``: on a trained Lite0 the head conv gave empty maps and lit the padded
+  corners). ``explain.json``'s ``method`` names the module hooked, per model.
 - The input is exactly what predict feeds the model (:class:`Predictor`'s preparation,
   reslicing included), so the heat lies over what the prediction saw.
 - Maps from several ensemble members are averaged, then every slice's map is resized
@@ -47,7 +49,7 @@ from ichscan.preprocess.head_crop import crop_box
 from ichscan.preprocess.window import apply_window
 from ichscan.scan import Scan
 
-__all__ = ["Explanation", "GradCamExplainer", "explain", "target_layer"]
+__all__ = ["Explanation", "GradCamExplainer", "explain", "layer_name", "target_layer"]
 
 TILE = 256
 MONTAGE_COLUMNS = 4
@@ -80,6 +82,29 @@ def target_layer(model: SliceModel) -> nn.Module:
         # stride-16 blocks follow the anatomy (and at 128 px they are 8x8, not 4x4).
         return _last_block_at_stride(backbone, 16)
     raise ExplainError(None, f"no Grad-CAM target layer known for architecture {arch!r}")
+
+
+# What each family's target layer is, in words, after its module name in `method`.
+LAYER_WORDS = (
+    ("resnet", "the last residual block"),
+    ("densenet", "the dense blocks up to the last batch norm"),
+    ("vgg16", "the last convolution"),
+    ("alexnet", "the last convolution"),
+    ("efficientnet_b", "the 1x1 head convolution block"),
+    ("efficientnet_lite", "the last block at stride 16, before the head convolution"),
+)
+
+
+def layer_name(model: nn.Module, layer: nn.Module) -> str:
+    """The hooked layer as `explain.json` names it: the architecture, the module's path in
+    the model and what it is, e.g. ``efficientnet_lite0 backbone._blocks.10 (the last
+    block at stride 16, before the head convolution)``."""
+    path = next((name for name, m in model.named_modules() if m is layer), "")
+    arch = str(getattr(model, "architecture", type(model).__name__))
+    words = next((w for family, w in LAYER_WORDS if arch.startswith(family)), "")
+    return " ".join(filter(None, (arch, path or type(layer).__name__))) + (
+        f" ({words})" if words else ""
+    )
 
 
 def _last_block_at_stride(backbone: nn.Module, stride: int) -> nn.Module:
@@ -169,7 +194,12 @@ class GradCamExplainer:
         if mil:
             parts.append("the small-set MIL heads' per-location hemorrhage probability")
         if mil < len(self.models):
-            parts.append("Grad-CAM (pytorch_grad_cam) of the last convolutional block")
+            hooked = dict.fromkeys(
+                layer_name(m, layer)
+                for m, layer in zip(self.models, self.layers, strict=True)
+                if not isinstance(m, SmallSetModel)
+            )
+            parts.append(f"Grad-CAM (pytorch_grad_cam) of {'; '.join(hooked)}")
         averaged = f", averaged over {len(self.models)} models" if len(self.models) > 1 else ""
         return " and ".join(parts) + averaged + ", per-slice scaled to [0, 1]"
 

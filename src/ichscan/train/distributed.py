@@ -93,14 +93,16 @@ def init_from_env() -> DistContext:
     local = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
-        if local >= gpus:
-            # NCCL cannot put two ranks on one GPU; say so before a cryptic NCCL error.
+        per_node = max(local + 1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        if per_node > gpus:
+            # NCCL cannot put two ranks on one GPU; say so before a cryptic NCCL error. Every
+            # rank of the node refuses, rank 0 included, so the one that prints says it.
             from ichscan.train.loop import TrainingError
 
             raise TrainingError(
                 None,
-                f"torchrun started local rank {local}, but this node has {gpus} GPU(s): use "
-                f"--nproc_per_node {gpus} (or CUDA_VISIBLE_DEVICES= for CPU processes)",
+                f"torchrun started {per_node} processes, but this node has {gpus} GPU(s): "
+                f"use --nproc_per_node {gpus} (or CUDA_VISIBLE_DEVICES= for CPU processes)",
             )
         torch.cuda.set_device(local)
         device, backend = torch.device("cuda", local), "nccl"

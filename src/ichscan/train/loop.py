@@ -379,6 +379,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ctx = dist_utils.init_from_env()
     seed_everything(config.seed + ctx.rank)
     device = pick_device(config.device) if not ctx.distributed else ctx.device
+    if ctx.distributed:
+        _check_distributed(config)
     out = Path(config.out)
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -390,7 +392,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ctx.barrier()
     if data.recipe == "small-set":
         if ctx.distributed:
-            raise TrainingError(None, "the small-set recipe runs in one process, not torchrun")
+            raise TrainingError(None, SMALL_SET_NOT_TORCHRUN)
         from ichscan.train.small_set import train_small_set
 
         return train_small_set(config, data)
@@ -415,13 +417,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
     model.freeze_backbone(config.train_mode == "head")
     model.to(device)
+    # Only rank 0 writes, so it alone checks the disk; the others leave with it instead of
+    # waiting for it in DDP's first broadcast.
+    disk_error: TrainingError | None = None
     if ctx.is_main:
-        _check_disk(out, model, ckpt_dir)
+        try:
+            _check_disk(out, model, ckpt_dir)
+        except TrainingError as exc:
+            disk_error = exc
+    if ctx.agree(int(disk_error is not None)):
+        raise disk_error or TrainingError(out, "rank 0 found too little space for checkpoints")
     train_model: nn.Module = ctx.wrap(model)
 
     augment = build_augment(config.augment, cache.size)
     train_set = SliceDataset(cache, train_rows, input_kind=config.input_kind, augment=augment)
     val_set = SliceDataset(cache, val_rows, input_kind=config.input_kind)
+    val_share = _rank_share(val_set, ctx)
     workers = config.workers if config.workers is not None else dist_utils.default_workers(ctx)
     sampler = ctx.sampler(train_set, seed=config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -499,7 +510,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             ctx.is_main,
         )
         ctx.sync_buffers(model)
-        val_probs = predict_rows(model, val_set, device, config.batch_size * 2)
+        val_probs = _predict_shared(model, val_share, config.batch_size * 2, device, ctx)
         metrics = evaluate_rows(val_probs, val_labels, label_set)
         val_loss = metrics["weighted_log_loss"]
         record = EpochRecord(
@@ -598,6 +609,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             time.monotonic() - started,
             cache,
             scan_thresholds,
+            ctx.world_size,
         )
         _plot_curves(history, out / "training_curves.png")
         if tb is not None:
@@ -605,6 +617,49 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ctx.barrier()
     ctx.shutdown()
     return {**summary, "rank": ctx.rank, "final_weights_sha256": fingerprint}
+
+
+SMALL_SET_NOT_TORCHRUN = (
+    "the small-set recipe runs in one process, not under torchrun: run it without "
+    "torchrun, or fine-tune with --recipe finetune"
+)
+
+
+def _check_distributed(config: TrainConfig) -> None:
+    """What torchrun cannot run, refused on every rank before any work. Preparing raw data
+    on rank 0 would leave the other ranks in a collective that times out (NCCL 10 min,
+    gloo 30 min) long before a large set is prepared; a longer timeout would also hide
+    real hangs, so the cache is prepared first, by one process."""
+    data = Path(config.data)
+    if config.recipe == "small-set":
+        raise TrainingError(None, SMALL_SET_NOT_TORCHRUN)
+    if data.exists() and not PreparedCache.is_cache(data):
+        raise TrainingError(
+            data,
+            "under torchrun, training reads a prepared cache; prepare the cache first: "
+            f"ichscan prepare {data} --out CACHE, then torchrun ... train CACHE",
+        )
+
+
+def _rank_share(dataset: SliceDataset, ctx: dist_utils.DistContext) -> SliceDataset:
+    """This rank's contiguous share of the rows (all of them without torchrun): each rank
+    validates its share, so validation takes 1/N of the time instead of N copies of it."""
+    if not ctx.distributed:
+        return dataset
+    share = np.array_split(dataset.rows, ctx.world_size)[ctx.rank]
+    return SliceDataset(dataset.cache, share, input_kind=dataset.input_kind)
+
+
+def _predict_shared(
+    model: nn.Module,
+    share: SliceDataset,
+    batch_size: int,
+    device: torch.device,
+    ctx: dist_utils.DistContext,
+) -> np.ndarray:
+    """Probabilities of every rank's share (`_rank_share`), on every rank, in row order."""
+    part = predict_rows(model, share, device, batch_size)
+    return np.concatenate(ctx.gather(part)) if ctx.distributed else part
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -855,6 +910,7 @@ def _write_bundle(
     seconds: float,
     cache: PreparedCache,
     scan_thresholds: dict[str, float] | None = None,
+    processes: int = 1,
 ) -> dict[str, Any]:
     spec = input_spec(
         cache.facts["windows"],
@@ -882,6 +938,10 @@ def _write_bundle(
             "epochs_run": len(history),
             "best_epoch": best_epoch + 1,
             "seconds": round(seconds, 1),
+            # Under torchrun each of the processes takes --batch-size per step, so the
+            # steps per epoch and the batch the optimiser sees are not the config's alone.
+            "processes": processes,
+            "effective_batch_size": config.batch_size * config.accumulate * processes,
             "config": _config_json(config),
         },
         metrics={"validation": final, "validation_slices": len(data.val_rows)},
