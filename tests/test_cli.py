@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -597,3 +598,113 @@ def test_cli_predict_missing_model_is_one_line(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "nope" in proc.stderr
+
+
+# --- prepare and info: QA audit s18 -------------------------------------------------------
+
+
+def _synth(root: Path, layout: str, scans: int = 2) -> Path:
+    from ichscan.data.synth import write_synthetic
+
+    write_synthetic(root, n_scans=scans, layout=layout, shape=(6, 32, 32), seed=3)
+    return root
+
+
+def _prepare(data: Path, out: Path, *more: str) -> int:
+    argv = ["prepare", str(data), "--out", str(out), "--size", "16", "--folds", "2"]
+    return main([*argv, "--workers", "1", *more])
+
+
+def test_prepare_records_layout_label_level_and_slabs_in_cache_json(tmp_path: Path) -> None:
+    from ichscan.data.cache import PreparedCache
+
+    data = _synth(tmp_path / "cq", "cq500")
+    assert _prepare(data, tmp_path / "c", "--middle", "4") == 0
+    cache = PreparedCache(tmp_path / "c")
+    facts = cache.facts["manifest"]
+    assert (facts["layout"], facts["label_level"]) == ("cq500", "scan")
+    assert cache.label_level == "scan"  # what train-study and evaluate decide by
+    assert (facts["slab_mm"], facts["middle_slices"]) == (5.0, 4)
+    assert len(cache) == 8 and cache.slice_spacing_mm == 5.0
+
+    assert _prepare(data, tmp_path / "n", "--thickness", "native") == 0
+    native = PreparedCache(tmp_path / "n")
+    assert len(native) == 2 * 41 and native.facts["manifest"].get("slab_mm") is None
+
+
+def test_prepare_thickness_must_be_millimetres_or_native(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["prepare", str(tmp_path), "--out", str(tmp_path / "c"), "--thickness", "thin"])
+    assert "'thin' is not a thickness in mm or 'native'" in capsys.readouterr().err
+
+
+def test_prepare_never_imports_torch(tmp_path: Path) -> None:
+    """Preparing is NumPy work: torch (0.5 GB resident, 2 s) has no business in it."""
+    data = _synth(tmp_path / "rsna", "rsna")
+    code = (
+        "import sys; from ichscan.cli import main; "
+        f"rc = main(['prepare', {str(data)!r}, '--out', {str(tmp_path / 'c')!r}, "
+        "'--size', '16', '--folds', '2', '--workers', '1']); "
+        "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().endswith("no torch")
+
+
+def test_the_old_skipped_inputs_import_still_works() -> None:
+    from ichscan.data.skipped import NO_FILE, skipped_inputs
+    from ichscan.evaluate.report import NO_FILE as OLD_NO_FILE
+    from ichscan.evaluate.report import skipped_inputs as old
+
+    assert old is skipped_inputs and OLD_NO_FILE == NO_FILE
+
+
+def test_prepare_help_gives_every_option_a_help_with_its_default() -> None:
+    from ichscan.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    prepare = sub.choices["prepare"]
+    for action in prepare._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings[0]} has no help text"
+        if action.default not in (None, False):
+            assert "default" in action.help, f"{action.option_strings[0]} hides its default"
+
+
+def test_prepare_reads_nifti_masks_unless_told_not_to(tmp_path: Path) -> None:
+    from ichscan.data.cache import PreparedCache
+
+    data = _synth(tmp_path / "nii", "nifti")
+    assert _prepare(data, tmp_path / "m") == 0
+    assert PreparedCache(tmp_path / "m").label_level == "slice"
+    assert _prepare(data, tmp_path / "s", "--no-masks") == 0
+    assert PreparedCache(tmp_path / "s").label_level == "scan"
+
+
+def test_prepare_images_says_the_other_windows_cannot_be_made(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ichscan.data.cache import PreparedCache
+
+    data = _synth(tmp_path / "png", "png")
+    assert _prepare(data, tmp_path / "c", "--windows", "brain,subdural,bone") == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "window" in line]
+    assert len(lines) == 1
+    assert "one window (brain)" in lines[0] and str(data) in lines[0]
+    assert "subdural, bone cannot be made" in lines[0]
+    assert PreparedCache(tmp_path / "c").facts["windows"][0]["name"] == "brain"
+
+
+def test_info_on_a_folder_of_nifti_says_what_it_holds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _synth(tmp_path / "nii", "nifti")
+    assert main(["info", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "4 NIfTI" in err and "ichscan prepare" in err

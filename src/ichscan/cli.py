@@ -7,15 +7,24 @@ Bad input is one line on stderr naming the file and the problem, never a traceba
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext, redirect_stderr
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ichscan import __version__
 from ichscan.errors import IchscanError
+
+if TYPE_CHECKING:  # the verbs import what they use, so `ichscan info` starts fast
+    import pandas as pd
+
+    from ichscan.labels import LabelSet
+    from ichscan.preprocess.window import Window
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
 # Bad or missing inputs listed on the console, one line each; the rest are counted (all of
@@ -48,7 +57,7 @@ def _list_bad(
 ) -> None:
     """One stderr line per bad or missing input: the first MAX_LISTED, then a count. Rows
     of one file failing the same way (the slices of a truncated volume) are one line."""
-    from ichscan.evaluate.report import NO_FILE
+    from ichscan.data.skipped import NO_FILE
 
     groups: list[tuple[dict[str, str], int]] = []
     for e in entries:
@@ -218,33 +227,29 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from ichscan.data.adapters import build_manifest
     from ichscan.data.manifest import write_manifest
     from ichscan.data.prepare import prepare
-    from ichscan.data.splits import assign_folds
+    from ichscan.data.skipped import skipped_inputs
     from ichscan.data.synth import is_synthetic
-    from ichscan.preprocess.window import parse_windows
 
-    try:
-        windows = parse_windows(args.windows)
-    except ValueError as exc:
-        raise IchscanError(None, f"--windows: {exc}") from None
-    if args.crop != "none" and windows[0].name != "brain":
-        raise IchscanError(
-            None, f"--crop {args.crop} finds the head in a brain window: list brain first"
-        )
-    df, report, label_set = build_manifest(args.data, labels=args.labels, workers=args.workers)
+    windows = _prepare_windows(args)
+    df, report, label_set = build_manifest(
+        args.data,
+        labels=args.labels,
+        workers=args.workers,
+        masks=args.masks,
+        thickness="auto" if args.thickness is None else args.thickness,
+        middle=args.middle,
+    )
     print(report.summary())
     err = _console(stderr=True)
     for problem in report.problems[:20]:
         err.print(f"problem: {problem}")
     if len(df) == 0:
         raise IchscanError(args.data, "no slices to prepare")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        df = assign_folds(df, label_set, k=args.folds, seed=args.seed, holdout=args.holdout)
-    for w in caught:
-        err.print(f"note: {w.message}")
+    df = _split(df, label_set, args)
     out = Path(args.out)
     if report.layout == "images":
-        windows = windows[:1]  # display-windowed images hold one window; say which in the cache
+        windows = _image_windows(args.data, df, windows)
+    facts = {**report.facts(), "source": str(args.data)}
     result = prepare(
         df,
         out,
@@ -255,28 +260,62 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         label_set=label_set,
         overwrite=args.overwrite,
         crop=args.crop,
-        facts={"source": str(args.data), "synthetic": is_synthetic(args.data)},
+        facts={**facts, "synthetic": is_synthetic(args.data)},
     )
-    write_manifest(
-        df,
-        out / "manifest.parquet",
-        label_set,
-        layout=report.layout,
-        label_level=report.label_level,
-        source=str(args.data),
-        report=report.to_dict(),
-    )
+    write_manifest(df, out / "manifest.parquet", label_set, **facts, report=report.to_dict())
     print(
         f"prepared {result.n_ok} slice(s) into {result.n_shards} shard(s) under {out} "
         f"({result.n_skipped_shards} shard(s) already done) in {result.seconds:.1f} s"
     )
-    from ichscan.evaluate.report import skipped_inputs
-
     skipped = skipped_inputs(report, result.report)
     if result.n_bad:
         err.print(f"{result.n_bad} slice(s) could not be read (listed in {result.report})")
     _list_bad(skipped, len(skipped), result.report if result.n_bad else None)
     return EXIT_PARTIAL if skipped else EXIT_OK
+
+
+def _prepare_windows(args: argparse.Namespace) -> list[Window]:
+    from ichscan.preprocess.window import parse_windows
+
+    try:
+        windows = parse_windows(args.windows)
+    except ValueError as exc:
+        raise IchscanError(None, f"--windows: {exc}") from None
+    if args.crop != "none" and windows[0].name != "brain":
+        raise IchscanError(
+            None, f"--crop {args.crop} finds the head in a brain window: list brain first"
+        )
+    return windows
+
+
+def _split(df: pd.DataFrame, label_set: LabelSet, args: argparse.Namespace) -> pd.DataFrame:
+    """Patient-grouped folds; what the splitter warns about is a note on stderr."""
+    from ichscan.data.splits import assign_folds
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        df = assign_folds(df, label_set, k=args.folds, seed=args.seed, holdout=args.holdout)
+    for w in caught:
+        print(_shown(f"note: {w.message}"), file=sys.stderr)
+    return df
+
+
+def _image_windows(data: str, df: pd.DataFrame, asked: list[Window]) -> list[Window]:
+    """PNG/JPEG slices hold display values in one window: the cache holds that one, and a
+    user who asked for others hears once why they are not there."""
+    from ichscan.preprocess.window import parse_windows
+
+    held = str(df["window"].iloc[0] or "brain")
+    others = [w.name for w in asked if w.name != held]
+    if others:
+        print(
+            _shown(
+                f"note: {data}: the PNG/JPEG slices hold one window ({held}); "
+                f"{', '.join(others)} cannot be made from them, so the cache holds {held} only"
+            ),
+            file=sys.stderr,
+        )
+    return parse_windows([held])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -500,6 +539,16 @@ def _path(text: str) -> str:
     return text
 
 
+def _slab_thickness(text: str) -> float | str:
+    """--thickness: a slab thickness in mm, or 'native'."""
+    if text == "native":
+        return text
+    try:
+        return _millimetres(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thickness in mm or 'native'") from None
+
+
 def _millimetres(text: str) -> float:
     """A positive length in mm (a thickness of 0 would be ignored, a negative one fail late)."""
     try:
@@ -617,8 +666,15 @@ def build_parser() -> argparse.ArgumentParser:
         "data", type=_path, help="dataset folder (RSNA, CQ500, images + labels.csv, NIfTI, DICOM)"
     )
     p.add_argument("--out", required=True, help="cache folder")
-    p.add_argument("--windows", default="brain,subdural,bone")
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument(
+        "--windows",
+        default="brain,subdural,bone",
+        help="windows stacked as channels: presets (brain, subdural, bone, soft_tissue) or "
+        "C/W pairs like 50/150; PNG/JPEG sets hold one window (default: %(default)s)",
+    )
+    p.add_argument(
+        "--size", type=_count, default=256, help="slice size in pixels (default: %(default)s)"
+    )
     p.add_argument(
         "--crop",
         choices=["none", "head", "brain", "brain+head"],  # preprocess.head_crop.CROPS
@@ -626,15 +682,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="crop each slice to a square around the head first (brain: skull zeroed too; "
         "brain+head: the brain crop, then the head crop of the brain window as one more "
         "plane); the first window must be brain. The small-set recipe reads --windows brain "
-        "--crop brain+head --size 320 (brain with train --no-head-reader)",
+        "--crop brain+head --size 320 (brain with train --no-head-reader) (default: "
+        "%(default)s)",
     )
-    p.add_argument("--labels", choices=["rsna", "cq500", "binary"])
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--holdout", type=float, default=0.0, help="fraction of patients held out")
+    p.add_argument(
+        "--labels",
+        choices=["rsna", "cq500", "binary"],
+        help="label set the dataset must carry (default: the layout's own, or detected "
+        "from labels.csv)",
+    )
+    p.add_argument(
+        "--thickness",
+        type=_slab_thickness,
+        metavar="MM|native",
+        help="read each chosen DICOM series that is thinner as MM-thick slabs along the slice "
+        "normal, tilt corrected, as predict --reslice does (CQ500 and DICOM folders); native "
+        "keeps every slice (default: 5 for CQ500, native for the other layouts)",
+    )
+    p.add_argument(
+        "--middle",
+        type=_count,
+        metavar="N",
+        help="keep the middle N slices (or slabs) of each scan (default: all of them)",
+    )
+    p.add_argument(
+        "--masks",
+        action=argparse.BooleanOptionalAction,
+        help="NIfTI: slice labels from the *_mask label maps; --no-masks: labels.csv's per "
+        "scan (default: from the masks when every volume has one)",
+    )
+    p.add_argument(
+        "--folds",
+        type=_count,
+        default=5,
+        help="patient-grouped stratified cross-validation folds (default: %(default)s)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the fold split (default: %(default)s)"
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="fraction of patients held out of every fold (default: %(default)s)",
+    )
     p.add_argument("--workers", type=int, help="processes (default: all cores)")
-    p.add_argument("--ray", metavar="ADDRESS", help="run on Ray: 'local' or a cluster address")
-    p.add_argument("--overwrite", action="store_true", help="redo finished shards")
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run on Ray: 'local' or a cluster address (default: a local process pool)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo every shard (default: keep shards already made for the same rows, "
+        "settings and input files)",
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser(
@@ -745,7 +848,11 @@ def build_parser() -> argparse.ArgumentParser:
         "trained slice model's embeddings; adds it to the bundle",
     )
     p.add_argument("model", help="model folder from ichscan train")
-    p.add_argument("--data", help="prepared cache (default: the model's own cache)")
+    p.add_argument(
+        "--data",
+        help="prepared cache, cut and split as the slice model's (default: the model's own "
+        "cache, else the prepared cache it was trained on)",
+    )
     p.add_argument("--kind", choices=["gru", "conv"], default="gru")
     p.add_argument("--hidden", type=_count, default=128)
     p.add_argument("--epochs", type=_count, default=30)
@@ -910,23 +1017,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_rank() -> bool:
+    """A torchrun process other than rank 0: every rank runs the same checks on the same
+    data, so its error is rank 0's too, and it leaves with the same code without repeating
+    the line."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0"
+
+
+def _error(line: str) -> None:
+    if not _quiet_rank():
+        print(line, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse's usage errors too: the other ranks exit 2 with rank 0, without the lines.
+    quiet = redirect_stderr(io.StringIO()) if _quiet_rank() else nullcontext()
+    with quiet:
+        args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except IchscanError as exc:
-        print(f"ichscan {args.command}: error: {exc}", file=sys.stderr)
+        _error(f"ichscan {args.command}: error: {exc}")
         return EXIT_ERROR
     except OSError as exc:
         # The file system's refusals (an output folder that exists, a path that cannot be
         # written, a full disk) are the user's to fix: one line, not a traceback.
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"ichscan {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        _error(f"ichscan {args.command}: error: {where}{exc.strerror or exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("ichscan: interrupted", file=sys.stderr)
+        _error("ichscan: interrupted")
         return 130
 
 
