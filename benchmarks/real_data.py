@@ -56,28 +56,23 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def grouped_view(data: Path, out: Path, min_r: float) -> tuple[Path, dict]:
     """A view of an image set (its images linked, not copied) whose labels.csv gives every
-    image the patient id of its near-duplicate group; and what was grouped."""
-    import csv
-
+    image the patient id of its near-duplicate group; and what was grouped. The images and
+    their labels are what the images adapter reads (lost zero padding and all)."""
+    from ichscan.data.adapters import build_manifest
     from ichscan.data.similar import similar_groups
 
-    with (data / "labels.csv").open(newline="") as f:
-        rows = [{k.strip(): v for k, v in row.items()} for row in csv.DictReader(f)]
-    images = {p.stem: p for p in (data / "images").iterdir() if p.suffix.lower() == ".png"}
-    ids = [row["id"] for row in rows if row["id"] in images]
-    groups, pairs = similar_groups([images[i] for i in ids], min_r)
-    patient = {i: f"group-{g:03d}" for i, g in zip(ids, groups, strict=True)}
+    rows, _, label_set = build_manifest(data, layout="images")
+    ids = rows["image_id"].astype(str).tolist()
+    groups, pairs = similar_groups(rows["path"].tolist(), min_r)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for i in ids:
-        link = out / "images" / images[i].name
+    for path in rows["path"]:
+        link = out / "images" / Path(path).name
         if not link.is_symlink():
-            link.symlink_to(images[i].resolve())
-    with (out / "labels.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, [*rows[0].keys(), "patient_id"])
-        w.writeheader()
-        for row in rows:
-            if row["id"] in patient:
-                w.writerow({**row, "patient_id": patient[row["id"]]})
+            link.symlink_to(Path(path).resolve())
+    table = rows[list(label_set.labels)].astype(int)
+    table.insert(0, "id", ids)
+    table["patient_id"] = [f"group-{g:03d}" for g in groups]
+    table.to_csv(out / "labels.csv", index=False)
     n_groups = len(set(groups.tolist()))
     shared = sorted({i for a, b, _ in pairs for i in (ids[a], ids[b])})
     note = (

@@ -3,8 +3,9 @@
 Research software, not a medical device: do not use it for diagnosis or patient care.
 
 Reading and preprocessing (``load``, ``discover``, ``write_nifti``) import no torch. The
-model verbs (``Predictor``, ``predict_paths``, ``explain``, ``train``, ``TrainConfig``) are
-imported on first use, so ``import ichscan`` stays light for data work.
+model verbs (``Predictor``, ``ScanPrediction``, ``predict_paths``, ``explain``) are imported
+on first use, so ``import ichscan`` stays light for data work. Training from Python is
+``ichscan.train.loop.train(TrainConfig(...))``: ``ichscan.train`` is the package.
 """
 
 from __future__ import annotations

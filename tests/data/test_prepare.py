@@ -568,3 +568,35 @@ def test_a_second_prepare_on_one_cache_is_refused_and_a_stale_lock_taken_over(
     # Its process is gone: the lock is stale and taken over, and let go at the end.
     assert run(df, out).n_ok == 2
     assert not lock.exists()
+
+
+def test_the_lock_never_exists_without_its_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock read while its holder was still being written into it looked stale, and a
+    second prepare took it over: the lock must appear with its holder already in it."""
+    import ichscan.data.cache as cache_module
+
+    lock, real, empty_lock_seen = tmp_path / cache_module.LOCK_FILE, json, []
+
+    class Spy:  # json, noting whether the lock exists empty while the holder is written
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def _look(self) -> None:
+            empty_lock_seen.append(lock.exists() and not lock.read_text())
+
+        def dump(self, obj: object, f: object, **kw: object) -> None:
+            self._look()
+            real.dump(obj, f, **kw)  # type: ignore[arg-type]
+
+        def dumps(self, obj: object, **kw: object) -> str:
+            self._look()
+            return real.dumps(obj, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cache_module, "json", Spy())
+    with cache_module.prepare_lock(tmp_path) as held:
+        assert real.loads(held.read_text())["pid"] == os.getpid()
+        assert [p.name for p in tmp_path.iterdir()] == [cache_module.LOCK_FILE]
+    assert empty_lock_seen and not any(empty_lock_seen)
+    assert not any(tmp_path.iterdir())

@@ -26,3 +26,35 @@ def test_a_layout_prepared_for_training_keeps_its_label_level_and_slabs(tmp_path
 
     again = resolve_training_data(TrainConfig(data=str(training.cache_root), out="x", size=16))
     assert again.summary["label_level"] == "scan" and again.summary["slab_mm"] == 5.0
+
+
+def test_extra_train_dicom_is_cut_at_the_main_sets_thickness(tmp_path: Path) -> None:
+    """--extra-train CQ500 beside a native set used to give series rows prepare refused
+    (their slab thickness was dropped); the extra set is read at the main set's thickness."""
+    from ichscan.train.loop import TrainConfig
+
+    rsna, cq500, dicom = tmp_path / "rsna", tmp_path / "cq", tmp_path / "dicom"
+    write_synthetic(rsna, n_scans=2, layout="rsna", shape=(4, 32, 32), seed=1)
+    write_synthetic(cq500, n_scans=2, layout="cq500", thickness=2.5, shape=(6, 32, 32), seed=2)
+    write_synthetic(dicom, n_scans=1, layout="dicom", thickness=2.5, shape=(6, 32, 32), seed=4)
+    common = {"size": 16, "folds": 2, "progress": False, "recipe": "finetune"}
+
+    native = TrainConfig(
+        data=str(rsna),
+        out=str(tmp_path / "a"),
+        labels="binary",
+        extra_train=(str(cq500),),
+        **common,
+    )
+    index = PreparedCache(resolve_training_data(native).cache_root).index
+    assert set(index.loc[index["fold"] == -2, "kind"]) == {"dicom"}
+
+    slabs = TrainConfig(
+        data=str(cq500),
+        out=str(tmp_path / "b"),
+        labels="binary",
+        extra_train=(str(dicom),),
+        **common,
+    )
+    index = PreparedCache(resolve_training_data(slabs).cache_root).index
+    assert set(index.loc[index["fold"] == -2, "kind"]) == {"series"}

@@ -265,6 +265,26 @@ def test_more_ranks_than_gpus_is_one_clear_error(
         distributed.init_from_env()
 
 
+def test_a_launch_without_local_world_size_needs_only_its_own_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """srun sets no LOCAL_WORLD_SIZE: rank 2 of 4 on two one-GPU nodes is not refused for
+    the world's size, and takes its node's GPU."""
+    from ichscan.train import distributed
+
+    used: list[int] = []
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", used.append)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    ctx = distributed.init_from_env()
+    assert (ctx.rank, ctx.world_size, ctx.local_rank, used) == (2, 4, 0, [0])
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_under_torchrun_only_rank_0_prints_errors(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], rank: str

@@ -57,6 +57,7 @@ from ichscan.io.series import (
 from ichscan.io.volume import default_workers
 from ichscan.labels import CQ500, CQ500_COLUMNS, RSNA, LabelSet, detect_label_set, get_label_set
 from ichscan.preprocess.reslice import is_thinner, slab_plan
+from ichscan.preprocess.select import in_middle
 
 from .manifest import UNKNOWN, empty_manifest, normalise, write_manifest
 
@@ -305,15 +306,17 @@ def _keep_middle(rows: pd.DataFrame, report: AdapterReport, label_set: LabelSet,
     them. Rows keep their slice_index: it is where they lie in the whole scan."""
     by_scan = rows.groupby("scan_id", sort=False)["slice_index"]
     rank = by_scan.rank(method="first").astype(np.int64) - 1
-    start = ((by_scan.transform("size") - n).clip(lower=0) // 2).astype(np.int64)
-    keep = (rank >= start) & (rank < start + n)
+    keep = pd.Series(
+        in_middle(rank.to_numpy(), by_scan.transform("size").to_numpy(), n), rows.index
+    )
     report.middle_slices = n
     if not keep.all():
         report.notes.append(
             f"kept the middle {n} slice(s) of each scan: {int((~keep).sum())} of {len(rows)} "
             "left out"
         )
-    return _finish(rows.loc[keep], report, label_set)
+    # The rows were normalised when adapted: only the counts change.
+    return _counted(rows.loc[keep].reset_index(drop=True), report, label_set)
 
 
 def write_dataset_manifest(
@@ -329,7 +332,10 @@ def write_dataset_manifest(
 
 def _finish(rows: pd.DataFrame, report: AdapterReport, label_set: LabelSet) -> Adapted:
     df = normalise(rows, label_set) if len(rows) else empty_manifest(label_set)
-    df = df.reset_index(drop=True)
+    return _counted(df.reset_index(drop=True), report, label_set)
+
+
+def _counted(df: pd.DataFrame, report: AdapterReport, label_set: LabelSet) -> Adapted:
     report.n_rows = len(df)
     report.n_scans = int(df["scan_id"].nunique())
     report.n_patients = int(df["patient_id"].nunique())
@@ -876,7 +882,7 @@ def _cq500_patient(folder: Path, slab_mm: float | None = None) -> PatientResult:
         if others
         else []
     )
-    rows, problem = rows_at_thickness(best, slab_mm)
+    rows, problem, _ = rows_at_thickness(best, slab_mm)
     if problem:
         problems.append(f"{folder}: series {best.series_uid}: {problem}")
     return rows, bad, problems, notes
@@ -907,24 +913,30 @@ def series_rows(series: Series) -> pd.DataFrame:
     )
 
 
-def rows_at_thickness(series: Series, slab_mm: float | None) -> tuple[pd.DataFrame, str]:
+def rows_at_thickness(
+    series: Series, slab_mm: float | None
+) -> tuple[pd.DataFrame, str, np.ndarray | None]:
     """The series' slab rows when `slab_mm` is given and the series is thinner, else its
-    slice rows; and a problem line when it could not be cut into slabs (then its slices)."""
+    slice rows; a problem line when it could not be cut into slabs (then its slices); and
+    the slab each slice is averaged into, as `slab_rows` gives it (None for slice rows)."""
     if slab_mm is None or not is_thinner(series.slice_spacing_mm, slab_mm):
-        return series_rows(series), ""
+        return series_rows(series), "", None
     try:
-        return slab_rows(series, slab_mm), ""
+        rows, slab_of = slab_rows(series, slab_mm)
+        return rows, "", slab_of
     except ValueError as exc:
-        return series_rows(series), f"cannot be cut into {slab_mm:g} mm slabs ({exc}); kept whole"
+        problem = f"cannot be cut into {slab_mm:g} mm slabs ({exc}); kept whole"
+        return series_rows(series), problem, None
 
 
-def slab_rows(series: Series, slab_mm: float) -> pd.DataFrame:
+def slab_rows(series: Series, slab_mm: float) -> tuple[pd.DataFrame, np.ndarray | None]:
     """One `series` row per slab of the series resliced to `slab_mm` (what
     preprocess.reslice makes of it: slabs along the slice normal, tilt corrected, each the
     mean of the slices within it). `path` is where the series lies (its folder, or its
     zip), `member` its SeriesInstanceUID, `slice_index` the slab: prepare reads the series
-    once per run of its rows and reslices it. The slab count comes from the headers."""
-    n, _ = slab_plan(series.positions_mm, slab_mm)
+    once per run of its rows and reslices it. The slab count comes from the headers; also
+    the slab each slice (in header order) is averaged into, None when interpolated."""
+    n, slab_of = slab_plan(series.positions_mm, slab_mm)
     uid = series.series_uid
     return pd.DataFrame(
         {
@@ -939,7 +951,7 @@ def slab_rows(series: Series, slab_mm: float) -> pd.DataFrame:
             "slice_index": np.arange(n, dtype=np.int32),
             "position_mm": np.arange(n, dtype=np.float64) * slab_mm,
         }
-    )
+    ), slab_of
 
 
 def series_source(series: Series) -> str:
@@ -978,9 +990,10 @@ def adapt_dicom(
     frames, slices = [], []
     for s in found.series:
         if s.selected:
-            rows, problem = rows_at_thickness(s, slab_mm)
+            rows, problem, slab_of = rows_at_thickness(s, slab_mm)
             frames.append(rows)
-            slices.append(series_rows(s))
+            if truth is not None:  # slice rows only to carry slice_truth.csv onto slabs
+                slices.append(_slices_with_slabs(s, slab_of))
             report.problems += [f"series {s.series_uid}: {p}" for p in s.problems]
             if problem:
                 report.problems.append(f"series {s.series_uid}: {problem}")
@@ -995,25 +1008,30 @@ def adapt_dicom(
             rows[label] = UNKNOWN
     else:
         labelled = _join_slice_truth(pd.concat(slices, ignore_index=True), truth, report)
-        rows = _labels_per_row(rows, labelled, list(label_set.labels), slab_mm)
+        rows = _labels_per_row(rows, labelled, list(label_set.labels))
     _note_slabs(rows, report)
     return _finish(rows, report, label_set)
 
 
-def _labels_per_row(
-    rows: pd.DataFrame, slices: pd.DataFrame, labels: list[str], slab_mm: float | None
-) -> pd.DataFrame:
+def _slices_with_slabs(series: Series, slab_of: np.ndarray | None) -> pd.DataFrame:
+    """The series' slice rows, each with the slab it is averaged into (-1: none)."""
+    slices = series_rows(series)
+    return slices.assign(slab=np.full(len(slices), -1, np.int64) if slab_of is None else slab_of)
+
+
+def _labels_per_row(rows: pd.DataFrame, slices: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     """Slice labels onto the manifest rows, in their order: as they are for slice rows,
-    merged per slab for `series` rows (see adapt_dicom)."""
+    merged per slab for `series` rows (see adapt_dicom). ``slices``: the slice rows with
+    their labels and slab (see `_slices_with_slabs`)."""
     is_slab = (rows["kind"] == "series").to_numpy()
     if not is_slab.any():
-        return slices
+        return slices.drop(columns="slab")
     values = np.full((len(rows), len(labels)), UNKNOWN, dtype=np.int8)
     native = slices[["image_id", *labels]].drop_duplicates("image_id")
     found = rows.loc[~is_slab, ["image_id"]].merge(native, on="image_id", how="left")
     values[~is_slab] = found[labels].fillna(UNKNOWN).to_numpy()
     slabbed = slices.loc[slices["scan_id"].isin(set(rows.loc[is_slab, "scan_id"]))]
-    per_slab = _slab_labels(slabbed, labels, float(slab_mm or 0))
+    per_slab = _slab_labels(slabbed, labels)
     found = rows.loc[is_slab, ["scan_id", "slice_index"]].merge(
         per_slab, on=["scan_id", "slice_index"], how="left"
     )
@@ -1021,18 +1039,19 @@ def _labels_per_row(
     return rows.assign(**{label: values[:, j] for j, label in enumerate(labels)})
 
 
-def _slab_labels(slices: pd.DataFrame, labels: list[str], slab_mm: float) -> pd.DataFrame:
+def _slab_labels(slices: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     """Per (scan, slab): 1 if a slice in it is positive, else -1 if one is unknown, else 0.
     A slab that holds no slice (interpolated across a gap) gets no row: unknown."""
     frames = []
     for scan, group in slices.groupby("scan_id", sort=False):
-        _, slab = slab_plan(group["position_mm"].to_numpy(), slab_mm)
-        if slab is None:
-            continue  # not thinner: never cut into slabs
+        slab = group["slab"].to_numpy()
+        if (slab < 0).any():
+            continue  # interpolated, not averaged: no slice lies in one slab
         by_slab = group[labels].groupby(slab)
-        merged = np.where(by_slab.max() == 1, 1, np.where(by_slab.min() == UNKNOWN, UNKNOWN, 0))
+        most = by_slab.max()
+        merged = np.where(most == 1, 1, np.where(by_slab.min() == UNKNOWN, UNKNOWN, 0))
         frame = pd.DataFrame(merged, columns=labels)
-        frames.append(frame.assign(scan_id=scan, slice_index=by_slab.max().index.to_numpy()))
+        frames.append(frame.assign(scan_id=scan, slice_index=most.index.to_numpy()))
     columns = ["scan_id", "slice_index", *labels]
     return pd.concat(frames)[columns] if frames else pd.DataFrame(columns=columns)
 

@@ -144,15 +144,19 @@ def prepare_lock(root: Path) -> Iterator[Path]:
     shard done that it never finished. A lock left by a process that is gone is taken over."""
     lock = root / LOCK_FILE
     holder = {"pid": os.getpid(), "host": socket.gethostname()}
-    while True:
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            _refuse_or_clear(lock, holder["host"])
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(holder, f)
-        break
+    # The holder is written whole before the lock appears (a hard link is atomic and fails
+    # when the lock exists): a lock read while being written would look stale and be taken.
+    mine = lock.with_name(f"{LOCK_FILE}.{holder['pid']}.tmp")
+    mine.write_text(json.dumps(holder))
+    try:
+        while True:
+            try:
+                os.link(mine, lock)
+                break
+            except FileExistsError:
+                _refuse_or_clear(lock, holder["host"])
+    finally:
+        mine.unlink(missing_ok=True)
     try:
         yield lock
     finally:
@@ -168,7 +172,7 @@ def _refuse_or_clear(lock: Path, host: str) -> None:
     except FileNotFoundError:
         return  # let go between our attempt and this read: try again
     except (OSError, ValueError, KeyError, TypeError):
-        pid, owner_host = None, host  # a half-written lock: its writer died right away
+        pid, owner_host = None, host  # unreadable: not written by a live prepare
     if pid is not None and (owner_host != host or _running(pid)):
         where = f" on {owner_host}" if owner_host != host else ""
         raise InputError(

@@ -79,7 +79,7 @@ from ichscan.io.dicom import (
 from ichscan.io.image import read_grey
 from ichscan.io.load import load_discovered
 from ichscan.io.nifti import has_a_number, nonfinite_to_air, open_nifti
-from ichscan.io.series import discover, iter_files
+from ichscan.io.series import Discovery, discover, iter_files
 from ichscan.labels import LabelSet, detect_label_set, get_label_set
 from ichscan.preprocess.head_crop import CROP_VERSION, CROPS, crop_slice, extra_planes
 from ichscan.preprocess.resize import resize_slice
@@ -276,6 +276,9 @@ class RowReader:
         # The slabs of the last series read (or why it could not be), keyed by where it
         # lies and its UID: one series volume per worker at a time.
         self._slabs: tuple[tuple[str, str], np.ndarray | str] | None = None
+        # The last source's series headers: its next series is found without reading every
+        # header under it again (a flat DICOM folder is the source of all its series).
+        self._found: tuple[str, Discovery] | None = None
 
     def read(self, row: RowRef) -> np.ndarray:
         if row.kind == "dicom":
@@ -368,7 +371,11 @@ class RowReader:
         if self._slabs is None or self._slabs[0] != key:
             self._slabs = None  # let the last series go before reading the next
             try:
-                self._slabs = (key, read_slabs(row.path, row.member, self.params.slab_mm))
+                if self._found is None or self._found[0] != row.path:
+                    self._found = None
+                    self._found = (row.path, discover(row.path))
+                found = self._found[1]
+                self._slabs = (key, read_slabs(found, row.member, self.params.slab_mm))
             except InputError as exc:
                 self._slabs = (key, exc.problem)  # its other rows fail alike, unread
         slabs = self._slabs[1]
@@ -392,20 +399,22 @@ class RowReader:
         self._nifti = None
         self._nifti_error = None
         self._slabs = None
+        self._found = None
 
 
-def read_slabs(source: str, series_uid: str, slab_mm: float | None) -> np.ndarray:
+def read_slabs(source: str | Discovery, series_uid: str, slab_mm: float | None) -> np.ndarray:
     """int16 HU slabs [n, rows, cols] of the series `series_uid` under `source` (folder or
     zip), resliced to `slab_mm` along the slice normal, tilt corrected: exactly the slabs
-    `predict --reslice` reads. Decoded in this process (a prepare worker has its own)."""
+    `predict --reslice` reads; `source` may be its discovery already made. Decoded in this
+    process (a prepare worker has its own)."""
+    found = source if isinstance(source, Discovery) else discover(source)
     if slab_mm is None:
-        raise InputError(source, "a series row needs a slab thickness (slab_mm) to be read")
-    found = discover(source)
+        raise InputError(found.source, "a series row needs a slab thickness (slab_mm) to be read")
     scan = load_discovered(found, series_uid=series_uid, workers=1)
     try:
         return reslice_scan(scan, slab_mm).hu
     except ValueError as exc:
-        raise InputError(source, f"cannot reslice series {series_uid} ({exc})") from None
+        raise InputError(found.source, f"cannot reslice series {series_uid} ({exc})") from None
 
 
 def _crop_resize(planes: np.ndarray, p: Params) -> np.ndarray:
@@ -695,14 +704,22 @@ class _Stamps:
     """Size and modification time of each row's file, so that a file replaced in place
     (a corrected re-export under the same name and ids) gets its shard redone. Rows of one
     file come together (a volume's slices, a zip's members), so the last stat is reused; a
-    `series` row's folder stands for all the files in it."""
+    `series` row's folder stands for all the files in it, walked once per run (a flat
+    DICOM folder's slab rows and slice rows alternate)."""
 
     def __init__(self) -> None:
         self._last: tuple[str, str] = ("", "")
+        self._folders: dict[str, str] = {}
 
     def __call__(self, path: str) -> str:
         if self._last[0] != path:
-            self._last = (path, _stamp(path))
+            if path in self._folders:
+                stamp = self._folders[path]
+            else:
+                stamp = _stamp(path)
+                if os.path.isdir(path):
+                    self._folders[path] = stamp
+            self._last = (path, stamp)
         return self._last[1]
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ichscan.data.cache import REPORT_FILE, PreparedCache
+from ichscan.data.input_check import input_differences
 from ichscan.data.skipped import NO_FILE, skipped_inputs
 from ichscan.data.synth import is_synthetic
 from ichscan.errors import IchscanError, InputError
@@ -251,32 +252,36 @@ def _ci_method(n_bootstrap: int, unit: str) -> str:
 
 
 def _check_cache(cache: PreparedCache, spec: InputSpec) -> None:
+    differences = input_differences(cache, spec)
+    if not differences:
+        return
     facts = cache.facts
-    # Windows compare by value: "soft" and "soft_tissue" are one window.
-    have = [(float(w["center"]), float(w["width"])) for w in facts["windows"]]
-    want = [(float(w.center), float(w.width)) for w in spec.windows]
-    if have != want or int(facts["size"]) != spec.size:
+    aspects = {d.aspect for d in differences}
+    again = " (give the dataset folder instead and it is prepared the model's way)"
+    if aspects & {"size", "windows"}:
         names = [str(w["name"]) for w in facts["windows"]]
         raise EvaluateError(
             cache.root,
             f"cache was prepared with windows {names} at {facts['size']} px; "
-            f"the model reads {[w.name for w in spec.windows]} at {spec.size} px "
-            "(give the dataset folder instead and it is prepared the model's way)",
+            f"the model reads {[w.name for w in spec.windows]} at {spec.size} px" + again,
         )
-    if facts.get("mode", "linear") != spec.mode:
+    if "mode" in aspects:
         raise EvaluateError(
             cache.root, f"cache windows are {facts.get('mode')}, the model's {spec.mode}"
         )
-    # A cache cut otherwise holds other pixels: the scores would not be the model's.
-    crop_version = CROP_VERSION if spec.crop != "none" else None
-    if cache.crop != spec.crop or cache.crop_version != crop_version:
+    if "crop" in aspects:
+        crop_version = CROP_VERSION if spec.crop != "none" else None
         cut = f"--crop {cache.crop}" + (f" (v{cache.crop_version})" if cache.crop_version else "")
         raise EvaluateError(
             cache.root,
             f"cache was prepared with {cut}; the model reads --crop {spec.crop}"
             + (f" (v{crop_version})" if crop_version else "")
-            + " (give the dataset folder instead and it is prepared the model's way)",
+            + again,
         )
+    raise EvaluateError(
+        cache.root,
+        f"cache input differs from the model's: {'; '.join(map(str, differences))}" + again,
+    )
 
 
 def _open_data(
@@ -344,9 +349,12 @@ def _thresholds_chosen_on(predictor: Predictor) -> str | None:
     """The probabilities the thresholds in use were tuned on, "slices" or "scans"; None when
     they were not tuned or the bundle does not say. A slice model's thresholds are always
     chosen on slice probabilities (validation fold, or inner CV of the training slices); a
-    study model's on its slice or its scan outputs, which its threshold_method names."""
+    study model's on its slice or its scan outputs, which its threshold_level says (the end
+    of its threshold_method in bundles from before that was recorded)."""
     study = predictor.bundle.config.get("study_model") or {}
     if predictor.backend.has_study and "thresholds" in study:
+        if study.get("threshold_level") in ("slices", "scans"):
+            return str(study["threshold_level"])
         method = str(study.get("threshold_method", ""))
         return (
             "scans" if method.endswith("scans") else "slices" if method.endswith("slices") else None

@@ -62,9 +62,6 @@ __all__ = [
 ]
 
 EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 2
-# A series counts as thin (and is resliced) only when its spacing is clearly below the
-# target: a 4.8 mm series predicted by a 5 mm model is read as it is.
-_THIN_MARGIN = 0.9
 _FROM_BUNDLE = "bundle"
 
 Failure = tuple[str, IchscanError]
@@ -346,9 +343,10 @@ class Predictor:
     def reslice(self, scan: Scan) -> Scan:
         """The scan on ``reslice_mm`` slabs when it is a thinner series, else as it is."""
         t = self.reslice_mm
-        if t is None or scan.windowed or scan.n_slices < 2 or scan.spacing[0] >= _THIN_MARGIN * t:
+        from ichscan.preprocess.reslice import is_thinner, reslice_scan
+
+        if t is None or scan.windowed or scan.n_slices < 2 or not is_thinner(scan.spacing[0], t):
             return scan
-        from ichscan.preprocess.reslice import reslice_scan
 
         try:
             return reslice_scan(scan, t)

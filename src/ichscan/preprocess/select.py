@@ -9,7 +9,12 @@ import numpy as np
 
 from ichscan.scan import Scan
 
-__all__ = ["middle_slices", "select_scan", "select_slices"]
+__all__ = ["in_middle", "middle_slices", "select_scan", "select_slices"]
+
+
+def _first(n_total: np.ndarray, n: int) -> np.ndarray:
+    """Where the centred run of ``n`` starts; the extra slice of an odd surplus goes last."""
+    return np.maximum(n_total - n, 0) // 2
 
 
 def _window(n_total: int, n: int | None) -> tuple[int, int]:
@@ -18,10 +23,25 @@ def _window(n_total: int, n: int | None) -> tuple[int, int]:
         raise ValueError(f"n_total must be >= 0, got {n_total}")
     if n is None or n >= n_total:
         return 0, n_total
+    _check_n(n)
+    start = int(_first(np.asarray(n_total), n))
+    return start, start + n
+
+
+def _check_n(n: int) -> None:
     if n < 1:
         raise ValueError(f"n must be a positive slice count or None, got {n}")
-    start = (n_total - n) // 2
-    return start, start + n
+
+
+def in_middle(position: np.ndarray, n_total: np.ndarray, n: int | None) -> np.ndarray:
+    """bool, elementwise: whether slice ``position`` of a scan of ``n_total`` slices is one
+    of :func:`middle_slices` ``(n_total, n)`` (for many scans at once, as a manifest holds)."""
+    position, n_total = np.asarray(position), np.asarray(n_total)
+    if n is None:
+        return np.ones(position.shape, dtype=bool)
+    _check_n(n)
+    start = _first(n_total, n)
+    return (position >= start) & (position < start + n)
 
 
 def middle_slices(n_total: int, n: int | None = 28) -> np.ndarray:

@@ -53,10 +53,8 @@ class TrainingData:
                 f"{self.folds}: pass --folds {split} (--fold 0..{split - 1}), or prepare it "
                 f"again with --folds {self.folds}",
             )
-        # fold -2: rows from --extra-train datasets, used for training only, never validated.
-        usable = cache.ok & ~cache.index["holdout"].to_numpy(bool) & ((folds >= 0) | (folds == -2))
-        self.train_rows = np.flatnonzero(usable & (folds != self.fold))
-        self.val_rows = np.flatnonzero(usable & (folds == self.fold))
+        train, val = split_rows(cache, folds, self.fold)
+        self.train_rows, self.val_rows = np.flatnonzero(train), np.flatnonzero(val)
         self.summary.update(
             {
                 "slices": len(cache),
@@ -71,6 +69,18 @@ class TrainingData:
             }
         )
         return cache, self.label_set, self.train_rows, self.val_rows
+
+
+EXTRA_FOLD = -2  # rows from --extra-train datasets: used for training only, never validated
+
+
+def split_rows(cache: PreparedCache, folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """bool [N] (training rows, validation rows) of ``cache`` split by ``folds`` with
+    ``fold`` held out: readable, not in the hold-out, in a fold or an extra training set."""
+    usable = (
+        cache.ok & ~cache.index["holdout"].to_numpy(bool) & ((folds >= 0) | (folds == EXTRA_FOLD))
+    )
+    return usable & (folds != fold), usable & (folds == fold)
 
 
 def _assign(df: pd.DataFrame, label_set: LabelSet, k: int, seed: int) -> pd.DataFrame:
@@ -99,12 +109,18 @@ def _as_label_set(
     )
 
 
-def _extra_rows(path: Path, label_set: LabelSet, layout: str) -> pd.DataFrame:
+def _extra_rows(
+    path: Path, label_set: LabelSet, layout: str, slab_mm: float | None
+) -> pd.DataFrame:
     """Rows of another dataset added to every training split (fold -2), in the main
-    dataset's label set; patients are prefixed so they never collide with the main set's."""
-    from ichscan.data.adapters import build_manifest
+    dataset's label set; patients are prefixed so they never collide with the main set's.
+    DICOM series are cut at the main set's slab thickness (``slab_mm``, None: native): one
+    cache holds one thickness, and prepare knows only the main set's."""
+    from ichscan.data.adapters import SLAB_LAYOUTS, build_manifest, detect_layout
 
-    df, report, have = build_manifest(path)
+    # Other layouts have no series to cut: a thickness would be refused there.
+    cut = slab_mm is not None and detect_layout(path) in SLAB_LAYOUTS
+    df, report, have = build_manifest(path, thickness=slab_mm if cut else "native")
     if (report.layout == "images") != (layout == "images"):
         raise DataError(
             path,
@@ -115,7 +131,7 @@ def _extra_rows(path: Path, label_set: LabelSet, layout: str) -> pd.DataFrame:
     df = df.copy()
     for column in ("patient_id", "study_id", "series_id", "scan_id"):
         df[column] = f"extra:{path.name}:" + df[column].astype(str)
-    df["fold"] = -2
+    df["fold"] = EXTRA_FOLD
     return df
 
 
@@ -200,7 +216,9 @@ def _prepare_from_layout(config: TrainConfig, data: Path, main: bool) -> Trainin
     if len(df) == 0:
         raise DataError(data, "no labelled slices found: " + "; ".join(report.problems[:3]))
     df = _assign(df, label_set, config.folds, config.seed)
-    extras = [_extra_rows(Path(e), label_set, report.layout) for e in config.extra_train]
+    extras = [
+        _extra_rows(Path(e), label_set, report.layout, report.slab_mm) for e in config.extra_train
+    ]
     if extras:
         df = pd.concat([df, *extras], ignore_index=True)
     is_images = report.layout == "images"

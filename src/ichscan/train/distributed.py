@@ -93,7 +93,9 @@ def init_from_env() -> DistContext:
     local = int(os.environ.get("LOCAL_RANK", rank))
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
-        per_node = max(local + 1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+        # Without LOCAL_WORLD_SIZE (a launcher other than torchrun, e.g. srun), the world
+        # spans nodes we cannot count: only this rank's own GPU is known to be needed.
+        per_node = max(local + 1, int(os.environ.get("LOCAL_WORLD_SIZE", local + 1)))
         if per_node > gpus:
             # NCCL cannot put two ranks on one GPU; say so before a cryptic NCCL error. Every
             # rank of the node refuses, rank 0 included, so the one that prints says it.

@@ -25,16 +25,19 @@ import numpy as np
 import torch
 
 from ichscan.data.cache import PreparedCache
+from ichscan.data.input_check import input_differences
 from ichscan.errors import IchscanError
 from ichscan.evaluate.metrics import roc_auc, weighted_log_loss
+from ichscan.infer.inputs import InputSpec
 from ichscan.models.bundle import Bundle, load_bundle, save_bundle
 from ichscan.models.study import StudyModel
-from ichscan.preprocess.head_crop import extra_planes
 from ichscan.progress import progress_bar
+from ichscan.train.data import EXTRA_FOLD, split_rows
 from ichscan.train.dataset import SliceDataset
 from ichscan.train.loop import choose_threshold, masked_bce, pick_device, seed_everything
 
 EMBEDDING_DTYPE = np.float16  # what embed_cache stores, and what the disk check counts
+SCAN_OUTPUT = "on the study model's validation scans (its scan output)"  # scan_threshold_method
 MIN_MEDIAN_SLICES = 2  # scans shorter than this (the median) are slices, not sequences
 
 
@@ -171,9 +174,8 @@ def _check_disk(folder: Path, embedding_bytes: int) -> None:
 
 
 def _cache_root(config: StudyConfig, bundle: Bundle) -> Path:
-    """--data; else the model's own cache (a model trained on raw data prepared it there);
-    else the prepared cache the bundle records it was trained on, which `ichscan train
-    CACHE` leaves where it was."""
+    """--data; else the prepared cache the slice model was trained on (see
+    :func:`_trained_cache`)."""
     if config.data:
         root = Path(config.data)
         if not PreparedCache.is_cache(root):
@@ -183,52 +185,39 @@ def _cache_root(config: StudyConfig, bundle: Bundle) -> Path:
                 "model was trained on (ichscan prepare DATA --out CACHE)",
             )
         return root
-    own = Path(config.model) / "cache"
-    if PreparedCache.is_cache(own):
-        return own
-    recorded = (bundle.config.get("training") or {}).get("data")
-    if recorded and PreparedCache.is_cache(recorded):
-        return Path(recorded)
+    training = bundle.config.get("training") or {}
+    trained = _trained_cache(Path(config.model), training)
+    if trained is not None:
+        return trained
+    recorded = training.get("data")
     elsewhere = f", nor is {recorded} (what it was trained on) one" if recorded else ""
     raise StudyTrainingError(
-        own,
+        Path(config.model) / "cache",
         f"no prepared cache here{elsewhere}: pass the cache the slice model was trained on "
         "with --data (ichscan prepare DATA --out CACHE)",
     )
 
 
-def _window_text(window: Any) -> str:
-    if isinstance(window, dict):
-        return f"{window['name']} {float(window['center']):g}/{float(window['width']):g}"
-    return str(window)
+def _trained_cache(model_dir: Path, training: dict[str, Any]) -> Path | None:
+    """The prepared cache the slice model was trained on, where it still exists: the model's
+    own (a model trained on raw data prepared it there), else the one the bundle records it
+    was trained on, which `ichscan train CACHE` leaves where it was."""
+    own = model_dir / "cache"
+    if PreparedCache.is_cache(own):
+        return own
+    recorded = training.get("data")
+    return Path(recorded) if recorded and PreparedCache.is_cache(recorded) else None
 
 
 def _check_input(bundle: Bundle, cache: PreparedCache) -> None:
     """Refuse a cache cut otherwise than the slices predict gives the slice model: the study
     model and its thresholds would be fitted to embeddings of inputs it never sees."""
-    spec = bundle.input
-    crop = str(spec.get("crop", "none"))
-    model = {
-        "size": f"{int(spec['size'])} px",
-        "windows": ", ".join(_window_text(w) for w in spec["windows"]),
-        "mode": str(spec.get("mode", "linear")),
-        "crop": crop if crop == "none" else f"{crop} v{spec.get('crop_version') or 1}",
-        # the planes a cache stores per slice for this input (training's cache held these)
-        "channels": str(len(spec["windows"]) + extra_planes(crop)),
-    }
-    here = {
-        "size": f"{cache.size} px",
-        "windows": ", ".join(_window_text(w) for w in cache.facts.get("windows", [])),
-        "mode": str(cache.facts.get("mode", "linear")),
-        "crop": cache.crop if cache.crop == "none" else f"{cache.crop} v{cache.crop_version}",
-        "channels": str(cache.channels),
-    }
-    differ = [f"{k} {here[k]} (the model: {model[k]})" for k in model if here[k] != model[k]]
+    differ = input_differences(cache, InputSpec.from_bundle(bundle.input))
     if differ:
         raise StudyTrainingError(
             cache.root,
-            f"this cache's input differs from the model's: {'; '.join(differ)}; pass the "
-            "cache the slice model was trained on, or prepare one as it was",
+            f"this cache's input differs from the model's: {'; '.join(map(str, differ))}; "
+            "pass the cache the slice model was trained on, or prepare one as it was",
         )
 
 
@@ -257,7 +246,7 @@ def _check_held_out(config: StudyConfig, bundle: Bundle, cache: PreparedCache) -
             f"this cache is split into {split} folds, the slice model's data into {folds}: its "
             f"fold {fold} is not the scans the slice model held out; {retrain}",
         )
-    slice_cache = _slice_model_cache(config, training)
+    slice_cache = _trained_cache(Path(config.model), training)
     if slice_cache is not None and slice_cache.resolve() != cache.root.resolve():
         other = PreparedCache(slice_cache)
         seen = _rows(other, fold, validation=False)
@@ -307,21 +296,10 @@ def _check_held_out(config: StudyConfig, bundle: Bundle, cache: PreparedCache) -
         )
 
 
-def _slice_model_cache(config: StudyConfig, training: dict[str, Any]) -> Path | None:
-    """The prepared cache the slice model was trained on, where it still exists."""
-    own = Path(config.model) / "cache"
-    if PreparedCache.is_cache(own):
-        return own
-    recorded = training.get("data")
-    return Path(recorded) if recorded and PreparedCache.is_cache(recorded) else None
-
-
 def _rows(cache: PreparedCache, fold: int, validation: bool) -> np.ndarray:
-    """bool [N]: the rows the slice model validated on (or trained on), as training splits:
-    readable, not held out, in a fold (-2: extra training data, never validated)."""
-    folds = cache.index["fold"].to_numpy()
-    usable = cache.ok & ~cache.index["holdout"].to_numpy(bool) & ((folds >= 0) | (folds == -2))
-    return usable & ((folds == fold) if validation else (folds != fold))
+    """bool [N]: the rows the slice model validated on (or trained on), as training split."""
+    train, val = split_rows(cache, cache.index["fold"].to_numpy(), fold)
+    return val if validation else train
 
 
 def _validation_fold(bundle: Bundle) -> int:
@@ -333,8 +311,11 @@ def _split_scans(cache: PreparedCache, fold: int) -> tuple[list[np.ndarray], lis
     in slice order; refused when either is empty or the scans are single slices."""
     groups = [g[cache.ok[g]] for g in scan_groups(cache) if cache.ok[g].any()]
     folds = cache.index["fold"].to_numpy()
-    val_groups = [g for g in groups if folds[g[0]] == fold]
-    train_groups = [g for g in groups if folds[g[0]] != fold and folds[g[0]] >= 0]
+    train, val = split_rows(cache, folds, fold)
+    # Extra training sets stay out of the study model's training, as they always have.
+    train &= folds != EXTRA_FOLD
+    val_groups = [g for g in groups if val[g[0]]]
+    train_groups = [g for g in groups if train[g[0]]]
     if not train_groups or not val_groups:
         raise StudyTrainingError(
             cache.root, f"need scans in both the training folds and the validation fold {fold}"
@@ -404,7 +385,10 @@ def _fit_study(
     outputs = _outputs(model, val_groups, emb, labels, device)
     final = study_metrics(outputs, bundle)
     thresholds, method = study_thresholds(outputs, bundle, slice_level)
-    scan_thresholds, scan_method = study_scan_thresholds(outputs, bundle, thresholds)
+    if slice_level:
+        scan_thresholds, scan_method = study_scan_thresholds(outputs, bundle, thresholds)
+    else:  # already chosen on the scan outputs, by the same rule
+        scan_thresholds, scan_method = dict(thresholds), f"{_threshold_rule(bundle)} {SCAN_OUTPUT}"
     study_config = {
         "kind": config.kind,
         "hidden": config.hidden,
@@ -511,7 +495,7 @@ def study_scan_thresholds(
     _, _, cp, cy = outputs
     method = _threshold_rule(bundle)
     out = _choose(cp, cy, bundle.labels, method, dict(slice_thresholds))
-    return out, f"{method} on the study model's validation scans (its scan output)"
+    return out, f"{method} {SCAN_OUTPUT}"
 
 
 def _threshold_rule(bundle: Bundle) -> str:
