@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,35 +64,36 @@ class ExplainError(IchscanError):
     """A label or model this explanation cannot be made for."""
 
 
+def _last_conv(features: nn.Module) -> nn.Module:
+    return [m for m in features if isinstance(m, nn.Conv2d)][-1]
+
+
+# Per architecture family: its Grad-CAM layer, and what that layer is in words (after its
+# module name in explain.json's `method`). One table, so a new family gets both.
+TARGET_LAYERS: tuple[tuple[str, Callable[[nn.Module], nn.Module], str], ...] = (
+    ("resnet", lambda b: b.layer4[-1], "the last residual block"),
+    ("densenet", lambda b: b.features, "the dense blocks up to the last batch norm"),
+    ("vgg16", lambda b: _last_conv(b.features), "the last convolution"),
+    ("alexnet", lambda b: _last_conv(b.features), "the last convolution"),
+    ("efficientnet_b", lambda b: b.features[-1], "the 1x1 head convolution block"),
+    # The last block at stride 16, not the head: on a trained Lite0 the 1x1 head conv gave
+    # empty maps and its batch norm lit the padded corners of every slice, while the
+    # stride-16 blocks follow the anatomy (and at 128 px they are 8x8, not 4x4).
+    (
+        "efficientnet_lite",
+        lambda b: _last_block_at_stride(b, 16),
+        "the last block at stride 16, before the head convolution",
+    ),
+)
+
+
 def target_layer(model: SliceModel) -> nn.Module:
     """The Grad-CAM layer of a slice model's backbone (see the module notes)."""
-    arch, backbone = model.architecture, model.backbone
-    if arch.startswith("resnet"):
-        return backbone.layer4[-1]
-    if arch.startswith("densenet"):
-        return backbone.features
-    if arch in ("vgg16", "alexnet"):
-        convs = [m for m in backbone.features if isinstance(m, nn.Conv2d)]
-        return convs[-1]
-    if arch.startswith("efficientnet_b"):
-        return backbone.features[-1]
-    if arch.startswith("efficientnet_lite"):
-        # The last block at stride 16, not the head: on a trained Lite0 the 1x1 head conv gave
-        # empty maps and its batch norm lit the padded corners of every slice, while the
-        # stride-16 blocks follow the anatomy (and at 128 px they are 8x8, not 4x4).
-        return _last_block_at_stride(backbone, 16)
+    arch = model.architecture
+    for family, pick, _ in TARGET_LAYERS:
+        if arch.startswith(family):
+            return pick(model.backbone)
     raise ExplainError(None, f"no Grad-CAM target layer known for architecture {arch!r}")
-
-
-# What each family's target layer is, in words, after its module name in `method`.
-LAYER_WORDS = (
-    ("resnet", "the last residual block"),
-    ("densenet", "the dense blocks up to the last batch norm"),
-    ("vgg16", "the last convolution"),
-    ("alexnet", "the last convolution"),
-    ("efficientnet_b", "the 1x1 head convolution block"),
-    ("efficientnet_lite", "the last block at stride 16, before the head convolution"),
-)
 
 
 def layer_name(model: nn.Module, layer: nn.Module) -> str:
@@ -101,7 +102,7 @@ def layer_name(model: nn.Module, layer: nn.Module) -> str:
     block at stride 16, before the head convolution)``."""
     path = next((name for name, m in model.named_modules() if m is layer), "")
     arch = str(getattr(model, "architecture", type(model).__name__))
-    words = next((w for family, w in LAYER_WORDS if arch.startswith(family)), "")
+    words = next((w for family, _, w in TARGET_LAYERS if arch.startswith(family)), "")
     return " ".join(filter(None, (arch, path or type(layer).__name__))) + (
         f" ({words})" if words else ""
     )
