@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from ichscan.models.small_set import VOTE_BOUND, BoundedVotes, member_weights
 from ichscan.train.small_set import combine
 
-WEIGHTS = member_weights(5, blob_forest=True)
+WEIGHTS = member_weights(5, blob_forest=True, pixel_reader=True)
 
 
 def votes(bound: float | None = VOTE_BOUND) -> BoundedVotes:
@@ -18,10 +18,10 @@ def votes(bound: float | None = VOTE_BOUND) -> BoundedVotes:
 
 
 def test_one_members_confident_mistake_cannot_outvote_the_rest() -> None:
-    """Eleven members lean towards blood; one pooled regression says −40 (a near-constant
+    """Twelve members lean towards blood; one pooled regression says −60 (a near-constant
     feature). Unbounded it decides the slice, bounded it counts as −6."""
     logits = torch.full((1, len(WEIGHTS)), 1.5)
-    logits[0, 5] = -40.0
+    logits[0, 5] = -60.0
     assert votes(None)(logits).item() < 0
     assert votes()(logits).item() > 0
     at_bound = logits.clone()

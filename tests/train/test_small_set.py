@@ -91,9 +91,11 @@ def test_bundle_records_the_recipe_and_its_preprocessing(trained) -> None:
     ]
     assert config["small_set"]["centre_share"] == 0.6
     assert config["architecture"] == "+".join(lites) + "+efficientnet_lite0@centre"
-    # per reader a MIL head and a regression, then the density and the blob forest
-    assert len(config["small_set"]["member_weights"]) == 10
-    assert config["small_set"]["member_weights"][-2:] == [0.25, 0.25]
+    # per reader a MIL head and a regression, then the density and the blob forest, then the
+    # pixel reader
+    assert len(config["small_set"]["member_weights"]) == 11
+    assert config["small_set"]["member_weights"][-3:] == [0.25, 0.25, 0.5]
+    assert config["small_set"]["pixel_reader"] is True
     assert config["small_set"]["blob_features"] == 22
     assert config["small_set"]["vote_bound"] == 6.0
     assert config["training"]["feature_maps_computed"] == 64
@@ -116,7 +118,7 @@ def test_head_reader_adds_lite0_on_the_head_crop(trained_head) -> None:
     assert config["architecture"] == "+".join(lites) + (
         "+efficientnet_lite0@head+efficientnet_lite0@centre"
     )
-    assert len(config["small_set"]["member_weights"]) == 12
+    assert len(config["small_set"]["member_weights"]) == 13
     assert config["training"]["feature_maps_computed"] == 16
     assert len(list(features.rglob("*.npz"))) == 80
 
@@ -249,8 +251,9 @@ def test_a_bundle_from_before_the_second_backbone_still_predicts(trained, tmp_pa
 
 
 def forget_blob_forest(config: dict) -> None:
-    """A bundle.json as sessions before 12 wrote it: no blob forest, no bound on the votes."""
-    for key in ("blob_forest_shape", "blob_features", "max_blobs", "vote_bound"):
+    """A bundle.json as sessions before 12 wrote it: no blob forest, no bound on the votes,
+    no pixel reader."""
+    for key in ("blob_forest_shape", "blob_features", "max_blobs", "vote_bound", "pixel_reader"):
         del config["small_set"][key]
 
 
@@ -276,13 +279,44 @@ def test_a_bundle_from_before_the_blob_forest_still_predicts(trained, tmp_path: 
     assert not loaded.has_blob_forest and loaded.embed_dim == 2 * len(full.readers) + 1
     cache = np.stack([np.asarray(PreparedCache(model / "cache")[i]) for i in range(4)])
     x = torch.from_numpy(cache.transpose(0, 3, 1, 2)[:, [0, 0, 0]].copy())
-    weights = torch.tensor(member_weights(len(full.readers), blob_forest=True))
+    weights = torch.tensor(member_weights(len(full.readers), True, True))
+    with torch.no_grad():
+        new_embedding = full.embed(x)
+        assert torch.allclose(loaded.embed(x), new_embedding[:, :-2], atol=1e-5)
+        assert torch.allclose(loaded(x)[:, 0], new_embedding[:, :-2] @ weights[:-2], atol=1e-4)
+        bounded = new_embedding.clamp(-6.0, 6.0) @ weights
+        assert torch.allclose(full(x)[:, 0], bounded, atol=1e-4)
+
+
+def test_a_bundle_from_before_the_pixel_reader_still_predicts(trained, tmp_path: Path) -> None:
+    """Bundles of sessions 12-18 (blob forest, bounded votes, no pixel reader) load without
+    one and predict the bounded sum of their own members; the pixel reader adds a vote."""
+    from ichscan.data.cache import PreparedCache
+    from ichscan.models.bundle import load_bundle
+    from ichscan.models.small_set import member_weights
+
+    model, _, _ = trained
+    config = json.loads((model / "bundle.json").read_text())
+    full = load_bundle(model).members[0]
+    state = {k: v for k, v in full.state_dict().items() if not k.startswith("pixel_reader.")}
+    state["head.weight"] = state["head.weight"][:, :-1]
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(state, old / config["members"][0])
+    del config["small_set"]["pixel_reader"]
+    config["small_set"]["member_weights"] = member_weights(len(full.readers), blob_forest=True)
+    (old / "bundle.json").write_text(json.dumps(config))
+    loaded = load_bundle(old).members[0]
+    assert not loaded.has_pixel_reader and loaded.embed_dim == 2 * len(full.readers) + 2
+    cache = np.stack([np.asarray(PreparedCache(model / "cache")[i]) for i in range(4)])
+    x = torch.from_numpy(cache.transpose(0, 3, 1, 2)[:, [0, 0, 0]].copy())
+    weights = torch.tensor(member_weights(len(full.readers), True, True))
     with torch.no_grad():
         new_embedding = full.embed(x)
         assert torch.allclose(loaded.embed(x), new_embedding[:, :-1], atol=1e-5)
-        assert torch.allclose(loaded(x)[:, 0], new_embedding[:, :-1] @ weights[:-1], atol=1e-4)
-        bounded = new_embedding.clamp(-6.0, 6.0) @ weights
-        assert torch.allclose(full(x)[:, 0], bounded, atol=1e-4)
+        bounded = new_embedding.clamp(-6.0, 6.0)
+        assert torch.allclose(loaded(x)[:, 0], bounded[:, :-1] @ weights[:-1], atol=1e-4)
+        assert torch.allclose(full(x)[:, 0], bounded @ weights, atol=1e-4)
 
 
 def edited_copy(model: Path, tmp_path: Path, **small_set: object) -> Path:
@@ -372,7 +406,8 @@ def test_each_reader_takes_its_own_crop(trained_head) -> None:
     other_head[:, 1] = torch.randint(0, 255, (2, 320, 320), dtype=torch.uint8)
     other_brain[:, [0, 2]] //= 2  # darker: the density features move too
     other_edge[:, 0, :40] = 200  # outside the centre zoom's square, inside the brain's box
-    # MIL head and regression, embed's order (then the density forest and the blob forest)
+    # MIL head and regression, embed's order (then the density forest, the blob forest and
+    # the pixel reader, which all read the brain plane)
     head_members, centre_members = [3, 8], [4, 9]
     with torch.no_grad():
         base, moved_head, moved_brain, moved_edge = (
@@ -383,7 +418,7 @@ def test_each_reader_takes_its_own_crop(trained_head) -> None:
         return torch.nonzero(~torch.isclose(base, moved, atol=1e-6).all(0)).flatten().tolist()
 
     assert changed(moved_head) == head_members
-    assert changed(moved_brain) == sorted(set(range(12)) - set(head_members))
+    assert changed(moved_brain) == sorted(set(range(13)) - set(head_members))
     edge = changed(moved_edge)
     assert not set(edge) & set(centre_members + head_members)
     assert {0, 1, 2, 5, 6, 7} <= set(edge)
@@ -406,7 +441,7 @@ def test_small_set_refuses_a_weights_file(png_set: Path, tmp_path: Path) -> None
         )
 
 
-@pytest.mark.parametrize(("fixture", "members"), [("trained", 10), ("trained_head", 12)])
+@pytest.mark.parametrize(("fixture", "members"), [("trained", 11), ("trained_head", 13)])
 def test_onnx_export_of_a_small_set_bundle_predicts_what_torch_does(
     fixture: str, members: int, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

@@ -28,13 +28,17 @@ NumPy beside the density features):
   the brain crop on its own (ichscan.models.blobs: size, brightness, saturation,
   surroundings, shape, depth, symmetry), trained as multiple-instance learning; a slice's
   logit is its most blood-like blob's. It tells a small bleed from calcified choroid plexus
-  or the skull's bright rim, which the density forest's whole-slice numbers cannot.
+  or the skull's bright rim, which the density forest's whole-slice numbers cannot;
+- the **pixel reader** (since session 19, ichscan.models.pixel_reader): a small network
+  trained from scratch on the brain crop's grey, taught by synthetic bleeds, its own hard
+  negatives and the real positives as multiple-instance bags. It is the one member that
+  sees a small plain hyperdense oval as blood.
 
 ``embed`` returns the members' logits per slice (the MIL heads, then the regressions, then
-the density forest, then the blob forest) and ``head`` is their fixed weighted sum, each
-first bounded to ±``VOTE_BOUND`` (since session 13: one member's confident mistake can no
-longer outvote the rest), so the ensemble plugs into the same predictor as a fine-tuned
-network (flip TTA included).
+the density forest, then the blob forest, then the pixel reader) and ``head`` is their fixed
+weighted sum, each first bounded to ±``VOTE_BOUND`` (since session 13: one member's
+confident mistake can no longer outvote the rest), so the ensemble plugs into the same
+predictor as a fine-tuned network (flip TTA included).
 ``hemorrhage_map`` is the mean logit map of the MIL heads that see the whole square: where
 the model thinks the bleed is.
 
@@ -57,6 +61,7 @@ from ichscan.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from ichscan.models.blobs import MAX_BLOBS, N_BLOB_FEATURES, blob_present, blob_table
 from ichscan.models.density import N_FEATURES, density_features
 from ichscan.models.forest import ForestModule
+from ichscan.models.pixel_reader import PixelNet, pixel_logit
 from ichscan.preprocess.head_crop import BRAIN_AND_HEAD, CENTRE_SHARE, brain_region, centre_zoom
 
 RECIPE = "small-set"
@@ -146,6 +151,9 @@ MIL_WEIGHT, POOLED_WEIGHT, FOREST_WEIGHT = 0.5, 0.25, 0.25
 # The blob forest is added at the density forest's weight, not carved out of the others'
 # (research/recipe_lab/SESSION12.md: it raised both real sets that way).
 BLOB_WEIGHT = 0.25
+# The pixel reader is added on top too (research/recipe_lab/SESSION19.md: 0.5 was chosen on
+# lab splits 0 and 5-8 and scored on fresh ones before it shipped).
+PIXEL_WEIGHT = 0.5
 # Every member's logit is bounded to ±VOTE_BOUND before the sum: a pooled regression on a
 # near-constant feature can reach logits in the tens, and the forests ±9.2, so one member's
 # confident mistake could outvote the rest (research/recipe_lab/SESSION13.md: ±6 was chosen
@@ -154,14 +162,17 @@ VOTE_BOUND = 6.0
 _CLIP = 1e-4
 
 
-def member_weights(readers: int, blob_forest: bool = False) -> list[float]:
+def member_weights(
+    readers: int, blob_forest: bool = False, pixel_reader: bool = False
+) -> list[float]:
     """Logit weight of each member, in ``embed``'s order (MIL heads, regressions, density
-    forest, then the blob forest when the model has one)."""
+    forest, then the blob forest and the pixel reader when the model has them)."""
     return (
         [MIL_WEIGHT / readers] * readers
         + [POOLED_WEIGHT / readers] * readers
         + [FOREST_WEIGHT]
         + ([BLOB_WEIGHT] if blob_forest else [])
+        + ([PIXEL_WEIGHT] if pixel_reader else [])
     )
 
 
@@ -351,10 +362,13 @@ def member_logits(
     blob_forest: ForestModule | None = None,
     blobs: torch.Tensor | None = None,
     blob_steps: int | None = None,
+    pixel_reader: PixelNet | None = None,
+    brain: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[N, 2·R + 1 (+ 1)] logits of the R MIL heads, the R pooled regressions (one of each
-    per reader, ``maps`` in the same order), the density forest and, when given, the blob
-    forest on ``blobs``: what training scores and what SmallSetModel.embed returns."""
+    """[N, 2·R + 1 (+ 1) (+ 1)] logits of the R MIL heads, the R pooled regressions (one of
+    each per reader, ``maps`` in the same order), the density forest and, when given, the
+    blob forest on ``blobs`` and the pixel reader on ``brain`` (float [N, H, W] in [0, 1]):
+    what training scores and what SmallSetModel.embed returns."""
     members = (
         [m(fine, deep, source) for m, (fine, deep) in zip(mil, maps, strict=True)]
         + [lr(pooled_features(*m)) for lr, m in zip(logistic, maps, strict=True)]
@@ -364,6 +378,10 @@ def member_logits(
         if blobs is None:
             raise ValueError("this model has a blob forest: give it the blob tables")
         members.append(blob_logit(blob_forest, blobs, blob_steps))
+    if pixel_reader is not None:
+        if brain is None:
+            raise ValueError("this model has a pixel reader: give it the brain plane")
+        members.append(pixel_logit(pixel_reader, brain))
     return torch.stack(members, dim=1)
 
 
@@ -420,13 +438,15 @@ class SmallSetModel(nn.Module):
         centre_share: float = CENTRE_SHARE,
         blob_forest_shape: tuple[int, int] | None = None,
         vote_bound: float | None = None,
+        pixel_reader: bool = False,
     ) -> None:
         """``maps``: one extractor per backbone of ``readers``, in order of first use, already
         built (training has them); else built here. ``centre_share``: the centre zoom's
         side as a share of the brain's extent (what the centre reader was trained on).
         ``blob_forest_shape``: None for a model without a blob forest (bundles from before
         session 12). ``vote_bound``: the bound on each member's logit before the sum (None
-        for bundles from before session 13; training gives VOTE_BOUND)."""
+        for bundles from before session 13; training gives VOTE_BOUND). ``pixel_reader``:
+        False for bundles from before session 19."""
         super().__init__()
         self.readers = tuple(readers)
         self.centre_share = float(centre_share)
@@ -441,8 +461,9 @@ class SmallSetModel(nn.Module):
         self.logistic = nn.ModuleList(PooledLogistic(m.pooled_features) for m in specs)
         self.forest = ForestModule(*forest_shape)
         self.blob_forest = None if blob_forest_shape is None else ForestModule(*blob_forest_shape)
+        self.pixel_reader = PixelNet() if pixel_reader else None
         self.source = source
-        weights = member_weights(len(self.readers), self.has_blob_forest)
+        weights = member_weights(len(self.readers), self.has_blob_forest, self.has_pixel_reader)
         self.embed_dim = len(weights)
         self.head = BoundedVotes(self.embed_dim, weights, vote_bound)
         self._register_load_state_dict_pre_hook(_one_backbone_layout)
@@ -473,6 +494,10 @@ class SmallSetModel(nn.Module):
     @property
     def has_blob_forest(self) -> bool:
         return self.blob_forest is not None
+
+    @property
+    def has_pixel_reader(self) -> bool:
+        return self.pixel_reader is not None
 
     def side_inputs(self, x: torch.Tensor) -> SideInputs:
         """What the model computes in NumPy from the brain plane of ``x`` (SideInputs)."""
@@ -515,7 +540,8 @@ class SmallSetModel(nn.Module):
         outside an ONNX graph); ``resize`` and ``forest_steps`` (the density and the blob
         forest's depths) make it exportable."""
         source = torch.full_like(side.density[:, 0], self.source, dtype=torch.long)
-        maps = self.feature_maps(self.planes(x, side.centre), resize)
+        planes = self.planes(x, side.centre)
+        maps = self.feature_maps(planes, resize)
         steps = forest_steps or (None, None)
         return member_logits(
             self.mil,
@@ -528,6 +554,8 @@ class SmallSetModel(nn.Module):
             self.blob_forest,
             side.blobs,
             steps[1],
+            self.pixel_reader,
+            planes[:, CROP_PLANES["brain"]],
         )
 
     def forest_depths(self) -> tuple[int, int]:
@@ -591,7 +619,9 @@ def small_set_config(model: SmallSetModel) -> dict[str, Any]:
         "mil_heads": len(model.mil[0].heads),
         "source": int(model.source),
         "forest_shape": list(model.forest.left.shape),
-        "member_weights": member_weights(len(model.readers), model.has_blob_forest),
+        "member_weights": member_weights(
+            len(model.readers), model.has_blob_forest, model.has_pixel_reader
+        ),
         **({"vote_bound": model.head.bound} if model.head.bound is not None else {}),
         "density_features": N_FEATURES,
         "pooled_features": [lr.coef.numel() for lr in model.logistic],
@@ -605,6 +635,7 @@ def small_set_config(model: SmallSetModel) -> dict[str, Any]:
             if model.has_blob_forest
             else {}
         ),
+        **({"pixel_reader": True} if model.has_pixel_reader else {}),
     }
 
 
@@ -628,6 +659,7 @@ def build_small_set(config: dict[str, Any]) -> SmallSetModel:
         centre_share=float(spec.get("centre_share", CENTRE_SHARE)),
         blob_forest_shape=None if blob_shape is None else (int(blob_shape[0]), int(blob_shape[1])),
         vote_bound=spec.get("vote_bound"),
+        pixel_reader=bool(spec.get("pixel_reader", False)),
     )
 
 
