@@ -91,3 +91,29 @@ def test_the_same_seed_trains_the_same_reader() -> None:
     b = fit_pixel_reader(greys, y, np.arange(6), seed=5, sites={}, epochs=3)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
+
+
+def test_fits_in_the_worker_process_equal_fits_here(monkeypatch) -> None:
+    """The recipe fits its pixel readers in a second process beside the other members: the
+    weights must be the ones a fit in the training process gives, and without a worker
+    (none can be started) the fit happens here."""
+    import ichscan.train.pixel_reader as pr
+
+    rng = np.random.default_rng(4)
+    greys = np.stack([brain_crop(rng, 96) for _ in range(6)])
+    y = np.array([0, 1, 0, 1, 0, 1])
+    rows = np.arange(6)
+    here = fit_pixel_reader(greys, y, rows, seed=7, sites={})
+    with pr.fits_beside(greys, y, [(rows, 7), (rows[:4], 8)]) as readers:
+        beside = readers[0]()
+    for k, v in here.state_dict().items():
+        assert torch.equal(v, beside.state_dict()[k]), k
+
+    def no_worker(*_args, **_kwargs):
+        raise OSError("no semaphores here")
+
+    monkeypatch.setattr(pr, "ProcessPoolExecutor", no_worker)
+    with pr.fits_beside(greys, y, [(rows, 7)]) as readers:
+        fallback = readers[0]()
+    for k, v in here.state_dict().items():
+        assert torch.equal(v, fallback.state_dict()[k]), k

@@ -257,28 +257,46 @@ def forget_blob_forest(config: dict) -> None:
         del config["small_set"][key]
 
 
+def as_older_bundle(model: Path, tmp_path: Path, state: dict, edit):
+    """The bundle at ``model`` rewritten as an older version saved it: weights ``state``,
+    bundle.json changed by ``edit``; loaded back as this version loads it."""
+    from ichscan.models.bundle import load_bundle
+
+    config = json.loads((model / "bundle.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(state, old / config["members"][0])
+    edit(config)
+    (old / "bundle.json").write_text(json.dumps(config))
+    return load_bundle(old).members[0]
+
+
+def cached_brains(model: Path, n: int = 4) -> torch.Tensor:
+    """The first ``n`` prepared slices of the model's cache, the brain in every channel."""
+    from ichscan.data.cache import PreparedCache
+
+    cache = np.stack([np.asarray(PreparedCache(model / "cache")[i]) for i in range(n)])
+    return torch.from_numpy(cache.transpose(0, 3, 1, 2)[:, [0, 0, 0]].copy())
+
+
 def test_a_bundle_from_before_the_blob_forest_still_predicts(trained, tmp_path: Path) -> None:
     """Session-11 bundles (readers, a centre reader, no blob forest) load without one and
     predict their own unbounded weighted sum; the new model bounds each vote, blob forest's
     included."""
-    from ichscan.data.cache import PreparedCache
     from ichscan.models.bundle import load_bundle
     from ichscan.models.small_set import member_weights
 
     model, _, _ = trained
-    config = json.loads((model / "bundle.json").read_text())
     full = load_bundle(model).members[0]
     old_model = older_model(full, full.readers, list(full.maps))
-    old = tmp_path / "old"
-    old.mkdir()
-    torch.save(old_model.state_dict(), old / config["members"][0])
-    forget_blob_forest(config)
-    config["small_set"]["member_weights"] = member_weights(len(full.readers))
-    (old / "bundle.json").write_text(json.dumps(config))
-    loaded = load_bundle(old).members[0]
+
+    def edit(config: dict) -> None:
+        forget_blob_forest(config)
+        config["small_set"]["member_weights"] = member_weights(len(full.readers))
+
+    loaded = as_older_bundle(model, tmp_path, old_model.state_dict(), edit)
     assert not loaded.has_blob_forest and loaded.embed_dim == 2 * len(full.readers) + 1
-    cache = np.stack([np.asarray(PreparedCache(model / "cache")[i]) for i in range(4)])
-    x = torch.from_numpy(cache.transpose(0, 3, 1, 2)[:, [0, 0, 0]].copy())
+    x = cached_brains(model)
     weights = torch.tensor(member_weights(len(full.readers), True, True))
     with torch.no_grad():
         new_embedding = full.embed(x)
@@ -291,25 +309,21 @@ def test_a_bundle_from_before_the_blob_forest_still_predicts(trained, tmp_path: 
 def test_a_bundle_from_before_the_pixel_reader_still_predicts(trained, tmp_path: Path) -> None:
     """Bundles of sessions 12-18 (blob forest, bounded votes, no pixel reader) load without
     one and predict the bounded sum of their own members; the pixel reader adds a vote."""
-    from ichscan.data.cache import PreparedCache
     from ichscan.models.bundle import load_bundle
     from ichscan.models.small_set import member_weights
 
     model, _, _ = trained
-    config = json.loads((model / "bundle.json").read_text())
     full = load_bundle(model).members[0]
     state = {k: v for k, v in full.state_dict().items() if not k.startswith("pixel_reader.")}
     state["head.weight"] = state["head.weight"][:, :-1]
-    old = tmp_path / "old"
-    old.mkdir()
-    torch.save(state, old / config["members"][0])
-    del config["small_set"]["pixel_reader"]
-    config["small_set"]["member_weights"] = member_weights(len(full.readers), blob_forest=True)
-    (old / "bundle.json").write_text(json.dumps(config))
-    loaded = load_bundle(old).members[0]
+
+    def edit(config: dict) -> None:
+        del config["small_set"]["pixel_reader"]
+        config["small_set"]["member_weights"] = member_weights(len(full.readers), True)
+
+    loaded = as_older_bundle(model, tmp_path, state, edit)
     assert not loaded.has_pixel_reader and loaded.embed_dim == 2 * len(full.readers) + 2
-    cache = np.stack([np.asarray(PreparedCache(model / "cache")[i]) for i in range(4)])
-    x = torch.from_numpy(cache.transpose(0, 3, 1, 2)[:, [0, 0, 0]].copy())
+    x = cached_brains(model)
     weights = torch.tensor(member_weights(len(full.readers), True, True))
     with torch.no_grad():
         new_embedding = full.embed(x)

@@ -48,7 +48,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,7 +93,7 @@ from ichscan.preprocess.head_crop import CENTRE_SHARE
 from ichscan.progress import progress_bar
 from ichscan.threads import torch_threads
 from ichscan.train.data import HEAD_READER_CROP
-from ichscan.train.pixel_reader import BleedSite, fit_pixel_reader
+from ichscan.train.pixel_reader import BleedSite, fit_pixel_reader, fits_beside
 
 if TYPE_CHECKING:
     from ichscan.train.data import TrainingData
@@ -440,15 +440,23 @@ class Members:
 
 
 def fit_members(
-    data: TrainingFeatures, rows: np.ndarray, seed: int, settings: MILSettings = MILSettings()
+    data: TrainingFeatures,
+    rows: np.ndarray,
+    seed: int,
+    settings: MILSettings = MILSettings(),
+    pixel_reader: Callable[[], PixelNet] | None = None,
 ) -> Members:
+    """``pixel_reader``: a call giving the pixel reader fitted elsewhere on the same rows and
+    seed (ichscan.train.pixel_reader.fits_beside); fitted here when None."""
     main = rows[data.source[rows] == 0]
     return Members(
         [fit_mil(m, rows, data.y, data.source, data.sources, seed, settings) for m in data.maps],
         [fit_logistic(pooled, main, data.y) for pooled in data.pooled],
         fit_forest(data.density, main, data.y, seed),
         fit_blob_forest(data.blobs, rows, data.y, seed),
-        fit_pixel_reader(data.brain, data.y, rows, seed, data.bleed_sites),
+        pixel_reader()
+        if pixel_reader
+        else fit_pixel_reader(data.brain, data.y, rows, seed, data.bleed_sites),
     )
 
 
@@ -494,29 +502,45 @@ def combine(logits: np.ndarray) -> np.ndarray:
     return torch.sigmoid(z).mean(0).numpy()
 
 
+def inner_folds(
+    data: TrainingFeatures, rows: np.ndarray, seed: int, folds: int = INNER_FOLDS
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, int]]]:
+    """(main rows, per inner fold (its fitting rows, the held-out positions in main, its
+    seed)); no folds when a class has fewer than two training slices."""
+    from sklearn.model_selection import StratifiedKFold
+
+    main = rows[data.source[rows] == 0]
+    extra = rows[data.source[rows] != 0]
+    k = min(folds, int(np.bincount(data.y[main], minlength=2).min()))
+    if k < 2:
+        return main, []
+    split = StratifiedKFold(k, shuffle=True, random_state=seed).split(main, data.y[main])
+    return main, [
+        (np.concatenate([main[fit_idx], extra]), held_idx, seed + 101 * (i + 1))
+        for i, (fit_idx, held_idx) in enumerate(split)
+    ]
+
+
 def inner_oof(
     data: TrainingFeatures,
     rows: np.ndarray,
     seed: int,
     folds: int = INNER_FOLDS,
     settings: MILSettings = MILSettings(),
+    pixel_readers: Sequence[Callable[[], PixelNet]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(main rows, their out-of-fold member logits [2, N, M]) by ``folds``-fold inner CV
-    (NaN when a class has fewer than two training slices)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    main = rows[data.source[rows] == 0]
-    extra = rows[data.source[rows] != 0]
-    k = min(folds, int(np.bincount(data.y[main], minlength=2).min()))
+    (NaN when a class has fewer than two training slices). ``pixel_readers``: per inner
+    fold, its pixel reader fitted elsewhere (fits_beside)."""
+    main, splits = inner_folds(data, rows, seed, folds)
     members = len(member_weights(len(data.maps), blob_forest=True, pixel_reader=True))
     oof = np.zeros((2, len(main), members))
-    if k < 2:
+    if not splits:
         return main, np.full(oof.shape, np.nan)
-    split = StratifiedKFold(k, shuffle=True, random_state=seed).split(main, data.y[main])
-    for i, (fit_idx, held_idx) in enumerate(split):
-        fit_rows = np.concatenate([main[fit_idx], extra])
-        members = fit_members(data, fit_rows, seed + 101 * (i + 1), settings)
-        oof[:, held_idx] = members_logits(members, data, main[held_idx])
+    for i, (fit_rows, held_idx, fold_seed) in enumerate(splits):
+        pixel = pixel_readers[i] if pixel_readers else None
+        fitted = fit_members(data, fit_rows, fold_seed, settings, pixel)
+        oof[:, held_idx] = members_logits(fitted, data, main[held_idx])
     return main, oof
 
 
@@ -653,8 +677,15 @@ def train_small_set(config: TrainConfig, data: TrainingData) -> dict[str, Any]:
     )
 
     t1 = time.monotonic()
-    main_rows, oof_logits = inner_oof(features, tr, config.seed)
-    final = fit_members(features, tr, config.seed)
+    # The pixel readers (one per inner fold, then the final one) fit on the second core
+    # while the other members fit on the first.
+    _, splits = inner_folds(features, tr, config.seed)
+    jobs = [(fit_rows, fold_seed) for fit_rows, _, fold_seed in splits] + [(tr, config.seed)]
+    with fits_beside(brain, y, jobs) as pixel_readers:
+        main_rows, oof_logits = inner_oof(
+            features, tr, config.seed, pixel_readers=pixel_readers[:-1] or None
+        )
+        final = fit_members(features, tr, config.seed, pixel_reader=pixel_readers[-1])
     fit_seconds = time.monotonic() - t1
 
     name = label_set.labels[0]
