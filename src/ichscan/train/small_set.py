@@ -49,7 +49,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -93,7 +93,7 @@ from ichscan.preprocess.head_crop import CENTRE_SHARE
 from ichscan.progress import progress_bar
 from ichscan.threads import torch_threads
 from ichscan.train.data import HEAD_READER_CROP
-from ichscan.train.pixel_reader import BleedSite, fit_pixel_reader, fits_beside
+from ichscan.train.pixel_reader import fit_pixel_reader, fits_beside
 
 if TYPE_CHECKING:
     from ichscan.train.data import TrainingData
@@ -426,8 +426,6 @@ class TrainingFeatures:
     source: np.ndarray  # [N] 0 main, 1.. --extra-train sets
     sources: int
     brain: np.ndarray  # uint8 [N, H, W]: the brain crops, which the pixel reader reads
-    # each negative slice's synthetic-bleed room, shared by the inner folds' fits and the final
-    bleed_sites: dict[int, BleedSite | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -454,9 +452,7 @@ def fit_members(
         [fit_logistic(pooled, main, data.y) for pooled in data.pooled],
         fit_forest(data.density, main, data.y, seed),
         fit_blob_forest(data.blobs, rows, data.y, seed),
-        pixel_reader()
-        if pixel_reader
-        else fit_pixel_reader(data.brain, data.y, rows, seed, data.bleed_sites),
+        pixel_reader() if pixel_reader else fit_pixel_reader(data.brain, data.y, rows, seed, {}),
     )
 
 
