@@ -244,7 +244,6 @@ def fits_beside(
         futures = [pool.submit(_fit_state, greys, y, rows, seed) for rows, seed in jobs]
     except (OSError, RuntimeError, NotImplementedError) as exc:
         log.info("pixel reader fits stay in this process: %s", exc)
-        futures = []
 
     def getter(i: int) -> Callable[[], PixelNet]:
         def get() -> PixelNet:
