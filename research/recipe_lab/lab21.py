@@ -47,14 +47,39 @@ HARD = ["070", "053", "041", "040", "106", "115"]
 VARIANTS: dict[str, dict] = {
     "shipped": {},
     "faint": {"RAISE": (30.0, 110.0), "EPOCHS": 16},
+    "hull": {},  # reads hull_plane, not the brain plane
 }
+PLANES = {"hull"}
+
+
+def hull_mask(region: np.ndarray) -> np.ndarray:
+    """bool [H, W]: the convex hull of a region (the region itself when too small)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    points = np.argwhere(region)
+    try:
+        hull = ConvexHull(points)
+    except (QhullError, ValueError):
+        return region.copy()
+    yy, xx = np.mgrid[: region.shape[0], : region.shape[1]]
+    grid = np.stack([yy.ravel(), xx.ravel(), np.ones(yy.size)], 1)
+    return ((grid @ hull.equations.T) <= 0.5).all(1).reshape(region.shape)
+
+
+def hull_plane(brain: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """The head plane inside the convex hull of the brain plane's region: a bleed the brain
+    crop cut with the skull (a notch in its outline) is back, the scalp is not."""
+    from ichscan.preprocess.head_crop import brain_region
+
+    region = brain_region(brain)
+    return np.where(hull_mask(region), head, 0).astype(np.uint8) if region.any() else brain
 
 
 def prep() -> None:
     sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     from real_data import LABELS_ARG, SAME_PATIENT_R, grouped_view
 
-    from ichscan.train.config import TrainConfig
+    from ichscan.train.loop import TrainConfig
     from ichscan.train.data import resolve_training_data
 
     for tag, name in SETS.items():
@@ -67,7 +92,7 @@ def prep() -> None:
             labels=LABELS_ARG[name],
         )
         data = resolve_training_data(config)
-        print(tag, data.data, groups["note"])
+        print(tag, data, groups["note"])
 
 
 def cache_of(tag: str) -> PreparedCache:
@@ -175,6 +200,11 @@ def pixel(variant: str, tag: str, seeds: list[int]) -> None:
     labels = cache.labels()[:, 0]
     rows = np.flatnonzero(cache.ok & (labels >= 0))
     brain = np.stack([np.asarray(cache[int(r)])[..., 0] for r in rows])
+    if variant in PLANES:
+        t0 = time.monotonic()
+        heads = [np.asarray(cache[int(r)])[..., 1] for r in rows]
+        brain = np.stack([hull_plane(b, h) for b, h in zip(brain, heads, strict=True)])
+        print(f"{variant} planes: {time.monotonic() - t0:.1f} s for {len(rows)} slices")
     y = labels[rows].astype(np.int64)
     for seed in seeds:
         out = ROOT / f"{tag}_pixel_{variant}_s{seed}.npz"
