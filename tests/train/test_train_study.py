@@ -138,12 +138,14 @@ def test_scan_thresholds_are_chosen_on_the_study_models_scan_outputs(
 
 
 def test_scan_labels_tune_no_slice_decision_and_the_bundle_says_so(
-    dicom: Path, tmp_path: Path
+    cache: Path, tmp_path: Path
 ) -> None:
     """CQ500 and NIfTI labels are per scan: both thresholds come from the scan outputs, and
     the bundle records that level rather than passing them off as tuned on slices."""
+    # Asks for the cache fixture itself: under xdist this test can run on a worker where no
+    # earlier test has built it.
     scan_cache = tmp_path / "cache"
-    shutil.copytree(dicom.parent / "cache", scan_cache)
+    shutil.copytree(cache, scan_cache)
     facts = json.loads((scan_cache / "cache.json").read_text())
     facts.setdefault("manifest", {})["label_level"] = "scan"
     (scan_cache / "cache.json").write_text(json.dumps(facts))
