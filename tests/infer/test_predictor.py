@@ -463,6 +463,26 @@ def test_a_study_model_decides_scans_at_its_own_scan_thresholds(
     assert "note:" not in capsys.readouterr().err
 
 
+def test_the_thresholds_in_use_say_how_they_were_chosen(
+    study_bundle: Path, trained_bundle: Path, tmp_path: Path
+) -> None:
+    """A study model decides at thresholds it chose its own way: the report and /api/model
+    name that method, not the slice model's (which served only without the study model)."""
+    from ichscan.serve.model import model_info
+
+    method = "youden on the study model's validation scans"
+    copy = _study_copy(study_bundle, tmp_path / "m", thresholds={n: 0.3 for n in RSNA})
+    config = json.loads((copy / "bundle.json").read_text())
+    config["threshold_method"] = "youden on the validation fold"
+    config["study_model"]["threshold_method"] = method
+    (copy / "bundle.json").write_text(json.dumps(config))
+    predictor = Predictor(copy, "cpu")
+    assert predictor.threshold_method == model_info(predictor)["threshold_method"] == method
+    slice_model = Predictor(trained_bundle, "cpu")
+    recorded = json.loads((trained_bundle / "bundle.json").read_text())["threshold_method"]
+    assert slice_model.threshold_method == model_info(slice_model)["threshold_method"] == recorded
+
+
 def test_an_older_study_bundle_decides_scans_at_its_slice_thresholds_and_says_so(
     study_bundle: Path, synth_dicom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

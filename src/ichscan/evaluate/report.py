@@ -337,14 +337,6 @@ def _open_data(
     return PreparedCache(root), facts
 
 
-def _threshold_method(predictor: Predictor) -> str:
-    """How the thresholds in use were chosen: a study model's own, when it decides."""
-    study = predictor.bundle.config.get("study_model") or {}
-    if predictor.backend.has_study and "threshold_method" in study:
-        return str(study["threshold_method"])
-    return str(predictor.bundle.config.get("threshold_method", ""))
-
-
 def _thresholds_chosen_on(predictor: Predictor) -> str | None:
     """The probabilities the thresholds in use were tuned on, "slices" or "scans"; None when
     they were not tuned or the bundle does not say. A slice model's thresholds are always
@@ -676,7 +668,7 @@ def run_evaluate(
             "members": len(predictor.bundle.config.get("members", [])),
             "scan_level": scan_score,
             "tta": "horizontal flip" if predictor.backend.tta else "none",
-            "threshold_method": _threshold_method(predictor),
+            "threshold_method": predictor.threshold_method,
             "thresholds_chosen_on": chosen_on,
             "scan_thresholds_chosen_on": scan_chosen_on,
             "trained_on": trained_on(predictor.bundle.config),

@@ -297,6 +297,13 @@ class Predictor:
         self.thresholds = np.array(
             [float(chosen.get(name, 0.5)) for name in self.labels], dtype=np.float64
         )
+        # How the thresholds in use were chosen ("" when the bundle does not say): the study
+        # model's own words when its thresholds decide, else the slice model's.
+        self.threshold_method = str(
+            study["threshold_method"]
+            if self.backend.has_study and "threshold_method" in study
+            else self.bundle.config.get("threshold_method", "")
+        )
         # The scan score has thresholds of its own where the bundle chose them on validation
         # scans: a slice model's for the max over slices, a study model's for its scan head
         # (pooled over the scan, calibrated apart from its slice head). A study model from

@@ -71,7 +71,8 @@ def model_info(predictor: Any) -> dict[str, Any]:
         "scan_thresholds": {
             name: float(t) for name, t in zip(labels, predictor.scan_thresholds, strict=True)
         },
-        "threshold_method": config.get("threshold_method"),
+        # a study model decides at its own thresholds, chosen its own way
+        "threshold_method": predictor.threshold_method or None,
         "input": _without_paths(config.get("input", {})),
         "reslice_mm": predictor.reslice_mm,
         "ensemble_members": len(config.get("members", [])),
