@@ -1,4 +1,9 @@
-"""Session-3 lab harness: the shipped small-set recipe's members, 5-fold CV, per-fold member
+"""STALE since session 19: this harness predates the pixel reader and the brain plane in
+TrainingFeatures, and its splits do not group near-duplicates; lab21.py fits the shipped
+members through the product's functions on grouped splits. Kept for the earlier sessions'
+records.
+
+Session-3 lab harness: the shipped small-set recipe's members, 5-fold CV, per-fold member
 logits saved (outer validation fold and the inner-CV out-of-fold logits that choose the
 threshold), so combination and threshold questions are answered without refitting.
 
