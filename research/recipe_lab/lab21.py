@@ -233,7 +233,8 @@ def score(tag: str, seeds: list[int]) -> None:
     weights = (0.5, 0.75, 1.0)
     variants = [v for v in VARIANTS if v != "shipped"]
     for seed in seeds:
-        ref = np.load(ROOT / f"{tag}_members_s{seed}.npz")
+        # the image ids were saved as an object array (lab-written files only)
+        ref = np.load(ROOT / f"{tag}_members_s{seed}.npz", allow_pickle=True)
         y, ids = ref["y"], ref["ids"]
         columns: dict[str, list[np.ndarray]] = {}
         rows = []
