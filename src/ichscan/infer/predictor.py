@@ -289,20 +289,15 @@ class Predictor:
         # With a study model its probabilities are the ones decided on, so its thresholds
         # (chosen on its own validation outputs) apply; older bundles lack them.
         study = self.bundle.config.get("study_model") or {}
-        chosen = (
-            study["thresholds"]
-            if self.backend.has_study and "thresholds" in study
-            else self.bundle.thresholds
-        )
+        # One decision for the thresholds and the words for how they were chosen ("" when
+        # the bundle does not say), so the two never come from different models.
+        decider = study if self.backend.has_study and "thresholds" in study else None
+        chosen = self.bundle.thresholds if decider is None else decider["thresholds"]
         self.thresholds = np.array(
             [float(chosen.get(name, 0.5)) for name in self.labels], dtype=np.float64
         )
-        # How the thresholds in use were chosen ("" when the bundle does not say): the study
-        # model's own words when its thresholds decide, else the slice model's.
         self.threshold_method = str(
-            study["threshold_method"]
-            if self.backend.has_study and "threshold_method" in study
-            else self.bundle.config.get("threshold_method", "")
+            (self.bundle.config if decider is None else decider).get("threshold_method", "")
         )
         # The scan score has thresholds of its own where the bundle chose them on validation
         # scans: a slice model's for the max over slices, a study model's for its scan head
