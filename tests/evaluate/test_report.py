@@ -453,19 +453,12 @@ def test_auc_ci_note_flags_few_cases_and_zero_width() -> None:
 
 
 def test_thresholds_chosen_on_slices_are_not_a_scan_operating_point() -> None:
-    from types import SimpleNamespace
-
-    from ichscan.evaluate.report import _thresholds_chosen_on
-
-    def predictor(config: dict, has_study: bool) -> SimpleNamespace:
-        return SimpleNamespace(
-            bundle=SimpleNamespace(config=config), backend=SimpleNamespace(has_study=has_study)
-        )
+    from ichscan.infer.predictor import thresholds_chosen_on
 
     slice_model = {"threshold_method": "youden on the validation fold"}
-    assert _thresholds_chosen_on(predictor(slice_model, False)) == "slices"
+    assert thresholds_chosen_on(slice_model, False) == "slices"
     untuned = {"threshold_method": "default 0.5 (not tuned)"}
-    assert _thresholds_chosen_on(predictor(untuned, False)) is None
+    assert thresholds_chosen_on(untuned, False) is None
     study = {
         **slice_model,
         "study_model": {
@@ -473,9 +466,9 @@ def test_thresholds_chosen_on_slices_are_not_a_scan_operating_point() -> None:
             "threshold_method": "youden on the study model's validation scans",
         },
     }
-    assert _thresholds_chosen_on(predictor(study, True)) == "scans"
+    assert thresholds_chosen_on(study, True) == "scans"
     # the study model's thresholds serve only when its outputs are the ones decided on
-    assert _thresholds_chosen_on(predictor(study, False)) == "slices"
+    assert thresholds_chosen_on(study, False) == "slices"
     assert "not a tuned scan-level" in operating_point_note("scan", "slices", "max over slices")
     assert "not a tuned slice-level" in operating_point_note("slice", "scans", "study model")
     assert "tuned for this level" in operating_point_note("scan", "scans", "study model")

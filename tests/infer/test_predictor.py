@@ -478,9 +478,11 @@ def test_the_thresholds_in_use_say_how_they_were_chosen(
     (copy / "bundle.json").write_text(json.dumps(config))
     predictor = Predictor(copy, "cpu")
     assert predictor.threshold_method == model_info(predictor)["threshold_method"] == method
+    assert predictor.thresholds_chosen_on == "scans"  # what the evaluate report says
     slice_model = Predictor(trained_bundle, "cpu")
     recorded = json.loads((trained_bundle / "bundle.json").read_text())["threshold_method"]
     assert slice_model.threshold_method == model_info(slice_model)["threshold_method"] == recorded
+    assert slice_model.thresholds_chosen_on == "slices"
 
 
 def test_an_older_study_bundle_decides_scans_at_its_slice_thresholds_and_says_so(

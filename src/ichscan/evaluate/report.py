@@ -337,24 +337,6 @@ def _open_data(
     return PreparedCache(root), facts
 
 
-def _thresholds_chosen_on(predictor: Predictor) -> str | None:
-    """The probabilities the thresholds in use were tuned on, "slices" or "scans"; None when
-    they were not tuned or the bundle does not say. A slice model's thresholds are always
-    chosen on slice probabilities (validation fold, or inner CV of the training slices); a
-    study model's on its slice or its scan outputs, which its threshold_level says (the end
-    of its threshold_method in bundles from before that was recorded)."""
-    study = predictor.bundle.config.get("study_model") or {}
-    if predictor.backend.has_study and "thresholds" in study:
-        if study.get("threshold_level") in ("slices", "scans"):
-            return str(study["threshold_level"])
-        method = str(study.get("threshold_method", ""))
-        return (
-            "scans" if method.endswith("scans") else "slices" if method.endswith("slices") else None
-        )
-    method = str(predictor.bundle.config.get("threshold_method", ""))
-    return None if not method or method.startswith("default") else "slices"
-
-
 def operating_point_note(level: str, chosen_on: str | None, scan_score: str) -> str:
     """What the sensitivity and specificity of ``level`` are: the tuned operating point, or
     a threshold tuned on other probabilities applied to these ones."""
@@ -649,7 +631,7 @@ def run_evaluate(
     c_y, c_p = np.stack(scan_y), np.stack(scan_p)
     common = {"n_bootstrap": n_bootstrap}
     scan_score = "study model" if predictor.backend.has_study else "max over slices"
-    chosen_on = _thresholds_chosen_on(predictor)
+    chosen_on = predictor.thresholds_chosen_on
     # Thresholds the bundle chose for the scan score itself tune the scan level.
     scan_chosen_on = "scans" if predictor.scan_thresholds_tuned else chosen_on
     metrics: dict[str, Any] = {

@@ -243,6 +243,25 @@ class TorchBackend:
         )
 
 
+def thresholds_chosen_on(config: dict[str, Any], study_decides: bool) -> str | None:
+    """The probabilities the thresholds in use were tuned on, "slices" or "scans"; None when
+    they were not tuned or the bundle does not say. ``study_decides``: the study model's
+    thresholds are the ones in use (Predictor decides that once). A slice model's thresholds
+    are always chosen on slice probabilities (validation fold, or inner CV of the training
+    slices); a study model's on its slice or its scan outputs, which its threshold_level
+    says (the end of its threshold_method in bundles from before that was recorded)."""
+    if study_decides:
+        study = config.get("study_model") or {}
+        if study.get("threshold_level") in ("slices", "scans"):
+            return str(study["threshold_level"])
+        method = str(study.get("threshold_method", ""))
+        return (
+            "scans" if method.endswith("scans") else "slices" if method.endswith("slices") else None
+        )
+    method = str(config.get("threshold_method", ""))
+    return None if not method or method.startswith("default") else "slices"
+
+
 class Predictor:
     """A bundle ready to predict scans (see the module notes).
 
@@ -299,6 +318,7 @@ class Predictor:
         self.threshold_method = str(
             (self.bundle.config if decider is None else decider).get("threshold_method", "")
         )
+        self.thresholds_chosen_on = thresholds_chosen_on(self.bundle.config, decider is not None)
         # The scan score has thresholds of its own where the bundle chose them on validation
         # scans: a slice model's for the max over slices, a study model's for its scan head
         # (pooled over the scan, calibrated apart from its slice head). A study model from
