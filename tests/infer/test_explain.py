@@ -133,7 +133,8 @@ def test_explain_says_what_the_model_was_trained_on(
 
 
 def test_explain_says_small_set_maps_are_not_grad_cam() -> None:
-    """The small-set ensemble is explained by its MIL heads' own map, and says so."""
+    """The small-set ensemble is explained by its own maps (MIL heads, pixel reader), and
+    says so."""
     from torch import nn
 
     from ichscan.infer.explain import GradCamExplainer

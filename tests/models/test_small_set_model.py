@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -69,3 +70,47 @@ def test_training_combines_the_votes_as_the_model_does() -> None:
     with torch.no_grad():
         p = torch.sigmoid(votes()(torch.from_numpy(logits)))[..., 0].mean(0).numpy()
     np.testing.assert_allclose(combine(logits), p, atol=1e-6)
+
+
+class _OneCell(torch.nn.Module):
+    """A pixel reader sure of blood in one cell of the halved grey's 4x4 pooled grid."""
+
+    def forward(self, half: torch.Tensor) -> torch.Tensor:
+        cells = torch.full((len(half), half.shape[-2] // 4, half.shape[-1] // 4), -20.0)
+        cells[:, 10, 30] = 20.0
+        return cells
+
+
+def test_the_explained_map_shows_where_the_pixel_reader_sees_blood(monkeypatch) -> None:
+    """The small bleed the pixel reader was added for must reach the overlay: its cell lights
+    up, weighted as it votes beside the MIL heads; outside the brain it adds nothing."""
+    from ichscan.models.small_set import (
+        MIL_WEIGHT,
+        PIXEL_WEIGHT,
+        Reader,
+        SmallSetModel,
+    )
+
+    model = SmallSetModel(
+        2, 0, (4, 3), pretrained="none", readers=[Reader("efficientnet_lite0")], pixel_reader=True
+    ).eval()
+    model.pixel_reader = _OneCell()
+    # MIL heads unsure everywhere (probability 0.5), so the pixel reader's cell decides
+    monkeypatch.setattr(model, "hemorrhage_map", lambda x: torch.zeros(len(x), 16, 16))
+    x = torch.full((1, 3, 320, 320), 120, dtype=torch.uint8)
+    x[:, 0, :, 160:] = 0  # brain plane: right half outside the brain
+    heat = model.blood_map(x)[0]
+    assert heat.shape == (320, 320)
+    floor = MIL_WEIGHT * 0.5 / (MIL_WEIGHT + PIXEL_WEIGHT)
+    assert torch.allclose(heat, torch.full_like(heat, floor))  # its cell is outside the brain
+    x[:, 0] = 120
+    heat = model.blood_map(x)[0]
+    row, col = divmod(int(heat.argmax()), 320)
+    assert abs(row - (10 * 8 + 4)) <= 4 and abs(col - (30 * 8 + 4)) <= 4
+    # the cell, sure of blood, at its vote's weight (bilinear upsampling spreads one cell,
+    # so about 12% of it is lost at the peak pixel)
+    share = PIXEL_WEIGHT / (MIL_WEIGHT + PIXEL_WEIGHT)
+    assert floor + 0.85 * share <= float(heat.max()) <= floor + share
+    assert float(heat.min()) == pytest.approx(floor)
+    model.pixel_reader = None  # a bundle from before session 19: the MIL map alone
+    assert torch.allclose(model.blood_map(x), torch.full((1, 320, 320), 0.5))

@@ -139,19 +139,18 @@ def _without_inplace(model: nn.Module) -> nn.Module:
     return model
 
 
-def _mil_maps(
+def _small_set_maps(
     model: SmallSetModel, x: np.ndarray, device: torch.device, batch_size: int
 ) -> np.ndarray:
-    """The small-set ensemble's own localisation: its MIL head's per-location hemorrhage
-    probability (what its pooling reads), upsampled to the input size. Grad-CAM through the
-    ensemble would mix in the forest and the pooled regression, which have no spatial map."""
+    """The small-set ensemble's own localisation (SmallSetModel.blood_map: its MIL heads'
+    and its pixel reader's per-location blood probability, weighted as they vote) at the
+    input size. Grad-CAM through the ensemble would mix in the forests and the pooled
+    regressions, which have no spatial map."""
     out = []
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             batch = torch.from_numpy(x[start : start + batch_size]).to(device)
-            prob = torch.sigmoid(model.hemorrhage_map(batch))[:, None]
-            up = torch.nn.functional.interpolate(prob, size=x.shape[2:], mode="bilinear")
-            out.append(up[:, 0].float().cpu().numpy())
+            out.append(model.blood_map(batch).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -188,12 +187,21 @@ class GradCamExplainer:
 
     @property
     def method(self) -> str:
-        """What the maps are, in words: the small-set ensemble's maps are its MIL heads'
-        own, not Grad-CAM."""
-        mil = sum(isinstance(m, SmallSetModel) for m in self.models)
+        """What the maps are, in words: the small-set ensemble's maps are its own (MIL
+        heads, pixel reader), not Grad-CAM."""
+        small = [m for m in self.models if isinstance(m, SmallSetModel)]
+        mil = len(small)
         parts = []
         if mil:
-            parts.append("the small-set MIL heads' per-location hemorrhage probability")
+            with_pixel = any(getattr(m, "pixel_reader", None) is not None for m in small)
+            parts.append(
+                "the small-set MIL heads' per-location hemorrhage probability"
+                + (
+                    " and its pixel reader's per 8 px cell, weighted as they vote"
+                    if with_pixel
+                    else ""
+                )
+            )
         if mil < len(self.models):
             hooked = dict.fromkeys(
                 layer_name(m, layer)
@@ -221,7 +229,7 @@ class GradCamExplainer:
         total = np.zeros((x.shape[0], x.shape[2], x.shape[3]), dtype=np.float32)
         for model, layer in zip(self.models, self.layers, strict=True):
             if isinstance(model, SmallSetModel):
-                total += _mil_maps(model, x, self.device, self.batch_size)
+                total += _small_set_maps(model, x, self.device, self.batch_size)
                 continue
             with GradCAM(model=model, target_layers=[layer]) as cam:
                 for start in range(0, len(x), self.batch_size):

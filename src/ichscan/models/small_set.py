@@ -40,7 +40,8 @@ weighted sum, each first bounded to ±``VOTE_BOUND`` (since session 13: one memb
 confident mistake can no longer outvote the rest), so the ensemble plugs into the same
 predictor as a fine-tuned network (flip TTA included).
 ``hemorrhage_map`` is the mean logit map of the MIL heads that see the whole square: where
-the model thinks the bleed is.
+the model thinks the bleed is; ``blood_map`` weighs it with the pixel reader's cells, as
+they vote (what ``explain`` shows).
 
 Bundles from before readers had crops list backbones only, all on the brain, and still load
 and predict as they did.
@@ -61,7 +62,7 @@ from ichscan.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from ichscan.models.blobs import MAX_BLOBS, N_BLOB_FEATURES, blob_present, blob_table
 from ichscan.models.density import N_FEATURES, density_features
 from ichscan.models.forest import ForestModule
-from ichscan.models.pixel_reader import PixelNet, pixel_logit
+from ichscan.models.pixel_reader import PixelNet, brain_cells, halved, pixel_logit
 from ichscan.preprocess.head_crop import BRAIN_AND_HEAD, CENTRE_SHARE, brain_region, centre_zoom
 
 RECIPE = "small-set"
@@ -577,6 +578,23 @@ class SmallSetModel(nn.Module):
                 if r.crop != CENTRE_READER.crop
             ]
         ).mean(0)
+
+    @torch.no_grad()
+    def blood_map(self, x: torch.Tensor) -> torch.Tensor:
+        """float [N, H, W] at the input's size: the blood probability per location of the
+        members that have a map, weighted as they vote: the MIL heads' (``hemorrhage_map``)
+        and the pixel reader's per 8 px cell of the brain crop, 0 outside the brain cells it
+        pools over. The pixel reader is there because the MIL maps miss what it was added
+        for (small plain haematomas); the regressions and forests have no spatial map."""
+        size = tuple(x.shape[-2:])
+        mil = torch.sigmoid(self.hemorrhage_map(x))[:, None]
+        mil = F.interpolate(mil, size=size, mode="bilinear")[:, 0]
+        if self.pixel_reader is None:
+            return mil
+        brain = self.grey(x)[:, CROP_PLANES["brain"]]
+        cells = torch.sigmoid(self.pixel_reader(halved(brain))) * brain_cells(brain)
+        pixel = F.interpolate(cells[:, None], size=size, mode="bilinear")[:, 0]
+        return (MIL_WEIGHT * mil + PIXEL_WEIGHT * pixel) / (MIL_WEIGHT + PIXEL_WEIGHT)
 
 
 def side_arrays(
