@@ -155,3 +155,16 @@ def test_explain_names_an_unknown_label(
     series = sorted(p.parent for p in synth_dicom.glob("*/*/*.dcm"))[0]
     with pytest.raises(ExplainError, match=r"unknown label 'bleed'.*any, epidural"):
         explain(series, trained_bundle, tmp_path, label="bleed", device="cpu")
+
+
+def test_a_tile_caption_stays_readable_over_bright_skull() -> None:
+    """The caption carries the slice's probability; on a white tile (the skull is white in
+    every brain window) it is still white text on a dark band."""
+    from ichscan.infer.explain import TILE, _montage
+
+    white = Image.new("RGB", (64, 64), (255, 255, 255))
+    sheet = np.asarray(_montage([(white, "slice 0  p(hemorrhage) 0.97")]))
+    band = sheet[4:14, 4:160]  # where the caption is drawn
+    assert (band.max(-1) < 40).mean() > 0.5  # mostly the dark band
+    assert (band.min(-1) > 200).any()  # and the white letters on it
+    assert (sheet[TILE // 2, TILE // 2] == 255).all()  # the tile itself untouched

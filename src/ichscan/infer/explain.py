@@ -340,6 +340,10 @@ def _montage(tiles: list[tuple[Image.Image, str]], footer: str = "") -> Image.Im
     for i, (image, caption) in enumerate(tiles):
         x, y = (i % cols) * TILE, (i // cols) * TILE
         sheet.paste(image.resize((TILE, TILE), Image.BILINEAR), (x, y))
+        # on a black band: white text over the skull (white in every brain window) vanished,
+        # and with it the slice's probability
+        left, top, right, bottom = draw.textbbox((x + 4, y + 4), caption)
+        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
         draw.text((x + 4, y + 4), caption, fill=(255, 255, 255))
     colour = (255, 210, 0) if SYNTHETIC_WORDS in footer else (255, 255, 255)
     for k, line in enumerate(lines):
