@@ -190,19 +190,13 @@ class GradCamExplainer:
         """What the maps are, in words: the small-set ensemble's maps are its own (MIL
         heads, pixel reader), not Grad-CAM."""
         small = [m for m in self.models if isinstance(m, SmallSetModel)]
-        mil = len(small)
         parts = []
-        if mil:
-            with_pixel = any(getattr(m, "pixel_reader", None) is not None for m in small)
-            parts.append(
-                "the small-set MIL heads' per-location hemorrhage probability"
-                + (
-                    " and its pixel reader's per 8 px cell, weighted as they vote"
-                    if with_pixel
-                    else ""
-                )
-            )
-        if mil < len(self.models):
+        if small:
+            words = "the small-set MIL heads' per-location hemorrhage probability"
+            if any(getattr(m, "pixel_reader", None) is not None for m in small):
+                words += " and its pixel reader's per 8 px cell, weighted as they vote"
+            parts.append(words)
+        if len(small) < len(self.models):
             hooked = dict.fromkeys(
                 layer_name(m, layer)
                 for m, layer in zip(self.models, self.layers, strict=True)
