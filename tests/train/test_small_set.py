@@ -136,6 +136,20 @@ def test_a_second_fold_reuses_the_cached_feature_maps(
     assert len(summary["small_set"]["readers"]) == readers
 
 
+def test_the_same_seed_trains_the_same_bundle_bit_for_bit(trained, tmp_path: Path) -> None:
+    """Trained again on the same rows with the same seed, from the first run's prepared
+    cache: every member's weights and the chosen threshold are identical. The recipe fits
+    the inner-CV models before the final one; they must leave nothing behind that the
+    final fit reads (research/recipe_lab/SESSION25.md measured it on the real head_ct)."""
+    model, features, summary = trained
+    again = train_small(model / "cache", tmp_path / "again", features, head_reader=False)
+    assert again["thresholds"] == summary["thresholds"]
+    a = torch.load(model / "slice-0.pt", map_location="cpu", weights_only=False)
+    b = torch.load(tmp_path / "again" / "slice-0.pt", map_location="cpu", weights_only=False)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
 @pytest.mark.parametrize("fixture", ["trained", "trained_head"])
 def test_predict_gives_what_cross_validation_scored(
     fixture: str, request: pytest.FixtureRequest
