@@ -42,6 +42,7 @@ from torch import nn
 from ichscan.errors import IchscanError
 from ichscan.infer.predictor import Predictor
 from ichscan.io.load import load
+from ichscan.io.montage import text_on_band
 from ichscan.models.bundle import SYNTHETIC_WORDS, is_synthetic_line, trained_on
 from ichscan.models.slice_model import SliceModel
 from ichscan.models.small_set import SmallSetModel
@@ -334,11 +335,7 @@ def _montage(tiles: list[tuple[Image.Image, str]], footer: str = "") -> Image.Im
     for i, (image, caption) in enumerate(tiles):
         x, y = (i % cols) * TILE, (i // cols) * TILE
         sheet.paste(image.resize((TILE, TILE), Image.BILINEAR), (x, y))
-        # on a black band: white text over the skull (white in every brain window) vanished,
-        # and with it the slice's probability
-        left, top, right, bottom = draw.textbbox((x + 4, y + 4), caption)
-        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=(0, 0, 0))
-        draw.text((x + 4, y + 4), caption, fill=(255, 255, 255))
+        text_on_band(draw, (x + 4, y + 4), caption, fill=(255, 255, 255), band=(0, 0, 0))
     colour = (255, 210, 0) if SYNTHETIC_WORDS in footer else (255, 255, 255)
     for k, line in enumerate(lines):
         draw.text((4, rows * TILE + 4 + k * FOOTER_LINE_PX), line, fill=colour)

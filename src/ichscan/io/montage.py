@@ -13,6 +13,20 @@ from ichscan.scan import Scan
 TILE = 192
 
 
+def text_on_band(
+    draw: ImageDraw.ImageDraw,
+    xy: tuple[int, int],
+    text: str,
+    fill: int | tuple[int, ...] = 255,
+    band: int | tuple[int, ...] = 0,
+) -> None:
+    """Text on a dark band: white letters over the skull (white in every brain window, and
+    in a tight crop's corners) vanish, and with them a slice's number or probability."""
+    left, top, right, bottom = draw.textbbox(xy, text)
+    draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=band)
+    draw.text(xy, text, fill=fill)
+
+
 def preview_indices(n_slices: int, n: int) -> np.ndarray:
     """n slices spread evenly over the volume, skipping the first and last tenth (mostly
     neck and vertex, where there is little to see)."""
@@ -43,8 +57,8 @@ def montage(
         for c, k in enumerate(idx):
             tile = Image.fromarray(images[c]).resize((TILE, TILE), Image.BILINEAR)
             sheet.paste(tile, (c * TILE, r * TILE))
-            draw.text((c * TILE + 4, r * TILE + 4), f"{k}", fill=255)
-        draw.text((4, r * TILE + TILE - 14), label, fill=255)
+            text_on_band(draw, (c * TILE + 4, r * TILE + 4), f"{k}")
+        text_on_band(draw, (4, r * TILE + TILE - 14), label)
     return sheet
 
 
