@@ -708,3 +708,35 @@ def test_info_on_a_folder_of_nifti_says_what_it_holds(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "4 NIfTI" in err and "ichscan prepare" in err
+
+
+@pytest.mark.parametrize(
+    ("windows", "source_window", "noted"),
+    [
+        ([], "brain", "subdural, bone"),  # the default windows, asked of PNG slices
+        (["--windows", "brain,bone"], "brain", "bone"),
+        (["--windows", "brain"], "brain", None),
+        ([], None, None),  # DICOM: every window is made from the HU
+    ],
+)
+def test_train_says_which_windows_display_images_cannot_give(
+    windows: list[str],
+    source_window: str | None,
+    noted: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A PNG/JPEG set holds one display window: a model trained on it reads that one, and
+    the user who asked for others (the default asks for three) hears it in one line."""
+    import ichscan.train.loop as loop
+
+    summary = {"data_summary": {"source_window": source_window} if source_window else {}}
+    monkeypatch.setattr(loop, "train", lambda config: {"training": summary, "metrics": {}})
+    assert main(["train", "DATA", "--out", "M", *windows]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    if noted is None:
+        assert err == []
+    else:
+        assert len(err) == 1
+        assert err[0].startswith("note: DATA: the PNG/JPEG slices hold one window (brain); ")
+        assert f"{noted} cannot be made from them, so the model reads brain only" in err[0]

@@ -306,16 +306,21 @@ def _image_windows(data: str, df: pd.DataFrame, asked: list[Window]) -> list[Win
     from ichscan.preprocess.window import parse_windows
 
     held = str(df["window"].iloc[0] or "brain")
-    others = [w.name for w in asked if w.name != held]
+    _note_one_window(data, held, [w.name for w in asked], f"the cache holds {held} only")
+    return parse_windows([held])
+
+
+def _note_one_window(data: str, held: str, asked: list[str], so: str) -> None:
+    """One line, when windows were asked for that a set of display images cannot give."""
+    others = [name for name in asked if name != held]
     if others:
         print(
             _shown(
                 f"note: {data}: the PNG/JPEG slices hold one window ({held}); "
-                f"{', '.join(others)} cannot be made from them, so the cache holds {held} only"
+                f"{', '.join(others)} cannot be made from them, so {so}"
             ),
             file=sys.stderr,
         )
-    return parse_windows([held])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -359,6 +364,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         crop=args.crop,
     )
     summary = train(config)
+    held = summary.get("training", {}).get("data_summary", {}).get("source_window")
+    if held:
+        _note_one_window(args.data, held, list(config.windows), f"the model reads {held} only")
     if summary.get("recipe") == "small-set" and summary["metrics"].get("validation"):
         m = summary["metrics"]
         point = m["validation_operating_point"]
@@ -766,7 +774,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--labels", choices=["rsna", "cq500", "binary"])
     p.add_argument("--input", choices=["windows", "2.5d"], default="windows")
-    p.add_argument("--windows", default="brain,subdural,bone")
+    p.add_argument(
+        "--windows",
+        default="brain,subdural,bone",
+        help="windows stacked as channels, made from the HU of DICOM or NIfTI; a PNG/JPEG set "
+        "holds one display window, which the model reads in every channel (default: "
+        "%(default)s)",
+    )
     p.add_argument("--size", type=_count, default=256)
     p.add_argument("--epochs", type=_count, default=12)
     p.add_argument("--batch-size", type=_count, default=32)
