@@ -23,7 +23,6 @@ folds = lab21.lab_folds(data, patients, 21)
 f = int(folds[list(ids).index("040")])
 tr, va = lab21.fold_rows(folds, f, data.source)
 seed = 5
-out = {}
 with torch_threads(1):
     t = time.monotonic()
     a = ss.members_logits(ss.fit_members(data, tr, seed), data, va)
@@ -34,7 +33,7 @@ with torch_threads(1):
     print("inner", time.monotonic() - t, flush=True)
     c = ss.members_logits(ss.fit_members(data, tr, seed), data, va)
     print("C", time.monotonic() - t, flush=True)
-np.savez("/tmp/s25/mut.npz", a=a, b=b, c=c, va=va, ids=ids)
+np.savez(lab21.ROOT / "inner_cv_trace.npz", a=a, b=b, c=c, va=va, ids=ids)
 print("A-B max", np.abs(a - b).max(0).max(0))
 print("A-C max", np.abs(a - c).max(0).max(0))
 for name, x in (("A", a), ("B", b), ("C", c)):

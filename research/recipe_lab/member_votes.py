@@ -7,15 +7,19 @@ same order, the density forest, the blob forest, the pixel reader.
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import lab21
 
 from ichscan.train import small_set as ss
 
 tag, seed = sys.argv[1], int(sys.argv[2])
-ref = np.load(f"/tmp/s21/lab/{tag}_members_s{seed}.npz", allow_pickle=True)
+ref = np.load(lab21.ROOT / f"{tag}_members_s{seed}.npz", allow_pickle=True)
 y, ids = ref["y"], ref["ids"]
-HARD = ["070", "053", "041", "040", "106", "115", "113", "092", "162"]
+HARD = [*lab21.HARD, "113", "092", "162"]  # and three that decided earlier splits
 for fold in range(5):
     va, lg = ref[f"val_{fold}"], ref[f"logits_{fold}"]
     p = ss.combine(lg)

@@ -18,7 +18,8 @@ unchanged; a bilateral pair cancels.
 seed; checked against the saved logits) and saves the shipped and MIRROR logits of the
 validation fold, identity and mirror views. `score` swaps them into the saved members and
 prints pooled AUC, slices right at 0.5 and at a held-out calibrated threshold (the product's
-rule, chosen on the other four folds' scores). The rule is in SESSION25.md, written first.
+rule, chosen on the other four folds' scores). Screened on development splits only, with no
+rule and nothing judged: SESSION25.md.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import lab21
 
 from ichscan.evaluate.metrics import calibrated_threshold
-from ichscan.models import small_set as model
 from ichscan.models.pixel_reader import brain_cells, halved, pooled
 from ichscan.threads import torch_threads
 from ichscan.train import pixel_reader as pr
@@ -129,7 +129,6 @@ def score(tag: str, seeds: list[int]) -> None:
                 f"right@cal {held_out_right(y[r], p, fid)}  {shown}"
                 + (f"  wrong@0.5: {' '.join(wrong)}" if tag == "h" else "")
             )
-    model.PIXEL_WEIGHT = 0.5
 
 
 if __name__ == "__main__":

@@ -9,11 +9,15 @@ the clip). Prints pooled AUC, slices right at 0.5 and at a held-out calibrated t
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from ichscan.evaluate.metrics import calibrated_threshold
+sys.path.insert(0, str(Path(__file__).parent))
+import lab21
+from mirror_lab import held_out_right
+
 from ichscan.models.small_set import member_weights
 
 
@@ -29,8 +33,6 @@ def votes(lg, rule):
         c = np.clip(lg, -6, 6) * w  # weighted contributions
         s = np.sort(c, -1)
         z = s[..., k : M - k].sum(-1)  # the k highest and k lowest dropped
-    elif rule == "tanh":
-        z = (6 * np.tanh(lg / 6) * w).sum(-1)
     elif rule.startswith("soft"):
         B = float(rule[4:])
         z = (B * np.tanh(lg / B) * w).sum(-1)
@@ -40,7 +42,7 @@ def votes(lg, rule):
 rules = sys.argv[3].split(",")
 tag = sys.argv[1]
 for seed in [int(s) for s in sys.argv[2].split(",")]:
-    ref = np.load(f"/tmp/s21/lab/{tag}_members_s{seed}.npz", allow_pickle=True)
+    ref = np.load(lab21.ROOT / f"{tag}_members_s{seed}.npz", allow_pickle=True)
     y, ids = ref["y"], ref["ids"]
     for rule in rules:
         ps, rs = [], []
@@ -49,11 +51,7 @@ for seed in [int(s) for s in sys.argv[2].split(",")]:
             rs.append(ref[f"val_{f}"])
         p, r = np.concatenate(ps), np.concatenate(rs)
         fid = np.concatenate([np.full(len(x), f) for f, x in enumerate(rs)])
-        dec = np.zeros(len(p), bool)
-        for f in range(5):
-            m = fid == f
-            dec[m] = p[m] >= calibrated_threshold(y[r][~m], p[~m])
-        cal = int((dec == y[r]).sum())
+        cal = held_out_right(y[r], p, fid)
         wrong = [ids[i] for i, q in zip(r, p, strict=True) if (q >= 0.5) != y[i]]
         print(
             tag,

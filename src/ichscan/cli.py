@@ -364,7 +364,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         crop=args.crop,
     )
     summary = train(config)
-    held = summary.get("training", {}).get("data_summary", {}).get("source_window")
+    held = summary["training"]["data_summary"].get("source_window")
     if held:
         _note_one_window(args.data, held, list(config.windows), f"the model reads {held} only")
     if summary.get("recipe") == "small-set" and summary["metrics"].get("validation"):
