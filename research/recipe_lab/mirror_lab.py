@@ -1,6 +1,6 @@
 """Session 25 lab: the pixel reader with its mirror twin's evidence taken away.
 
-The negative that every product split gets wrong on head_ct is 115 (0.62-0.74): calcified
+The negative that all product splits but one get wrong on head_ct is 115 (0.62-0.74): calcified
 choroid plexus in both atria. Its pixel reader fires (+1.2 on lab splits 21 and 22) in spite
 of the hard negatives it mines: a patch cannot tell a calcified plexus from a bleed, but a
 radiologist looks across the midline, where the plexus has a twin and a bleed rarely does.
