@@ -21,7 +21,8 @@ from mirror_lab import held_out_right
 from ichscan.models.small_set import member_weights
 
 
-def votes(lg, rule):
+def votes(lg: np.ndarray, rule: str) -> np.ndarray:
+    """[V, N, M] member logits → [N] probability under RULE, mean over the views."""
     M = lg.shape[-1]
     w = np.array(member_weights((M - 3) // 2, blob_forest=True, pixel_reader=True))
     if rule.startswith("bound"):
@@ -36,6 +37,8 @@ def votes(lg, rule):
     elif rule.startswith("soft"):
         B = float(rule[4:])
         z = (B * np.tanh(lg / B) * w).sum(-1)
+    else:
+        raise SystemExit(f"unknown rule {rule!r}: boundB, trimK or softB")
     return (1 / (1 + np.exp(-z))).mean(0)
 
 
