@@ -772,8 +772,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="head: frozen backbone; all: fine-tune everything",
     )
-    p.add_argument("--labels", choices=["rsna", "cq500", "binary"])
-    p.add_argument("--input", choices=["windows", "2.5d"], default="windows")
+    p.add_argument(
+        "--labels",
+        choices=["rsna", "cq500", "binary"],
+        help="label set (default: detected from the dataset; binary also trains on an RSNA set's "
+        "`any` or a CQ500 set's ICH)",
+    )
+    p.add_argument(
+        "--input",
+        choices=["windows", "2.5d"],
+        default="windows",
+        help="windows: the --windows as channels; 2.5d: the slice and its two neighbours in "
+        "the first window (default: %(default)s)",
+    )
     p.add_argument(
         "--windows",
         default="brain,subdural,bone",
@@ -781,17 +792,45 @@ def build_parser() -> argparse.ArgumentParser:
         "holds one display window, which the model reads in every channel (default: "
         "%(default)s)",
     )
-    p.add_argument("--size", type=_count, default=256)
-    p.add_argument("--epochs", type=_count, default=12)
-    p.add_argument("--batch-size", type=_count, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--backbone-lr-mult", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default="cosine")
+    p.add_argument(
+        "--size", type=_count, default=256, help="input side in px (default: %(default)s)"
+    )
+    p.add_argument("--epochs", type=_count, default=12, help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=_count, default=32, help="(default: %(default)s)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=1e-3,
+        help="AdamW learning rate of the head (default: %(default)s)",
+    )
+    p.add_argument(
+        "--backbone-lr-mult",
+        type=float,
+        default=0.1,
+        help="--train all: the backbone's learning rate as a share of --lr (default: %(default)s)",
+    )
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
+    p.add_argument(
+        "--schedule",
+        choices=["cosine", "onecycle", "constant"],
+        default="cosine",
+        help="learning-rate schedule (default: %(default)s)",
+    )
     p.add_argument("--accumulate", type=_count, default=1, help="gradient accumulation steps")
-    p.add_argument("--fold", type=int, default=0, help="validation fold")
-    p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fold",
+        type=int,
+        default=0,
+        help="validation fold, split by patient (default: %(default)s)",
+    )
+    p.add_argument("--folds", type=int, default=5, help="(default: %(default)s)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the patient split (unless a prepared cache brings its folds), the weights "
+        "and the augmentation (default: %(default)s)",
+    )
     p.add_argument("--pos-weight", action="store_true", help="weight positives by neg/pos")
     p.add_argument("--patience", type=int, default=6, help="early-stopping patience (epochs)")
     p.add_argument(
@@ -820,7 +859,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--workers", type=int, help="DataLoader workers")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
-    p.add_argument("--no-augment", action="store_true")
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="finetune: train without flips, rotations, scaling, crops and window jitter",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--max-minutes", type=float, help="stop after this much training time")
     p.add_argument(
@@ -835,8 +878,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "small-set", "finetune"],
         default="auto",
         help="small-set: frozen EfficientNet-Lite0, Lite1 and Lite2 maps of brain-cropped "
-        "brain-window slices + MIL heads, pooled logistic regressions, a density forest and "
-        "a blob forest, their logits each bounded to ±6 and summed "
+        "brain-window slices + MIL heads, pooled logistic regressions, a density forest, "
+        "a blob forest and a small pixel reader trained from scratch, their logits each "
+        "bounded to ±6 and summed with fixed weights "
         "(for a binary label and at most 1,000 slices); finetune: train --arch end to end "
         "with the options above; "
         "auto (default): small-set when it applies, else finetune",
@@ -867,12 +911,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepared cache, cut and split as the slice model's (default: the model's own "
         "cache, else the prepared cache it was trained on)",
     )
-    p.add_argument("--kind", choices=["gru", "conv"], default="gru")
-    p.add_argument("--hidden", type=_count, default=128)
-    p.add_argument("--epochs", type=_count, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--kind",
+        choices=["gru", "conv"],
+        default="gru",
+        help="bidirectional GRU or 1D convolution over each scan's slices in order "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--hidden", type=_count, default=128, help="(default: %(default)s)")
+    p.add_argument("--epochs", type=_count, default=30, help="(default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.set_defaults(func=cmd_train_study)
 
     p = sub.add_parser(
