@@ -313,3 +313,40 @@ def test_centre_zoom_commutes_with_the_mirror(seed: int) -> None:
     b = centre_zoom(grey).astype(int)
     assert np.abs(a - b).max() <= 1
     assert (a != b).mean() < 0.01
+
+
+@pytest.mark.parametrize(
+    ("name", "finding"),
+    [
+        ("ID_2008dd408", "epidural against the inner table"),
+        ("ID_1b5ac170c", "intraparenchymal"),
+        ("ID_4f3e8c5c1", "intraventricular"),
+        ("ID_afb1bcdab", "intraparenchymal"),
+    ],
+)
+def test_real_rsna_dicom_bleeds_stay_in_the_brain_crop(
+    rsna_dicom_dir: Path, name: str, finding: str
+) -> None:
+    """On real scanner slices the brain window puts acute blood below the skull's level, so
+    the crop that zeroes the skull keeps the blood, an epidural lens against the bone too.
+    The bleed: the largest region of 55-95 HU inside the skull (a crop that took blood over
+    ~62 HU for bone keeps 4% of the epidural; this one 93%)."""
+    from scipy import ndimage as ndi
+
+    from ichscan.io.dicom import read_slice_hu
+    from ichscan.preprocess.head_crop import brain_mask, head_mask
+
+    hu, _ = read_slice_hu(rsna_dicom_dir / "stage_2_train" / f"{name}.dcm")
+    skull = ndi.binary_closing(hu >= 300, iterations=4)
+    inside = ndi.binary_fill_holes(skull) & ~skull
+    blood = ndi.binary_opening((hu >= 55) & (hu <= 95) & inside, iterations=3)
+    labels, n = ndi.label(blood)
+    sizes = ndi.sum_labels(blood, labels, np.arange(1, n + 1))
+    bleed = labels == 1 + int(np.argmax(sizes))
+    assert bleed.sum() >= 300, f"{name}: no {finding} bleed found to check"
+
+    grey = apply_window(hu, "brain")
+    head = head_mask(grey)
+    assert head is not None
+    kept = (bleed & brain_mask(grey, head)).sum() / bleed.sum()
+    assert kept >= 0.9, f"{name}: the brain crop keeps {kept:.0%} of the {finding} bleed"
