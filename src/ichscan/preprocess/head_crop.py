@@ -9,9 +9,11 @@ well (``brain``) removes the brightest structure, which otherwise dominates pool
 On the real head_ct and RSNA PNGs the crop raised the frozen-feature AUC by 0.03–0.09 on RSNA
 (research/recipe_lab/RECIPE.md, experiments 1 and 5–6). ``brain+head`` gives both: the
 brain-only planes, then the first plane again with the skull kept, in the same square. The
-small-set ensemble reads each with its own networks: a bleed against the inner table, as
-bright as bone in a brain window, goes with the skull from the brain crop but not from the
-head crop (research/recipe_lab/SESSION6.md, section 3).
+small-set ensemble reads each with its own networks: a bleed against the inner table that
+saturates like bone (re-encoded figures, head_ct) goes with the skull from the brain crop but
+not from the head crop (research/recipe_lab/SESSION6.md, section 3). On real scanner slices
+acute blood stays below the skull's level in a brain window and the brain crop keeps it, an
+epidural lens too (tests/preprocess/test_head_crop.py).
 
 The masks are computed on the first channel, which must be a brain window (40/80): air and
 fat are 0 there, bone saturates at 255, brain and blood lie between. Other channels (subdural,
