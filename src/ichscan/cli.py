@@ -752,6 +752,10 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train a slice classifier (any dataset layout or a prepared cache)"
     )
     p.add_argument("data", help="dataset folder or prepared cache")
+    # FINETUNE_ONLY in ichscan.train.data: the small-set recipe refuses these when set.
+    ft = p.add_argument_group(
+        "fine-tuning options (--recipe finetune; the small-set recipe refuses them)"
+    )
     p.add_argument("--out", required=True, help="model folder (the bundle)")
     p.add_argument(
         "--arch",
@@ -766,7 +770,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="imagenet",
         help="imagenet (cached/offline-capable), none, or a weights file",
     )
-    p.add_argument(
+    ft.add_argument(
         "--train",
         choices=["head", "all"],
         default="all",
@@ -778,45 +782,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="label set (default: detected from the dataset; binary also trains on an RSNA set's "
         "`any` or a CQ500 set's ICH)",
     )
-    p.add_argument(
+    ft.add_argument(
         "--input",
         choices=["windows", "2.5d"],
         default="windows",
         help="windows: the --windows as channels; 2.5d: the slice and its two neighbours in "
         "the first window (default: %(default)s)",
     )
-    p.add_argument(
+    ft.add_argument(
         "--windows",
         default="brain,subdural,bone",
         help="windows stacked as channels, made from the HU of DICOM or NIfTI; a PNG/JPEG set "
         "holds one display window, which the model reads in every channel (default: "
         "%(default)s)",
     )
-    p.add_argument(
+    ft.add_argument(
         "--size", type=_count, default=256, help="input side in px (default: %(default)s)"
     )
-    p.add_argument("--epochs", type=_count, default=12, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=_count, default=32, help="(default: %(default)s)")
-    p.add_argument(
+    ft.add_argument("--epochs", type=_count, default=12, help="(default: %(default)s)")
+    ft.add_argument("--batch-size", type=_count, default=32, help="(default: %(default)s)")
+    ft.add_argument(
         "--lr",
         type=float,
         default=1e-3,
         help="AdamW learning rate of the head (default: %(default)s)",
     )
-    p.add_argument(
+    ft.add_argument(
         "--backbone-lr-mult",
         type=float,
         default=0.1,
         help="--train all: the backbone's learning rate as a share of --lr (default: %(default)s)",
     )
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
-    p.add_argument(
+    ft.add_argument("--weight-decay", type=float, default=1e-4, help="(default: %(default)s)")
+    ft.add_argument(
         "--schedule",
         choices=["cosine", "onecycle", "constant"],
         default="cosine",
         help="learning-rate schedule (default: %(default)s)",
     )
-    p.add_argument("--accumulate", type=_count, default=1, help="gradient accumulation steps")
+    ft.add_argument("--accumulate", type=_count, default=1, help="gradient accumulation steps")
     p.add_argument(
         "--fold",
         type=int,
@@ -831,9 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="seeds the patient split (unless a prepared cache brings its folds), the weights "
         "and the augmentation (default: %(default)s)",
     )
-    p.add_argument("--pos-weight", action="store_true", help="weight positives by neg/pos")
-    p.add_argument("--patience", type=int, default=6, help="early-stopping patience (epochs)")
-    p.add_argument(
+    ft.add_argument("--pos-weight", action="store_true", help="weight positives by neg/pos")
+    ft.add_argument("--patience", type=int, default=6, help="early-stopping patience (epochs)")
+    ft.add_argument(
         "--select",
         choices=["loss", "auc", "last"],
         default="loss",
@@ -859,13 +863,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--workers", type=int, help="DataLoader workers")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
-    p.add_argument(
+    ft.add_argument(
         "--no-augment",
         action="store_true",
-        help="finetune: train without flips, rotations, scaling, crops and window jitter",
+        help="train without flips, rotations, scaling, crops and window jitter",
     )
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--max-minutes", type=float, help="stop after this much training time")
+    ft.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    ft.add_argument("--max-minutes", type=float, help="stop after this much training time")
     p.add_argument(
         "--extra-train",
         action="append",
@@ -882,7 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a blob forest and a small pixel reader trained from scratch, their logits each "
         "bounded to ±6 and summed with fixed weights "
         "(for a binary label and at most 1,000 slices); finetune: train --arch end to end "
-        "with the options above; "
+        "with the fine-tuning options below; "
         "auto (default): small-set when it applies, else finetune",
     )
     p.add_argument(
