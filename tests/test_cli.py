@@ -662,18 +662,34 @@ def test_the_old_skipped_inputs_import_still_works() -> None:
     assert old is skipped_inputs and OLD_NO_FILE == NO_FILE
 
 
-def test_prepare_help_gives_every_option_a_help_with_its_default() -> None:
+def _subcommand(name: str) -> argparse.ArgumentParser:
     from ichscan.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    prepare = sub.choices["prepare"]
-    for action in prepare._actions:
+    return sub.choices[name]
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "train-study"])
+def test_help_gives_every_option_a_help_with_its_default(command: str) -> None:
+    for action in _subcommand(command)._actions:
         if not action.option_strings or action.dest == "help":
             continue
         assert action.help, f"{action.option_strings[0]} has no help text"
         if action.default not in (None, False):
             assert "default" in action.help, f"{action.option_strings[0]} hides its default"
+
+
+def test_train_help_groups_exactly_the_options_the_small_set_recipe_refuses() -> None:
+    """The help's fine-tuning group and the options the small-set recipe refuses are one
+    list (--arch aside: naming a backbone chooses fine-tuning, so it stays on top)."""
+    from ichscan.train.data import FINETUNE_ONLY
+
+    group = next(
+        g for g in _subcommand("train")._action_groups if g.title.startswith("fine-tuning")
+    )
+    grouped = {a.option_strings[0] for a in group._group_actions}
+    assert grouped == set(FINETUNE_ONLY.values()) - {"--arch"}
 
 
 def test_prepare_reads_nifti_masks_unless_told_not_to(tmp_path: Path) -> None:

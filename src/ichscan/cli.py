@@ -768,13 +768,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pretrained",
         default="imagenet",
-        help="imagenet (cached/offline-capable), none, or a weights file",
+        help="imagenet (cached/offline-capable), none, or a weights file (default: %(default)s)",
     )
     ft.add_argument(
         "--train",
         choices=["head", "all"],
         default="all",
-        help="head: frozen backbone; all: fine-tune everything",
+        help="head: frozen backbone; all: fine-tune everything (default: %(default)s)",
     )
     p.add_argument(
         "--labels",
@@ -820,7 +820,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="cosine",
         help="learning-rate schedule (default: %(default)s)",
     )
-    ft.add_argument("--accumulate", type=_count, default=1, help="gradient accumulation steps")
+    ft.add_argument(
+        "--accumulate",
+        type=_count,
+        default=1,
+        help="gradient accumulation steps (default: %(default)s)",
+    )
     p.add_argument(
         "--fold",
         type=int,
@@ -836,14 +841,19 @@ def build_parser() -> argparse.ArgumentParser:
         "and the augmentation (default: %(default)s)",
     )
     ft.add_argument("--pos-weight", action="store_true", help="weight positives by neg/pos")
-    ft.add_argument("--patience", type=int, default=6, help="early-stopping patience (epochs)")
+    ft.add_argument(
+        "--patience",
+        type=int,
+        default=6,
+        help="early-stopping patience in epochs (default: %(default)s)",
+    )
     ft.add_argument(
         "--select",
         choices=["loss", "auc", "last"],
         default="loss",
         help="weights kept: the best epoch by validation loss or AUC, or the last epoch (no "
         "selection or early stopping: for cross-validation, where the validation fold is the "
-        "test fold)",
+        "test fold; default: %(default)s)",
     )
     p.add_argument(
         "--crop",
@@ -860,7 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrated for the small-set recipe (on its inner CV), youden for finetune (on the "
         "validation fold)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     p.add_argument("--workers", type=int, help="DataLoader workers")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on GPU")
     ft.add_argument(
@@ -926,7 +936,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_count, default=30, help="(default: %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1 ...")
     p.set_defaults(func=cmd_train_study)
 
     p = sub.add_parser(
